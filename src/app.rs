@@ -1,0 +1,145 @@
+//! Wires the pieces into a running server: broker, refresher, warm-up, the gRPC services
+//! (token broker, health, reflection) and the shutdown sequence. The only module that knows all
+//! the others.
+//!
+//! Shutdown: readiness goes NOT_SERVING, the server stops accepting and drains in-flight RPCs
+//! for at most `shutdown_grace`, then background work stops.
+
+use std::{future::Future, net::SocketAddr, sync::Arc};
+
+use anyhow::Context;
+use tokio::{net::TcpListener, sync::oneshot};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::server::NamedService;
+use tonic_health::server::HealthReporter;
+use tracing::{info, warn};
+
+use crate::{
+    broker::Broker,
+    config::Config,
+    proto::{self, token_broker_service_server::TokenBrokerServiceServer},
+    service::TokenBrokerApi,
+    upstream::{HttpUpstream, Upstream},
+};
+
+/// The readiness service name: SERVING once warm-up ran, NOT_SERVING on shutdown.
+pub const READINESS_SERVICE: &str =
+    <TokenBrokerServiceServer<TokenBrokerApi> as NamedService>::NAME;
+
+/// Runs the broker for `config` on `listener` until `shutdown` resolves, talking to BACE over
+/// HTTP.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let upstream = HttpUpstream::new(&config.upstream).context("building the HTTP client")?;
+    serve_with(config, listener, Arc::new(upstream), shutdown).await
+}
+
+/// [`serve`] with any [`Upstream`].
+pub async fn serve_with(
+    config: Config,
+    listener: TcpListener,
+    upstream: Arc<dyn Upstream>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let addr: SocketAddr = listener.local_addr()?;
+    let (broker, refresher) = Broker::new(&config, upstream);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status(READINESS_SERVICE, tonic_health::ServingStatus::NotServing)
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let refresher = tokio::spawn(refresher.run());
+    let warm_up = tokio::spawn(warm_up(broker.clone(), health.clone()));
+
+    let (drain_tx, drain_rx) = oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(TokenBrokerServiceServer::new(TokenBrokerApi::new(
+            broker.clone(),
+        )))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            let _ = drain_rx.await;
+        });
+    let mut server = tokio::spawn(server);
+    info!(%addr, accounts = config.accounts.len(), "broker listening");
+
+    tokio::select! {
+        result = &mut server => {
+            // The server stopped by itself: an error.
+            warm_up.abort();
+            broker.shutdown().await;
+            let _ = refresher.await;
+            return result.context("server task")?.context("gRPC server");
+        }
+        () = shutdown => {}
+    }
+
+    info!(grace = %humantime::format_duration(config.shutdown_grace), "shutting down: readiness off, draining");
+    warm_up.abort();
+    set_ready(&health, false).await;
+    let _ = drain_tx.send(());
+    match tokio::time::timeout(config.shutdown_grace, &mut server).await {
+        Ok(result) => result.context("server task")?.context("gRPC server")?,
+        Err(_) => {
+            warn!("drain grace elapsed with RPCs still in flight; closing them");
+            server.abort();
+        }
+    }
+    broker.shutdown().await;
+    let _ = refresher.await;
+    info!("stopped");
+    Ok(())
+}
+
+async fn warm_up(broker: Broker, health: HealthReporter) {
+    let report = broker.warm_up().await;
+    info!(
+        ready = report.ready,
+        failed = report.failed,
+        "warm-up done; ready"
+    );
+    set_ready(&health, true).await;
+}
+
+async fn set_ready(health: &HealthReporter, ready: bool) {
+    let status = if ready {
+        tonic_health::ServingStatus::Serving
+    } else {
+        tonic_health::ServingStatus::NotServing
+    };
+    health.set_service_status(READINESS_SERVICE, status).await;
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => info!("SIGINT received"),
+        () = term => info!("SIGTERM received"),
+    }
+}

@@ -1,0 +1,873 @@
+//! The broker core: one token slot per account, single-flight fetches, the refresh schedule
+//! and invalidation. Knows nothing of gRPC; speaks to BACE only through [`Upstream`].
+//!
+//! # Concurrency
+//!
+//! Accounts live in a [`DashMap`] of `Arc<Slot>`: a lookup clones the slot's `Arc` out and
+//! drops the map guard at once, so **no DashMap guard is ever held across an `.await`** (that
+//! can deadlock the runtime) and accounts never wait on each other.
+//!
+//! In a slot, the current token sits in an [`ArcSwapOption`]: serving a cached token is one
+//! lock-free load, so readers never wait for a refresh while their token is valid. Everything
+//! else about the slot (the flight in progress, backoff, cooldown) is under a std [`Mutex`]
+//! held only for short, synchronous sections, never across an `.await`.
+//!
+//! # Single flight
+//!
+//! When a token must be obtained, the first caller *spawns* the fetch as a task of its own and
+//! everyone (that caller included) waits on its [`watch`] channel. Callers that give up drop
+//! only their receiver; the fetch goes on for the others and its result, success or error,
+//! reaches every waiter at once. After a failure the slot backs off: callers in the backoff
+//! window get the last error without any upstream call, so BACE sees one attempt per backoff
+//! step however many callers wait.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::SystemTime,
+};
+
+use arc_swap::ArcSwapOption;
+use dashmap::DashMap;
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinSet,
+    time::{Duration, Instant, timeout_at},
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker, time::DelayQueue};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::{
+    config::{AccountConfig, Config, RefreshConfig},
+    policy,
+    token::{AccountName, AccountNameError, Fingerprint, Token},
+    upstream::{GrantType, Issued, Upstream, UpstreamError},
+};
+
+/// What a broker operation can fail with. `Display` is short and safe to show callers.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BrokerError {
+    /// The account name is empty or malformed.
+    #[error("invalid account name: {0}")]
+    InvalidAccountName(AccountNameError),
+    /// No such account is configured.
+    #[error("unknown account {0:?}")]
+    UnknownAccount(String),
+    /// No token BACE hands out can satisfy the requested validity.
+    #[error("no token for account {account:?} stays valid that long (min_validity too long)")]
+    ValidityOutOfRange {
+        /// The account.
+        account: AccountName,
+    },
+    /// BACE rejected the account's credentials; logins wait out a long backoff.
+    #[error(
+        "BACE rejected the credentials of account {account:?}; the next login waits for a backoff"
+    )]
+    CredentialsRejected {
+        /// The account.
+        account: AccountName,
+    },
+    /// BACE could not give a token and no valid one is cached.
+    #[error("BACE is unavailable for account {account:?} ({reason})")]
+    Unavailable {
+        /// The account.
+        account: AccountName,
+        /// A short class of the failure.
+        reason: &'static str,
+    },
+    /// The broker is stopping.
+    #[error("the broker is shutting down")]
+    ShuttingDown,
+}
+
+/// The result of [`Broker::invalidate`].
+#[derive(Debug, Clone)]
+pub struct Invalidated {
+    /// Whether the reported token was dropped and replaced by a new login.
+    pub invalidated: bool,
+    /// The token to use from now on.
+    pub token: Arc<Token>,
+}
+
+/// What a warm-up did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WarmUp {
+    /// Accounts that hold a valid token.
+    pub ready: usize,
+    /// Accounts whose first fetch failed (they keep retrying in the background).
+    pub failed: usize,
+}
+
+/// The timing rules the broker applies, from [`Config`].
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Refresh schedule, margins and backoff.
+    pub refresh: RefreshConfig,
+    /// Budget of one fetch (all its upstream requests together).
+    pub upstream_timeout: Duration,
+    /// At most one forced re-login per account in this window.
+    pub invalidate_cooldown: Duration,
+    /// Accounts fetched at once during warm-up.
+    pub warmup_concurrency: usize,
+}
+
+impl Policy {
+    /// The policy a config describes.
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            refresh: config.refresh.clone(),
+            upstream_timeout: config.upstream.timeout,
+            invalidate_cooldown: config.invalidate_cooldown,
+            warmup_concurrency: config.warmup_concurrency,
+        }
+    }
+}
+
+/// A cheap-to-clone handle to the broker.
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    accounts: DashMap<AccountName, Arc<Slot>>,
+    upstream: Arc<dyn Upstream>,
+    policy: Policy,
+    /// Tells the [`Refresher`] when an account is next due.
+    schedule: mpsc::UnboundedSender<(AccountName, Instant)>,
+    /// Fetch tasks; waited for on shutdown.
+    tasks: TaskTracker,
+    stop: CancellationToken,
+}
+
+/// One account: its configuration, its current token and its fetch state.
+struct Slot {
+    account: Arc<AccountConfig>,
+    /// The token served to callers; `None` before the first login and after an invalidation.
+    current: ArcSwapOption<Token>,
+    state: Mutex<SlotState>,
+}
+
+#[derive(Default)]
+struct SlotState {
+    /// The fetch in progress, if any.
+    flight: Option<Flight>,
+    /// Bumped for every new flight; a flight whose generation is stale (an invalidation
+    /// replaced it) does not install its token.
+    generation: u64,
+    /// No new fetch before this instant (backoff), unless a forced re-login.
+    retry_at: Option<Instant>,
+    /// What callers get during the backoff when no valid token is cached.
+    last_error: Option<BrokerError>,
+    /// Consecutive transient failures.
+    failures: u32,
+    /// Consecutive credential rejections.
+    rejections: u32,
+    /// When the last forced re-login (Invalidate) started.
+    last_forced_at: Option<Instant>,
+    /// The token the last forced re-login replaced.
+    replaced: Option<Fingerprint>,
+    /// A token whose refresh BACE declined: go straight to a login for it.
+    refresh_declined: Option<Fingerprint>,
+}
+
+/// A fetch in progress that callers can join.
+#[derive(Clone)]
+struct Flight {
+    result: watch::Receiver<Option<Result<Arc<Token>, BrokerError>>>,
+    /// Callers that joined after the first one.
+    joined: Arc<AtomicU64>,
+    /// Started by an invalidation (a forced re-login).
+    forced: bool,
+}
+
+impl Flight {
+    fn join(&self) -> Self {
+        self.joined.fetch_add(1, Ordering::Relaxed);
+        self.clone()
+    }
+
+    async fn wait(mut self) -> Result<Arc<Token>, BrokerError> {
+        match self.result.wait_for(Option::is_some).await {
+            Ok(result) => result.clone().unwrap_or(Err(BrokerError::ShuttingDown)),
+            // The fetch task ended without a result: only on shutdown.
+            Err(_) => Err(BrokerError::ShuttingDown),
+        }
+    }
+}
+
+/// What a fetch does first.
+enum FetchKind {
+    /// Refresh grant with this token; password grant if that fails (see [`Inner::fetch`]).
+    Refresh(Arc<Token>),
+    /// Password grant.
+    Login,
+}
+
+enum Acquired {
+    Ready(Arc<Token>),
+    Wait(Flight),
+}
+
+impl Broker {
+    /// Builds a broker for `config`'s accounts and the [`Refresher`] that keeps their tokens
+    /// fresh. Nothing is spawned here: run the refresher (e.g. `tokio::spawn(refresher.run())`)
+    /// and [`Broker::warm_up`] when ready.
+    pub fn new(config: &Config, upstream: Arc<dyn Upstream>) -> (Self, Refresher) {
+        let (schedule, due) = mpsc::unbounded_channel();
+        let accounts = config
+            .accounts
+            .values()
+            .map(|a| (a.name.clone(), Arc::new(Slot::new(a.clone()))))
+            .collect();
+        let stop = CancellationToken::new();
+        let broker = Broker {
+            inner: Arc::new(Inner {
+                accounts,
+                upstream,
+                policy: Policy::from_config(config),
+                schedule,
+                tasks: TaskTracker::new(),
+                stop: stop.clone(),
+            }),
+        };
+        let refresher = Refresher {
+            broker: broker.clone(),
+            due,
+            queue: DelayQueue::new(),
+            keys: HashMap::new(),
+            stop,
+        };
+        (broker, refresher)
+    }
+
+    /// A valid token for `account`, valid for at least the expiry margin plus `min_validity`.
+    ///
+    /// Answers from the cache when it can (no lock, no await); otherwise joins or starts the
+    /// account's single fetch.
+    pub async fn get_token(
+        &self,
+        account: &str,
+        min_validity: Duration,
+    ) -> Result<Arc<Token>, BrokerError> {
+        let slot = self.inner.slot(account)?;
+        let needed = self
+            .inner
+            .policy
+            .refresh
+            .expiry_margin
+            .saturating_add(min_validity);
+        if let Some(token) = slot.servable(Instant::now(), needed) {
+            return Ok(token);
+        }
+        if needed >= self.inner.policy.refresh.refreshed_lifetime {
+            return Err(slot.out_of_range());
+        }
+        let token = match self.inner.acquire(&slot, needed)? {
+            Acquired::Ready(token) => return Ok(token),
+            Acquired::Wait(flight) => flight.wait().await?,
+        };
+        if token.valid_for(Instant::now(), needed) {
+            Ok(token)
+        } else {
+            Err(slot.out_of_range())
+        }
+    }
+
+    /// Reports that BACE refused `access_token` (empty: whatever token is current).
+    ///
+    /// The current token is dropped and replaced by a password login (one login however many
+    /// callers report it, at most one per cooldown); an older token is answered with the
+    /// current one, without an upstream call.
+    pub async fn invalidate(
+        &self,
+        account: &str,
+        access_token: &str,
+    ) -> Result<Invalidated, BrokerError> {
+        let slot = self.inner.slot(account)?;
+        let reported = (!access_token.is_empty()).then(|| Fingerprint::of(access_token));
+        let flight = self.inner.invalidate(&slot, reported)?;
+        match flight {
+            Some(flight) => Ok(Invalidated {
+                invalidated: true,
+                token: flight.wait().await?,
+            }),
+            None => Ok(Invalidated {
+                invalidated: false,
+                token: self.get_token(account, Duration::ZERO).await?,
+            }),
+        }
+    }
+
+    /// Obtains a token for every account, `warmup_concurrency` at a time, and returns once
+    /// each has succeeded or failed (failed accounts retry in the background).
+    pub async fn warm_up(&self) -> WarmUp {
+        let names: Vec<AccountName> = self
+            .inner
+            .accounts
+            .iter()
+            .map(|e| e.key().clone())
+            .collect();
+        let limit = self.inner.policy.warmup_concurrency.max(1);
+        let mut report = WarmUp {
+            ready: 0,
+            failed: 0,
+        };
+        let mut tally = |ok: bool| {
+            if ok {
+                report.ready += 1
+            } else {
+                report.failed += 1
+            }
+        };
+        let mut running = JoinSet::new();
+        for name in names {
+            while running.len() >= limit {
+                if let Some(done) = running.join_next().await {
+                    tally(matches!(done, Ok(true)));
+                }
+            }
+            let broker = self.clone();
+            running.spawn(async move {
+                broker
+                    .get_token(name.as_str(), Duration::ZERO)
+                    .await
+                    .is_ok()
+            });
+        }
+        while let Some(done) = running.join_next().await {
+            tally(matches!(done, Ok(true)));
+        }
+        report
+    }
+
+    /// The configured account names.
+    pub fn accounts(&self) -> Vec<AccountName> {
+        self.inner
+            .accounts
+            .iter()
+            .map(|e| e.key().clone())
+            .collect()
+    }
+
+    /// Stops background work: the refresher ends, fetches in progress are abandoned and their
+    /// waiters get [`BrokerError::ShuttingDown`]. Returns once every fetch task has ended.
+    pub async fn shutdown(&self) {
+        self.inner.stop.cancel();
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+    }
+}
+
+// === impl Inner ===
+
+impl Inner {
+    fn slot(&self, account: &str) -> Result<Arc<Slot>, BrokerError> {
+        AccountName::validate(account).map_err(BrokerError::InvalidAccountName)?;
+        // Clone the Arc out; the map guard drops at the end of this statement.
+        self.accounts
+            .get(account)
+            .map(|entry| Arc::clone(entry.value()))
+            .ok_or_else(|| BrokerError::UnknownAccount(account.to_owned()))
+    }
+
+    /// Under the slot lock: the cached token if it became good enough meanwhile, else the
+    /// flight to wait on (joined or started), else the error of the current backoff.
+    fn acquire(
+        self: &Arc<Self>,
+        slot: &Arc<Slot>,
+        needed: Duration,
+    ) -> Result<Acquired, BrokerError> {
+        let now = Instant::now();
+        let mut state = slot.lock();
+        let current = slot.current.load_full();
+        if let Some(token) = current.as_ref().filter(|t| t.valid_for(now, needed)) {
+            return Ok(Acquired::Ready(token.clone()));
+        }
+        if let Some(flight) = &state.flight {
+            return Ok(Acquired::Wait(flight.join()));
+        }
+        if let Some(error) = state.backing_off(now) {
+            return Err(error);
+        }
+        let margin = self.policy.refresh.expiry_margin;
+        if let Some(token) = &current {
+            // A token this fresh that still misses the caller's bar would not be helped by
+            // another fetch; refusing here keeps such callers from hammering BACE.
+            if token.valid_for(now, margin) && now < token.obtained_at() + margin {
+                return Err(slot.out_of_range());
+            }
+        }
+        let kind = self.fetch_kind(current, &state, now);
+        Ok(Acquired::Wait(
+            self.start_flight(slot, &mut state, kind, true, false),
+        ))
+    }
+
+    /// Refresh when there is a token that BACE may still extend, else log in.
+    fn fetch_kind(
+        &self,
+        current: Option<Arc<Token>>,
+        state: &SlotState,
+        now: Instant,
+    ) -> FetchKind {
+        match current {
+            Some(token)
+                if token.refresh_token().is_some()
+                    && now < token.expires_at()
+                    && state.refresh_declined != Some(token.fingerprint()) =>
+            {
+                FetchKind::Refresh(token)
+            }
+            _ => FetchKind::Login,
+        }
+    }
+
+    /// Decides what an invalidation does. `Some(flight)`: the reported token is (being)
+    /// replaced by that login. `None`: nothing to replace; answer the current token.
+    fn invalidate(
+        self: &Arc<Self>,
+        slot: &Arc<Slot>,
+        reported: Option<Fingerprint>,
+    ) -> Result<Option<Flight>, BrokerError> {
+        let now = Instant::now();
+        let mut state = slot.lock();
+        let current = slot.current.load_full();
+        let forced = state.flight.as_ref().filter(|f| f.forced).cloned();
+        let is_current = match (reported, &current) {
+            (None, _) => true,
+            (Some(fp), Some(token)) => fp == token.fingerprint(),
+            (Some(_), None) => false,
+        };
+        if !is_current {
+            // Another caller is already replacing this very token: share its login.
+            return Ok(forced
+                .filter(|_| reported.is_some() && reported == state.replaced)
+                .map(|f| f.join()));
+        }
+        if let Some(flight) = forced {
+            return Ok(Some(flight.join()));
+        }
+        if state
+            .last_forced_at
+            .is_some_and(|at| now < at + self.policy.invalidate_cooldown)
+        {
+            debug!(account = %slot.account.name, "invalidation within cooldown; keeping the current token");
+            return Ok(None);
+        }
+        state.last_forced_at = Some(now);
+        if let Some(token) = current {
+            info!(account = %slot.account.name, fingerprint = %token.fingerprint(), "token invalidated by a caller; logging in again");
+            state.replaced = Some(token.fingerprint());
+            slot.current.store(None);
+        }
+        if let Some(error) = state.backing_off(now) {
+            // The scheduled retry will log in; don't add an upstream call to the backoff step.
+            return Err(error);
+        }
+        Ok(Some(self.start_flight(
+            slot,
+            &mut state,
+            FetchKind::Login,
+            true,
+            true,
+        )))
+    }
+
+    /// Spawns a fetch for `slot` and records it as the slot's flight. Called with the slot lock
+    /// held (spawning does not block).
+    fn start_flight(
+        self: &Arc<Self>,
+        slot: &Arc<Slot>,
+        state: &mut MutexGuard<'_, SlotState>,
+        kind: FetchKind,
+        urgent: bool,
+        forced: bool,
+    ) -> Flight {
+        let (tx, rx) = watch::channel(None);
+        state.generation += 1;
+        let generation = state.generation;
+        let flight = Flight {
+            result: rx,
+            joined: Arc::new(AtomicU64::new(0)),
+            forced,
+        };
+        state.flight = Some(flight.clone());
+        let joined = flight.joined.clone();
+        let inner = Arc::clone(self);
+        let slot = Arc::clone(slot);
+        let span = info_span!("fetch", account = %slot.account.name);
+        self.tasks.spawn(
+            async move {
+                let deadline = Instant::now() + inner.policy.upstream_timeout;
+                let outcome = tokio::select! {
+                    biased;
+                    _ = inner.stop.cancelled() => None,
+                    outcome = inner.fetch(&slot, kind, urgent, deadline) => Some(outcome),
+                };
+                let Some(outcome) = outcome else {
+                    let _ = tx.send(Some(Err(BrokerError::ShuttingDown)));
+                    return;
+                };
+                let joined = joined.load(Ordering::Relaxed);
+                let (result, next) = slot.complete(generation, outcome, &inner.policy, joined);
+                let _ = tx.send(Some(result));
+                if let Some(at) = next {
+                    let _ = inner.schedule.send((slot.account.name.clone(), at));
+                }
+            }
+            .instrument(span),
+        );
+        flight
+    }
+
+    /// Obtains a token: refresh grant first when there is a token to refresh; a password login
+    /// when that is declined, or fails while callers wait (`urgent`). A background refresh that
+    /// fails transiently is not followed by a login: the token is still good, and the retry
+    /// comes after a backoff. All requests together stay within `deadline`.
+    async fn fetch(
+        &self,
+        slot: &Slot,
+        kind: FetchKind,
+        urgent: bool,
+        deadline: Instant,
+    ) -> Fetched {
+        let account = &slot.account;
+        let mut declined = None;
+        if let FetchKind::Refresh(token) = kind {
+            let answer = timeout_at(deadline, self.upstream.refresh(account, &token))
+                .await
+                .unwrap_or(Err(UpstreamError::Timeout))
+                .and_then(|issued| self.accept(account, issued, Some(&token)));
+            match answer {
+                Ok(token) => {
+                    return Fetched {
+                        grant: GrantType::Refresh,
+                        result: Ok(token),
+                        refresh_declined: None,
+                    };
+                }
+                Err(error) if error.is_transient() && !urgent => {
+                    warn!(%error, "refresh failed; retrying after a backoff while the token is valid");
+                    return Fetched {
+                        grant: GrantType::Refresh,
+                        result: Err(error),
+                        refresh_declined: None,
+                    };
+                }
+                Err(error) => {
+                    warn!(%error, "refresh failed; falling back to a password login");
+                    if !error.is_transient() {
+                        declined = Some(token.fingerprint());
+                    }
+                }
+            }
+        }
+        let result = timeout_at(deadline, self.upstream.login(account))
+            .await
+            .unwrap_or(Err(UpstreamError::Timeout))
+            .and_then(|issued| self.accept(account, issued, None));
+        Fetched {
+            grant: GrantType::Password,
+            result,
+            refresh_declined: declined,
+        }
+    }
+
+    /// Turns an upstream answer into the token to store. `prior` is the token a refresh was
+    /// made with.
+    fn accept(
+        &self,
+        account: &AccountConfig,
+        issued: Issued,
+        prior: Option<&Arc<Token>>,
+    ) -> Result<Arc<Token>, UpstreamError> {
+        let (now, now_wall) = (Instant::now(), SystemTime::now());
+        let policy = &self.policy.refresh;
+        let token = match (issued, prior) {
+            (
+                Issued::Token {
+                    access,
+                    refresh,
+                    lifetime,
+                },
+                prior,
+            ) => {
+                let lifetime = lifetime.unwrap_or(if prior.is_some() {
+                    policy.refreshed_lifetime
+                } else {
+                    policy::DEFAULT_LOGIN_LIFETIME
+                });
+                let refresh = refresh.or_else(|| prior.and_then(|p| p.refresh_token().cloned()));
+                Token::new(
+                    account.name.clone(),
+                    access,
+                    refresh,
+                    lifetime,
+                    now,
+                    now_wall,
+                )
+            }
+            (Issued::Extended { expires }, Some(prior)) => {
+                let lifetime = policy::refreshed_lifetime(expires, now_wall, policy.refreshed_lifetime)
+                    .unwrap_or_else(|fallback| {
+                        warn!(
+                            fallback = %humantime::format_duration(fallback),
+                            "refresh answer has no usable future \"expires\"; assuming the refreshed lifetime"
+                        );
+                        fallback
+                    });
+                prior.extended(lifetime, now, now_wall)
+            }
+            (Issued::Extended { .. }, None) => {
+                return Err(UpstreamError::InvalidAnswer(
+                    "refresh answer to a password grant",
+                ));
+            }
+        };
+        if token.lifetime() <= policy.expiry_margin {
+            return Err(UpstreamError::InvalidAnswer(
+                "token expires within the expiry margin",
+            ));
+        }
+        Ok(Arc::new(token))
+    }
+
+    /// Runs a scheduled refresh or retry for `account` (from the [`Refresher`]).
+    fn refresh_due(self: &Arc<Self>, account: &AccountName) {
+        let Ok(slot) = self.slot(account.as_str()) else {
+            return;
+        };
+        let now = Instant::now();
+        let mut state = slot.lock();
+        if state.flight.is_some() {
+            return; // Its completion schedules the next refresh.
+        }
+        if let Some(at) = state.retry_at.filter(|at| *at > now) {
+            let _ = self.schedule.send((account.clone(), at));
+            return;
+        }
+        let current = slot.current.load_full();
+        let urgent = !current
+            .as_ref()
+            .is_some_and(|t| t.valid_for(now, self.policy.refresh.expiry_margin));
+        let kind = self.fetch_kind(current, &state, now);
+        self.start_flight(&slot, &mut state, kind, urgent, false);
+    }
+}
+
+/// What one fetch produced.
+struct Fetched {
+    grant: GrantType,
+    result: Result<Arc<Token>, UpstreamError>,
+    /// The token whose refresh BACE declined during this fetch.
+    refresh_declined: Option<Fingerprint>,
+}
+
+// === impl Slot ===
+
+impl Slot {
+    fn new(account: AccountConfig) -> Self {
+        Self {
+            account: Arc::new(account),
+            current: ArcSwapOption::empty(),
+            state: Mutex::new(SlotState::default()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SlotState> {
+        // A panic while holding the lock cannot leave the state half-updated in a way that
+        // matters more than refusing service: recover the guard.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The cached token if it stays valid for `needed`: one lock-free load.
+    fn servable(&self, now: Instant, needed: Duration) -> Option<Arc<Token>> {
+        let guard = self.current.load();
+        match &*guard {
+            Some(token) if token.valid_for(now, needed) => Some(Arc::clone(token)),
+            _ => None,
+        }
+    }
+
+    fn out_of_range(&self) -> BrokerError {
+        BrokerError::ValidityOutOfRange {
+            account: self.account.name.clone(),
+        }
+    }
+
+    /// Records a finished fetch: installs the token or the backoff, logs, and returns what
+    /// waiters get and when the account is next due.
+    fn complete(
+        &self,
+        generation: u64,
+        fetched: Fetched,
+        policy: &Policy,
+        joined: u64,
+    ) -> (Result<Arc<Token>, BrokerError>, Option<Instant>) {
+        let now = Instant::now();
+        let r = &policy.refresh;
+        let mut state = self.lock();
+        let latest = state.generation == generation;
+        if latest {
+            state.flight = None;
+        }
+        if fetched.refresh_declined.is_some() {
+            state.refresh_declined = fetched.refresh_declined;
+        }
+        let grant = fetched.grant.as_str();
+        match fetched.result {
+            Ok(token) => {
+                let delay = policy::refresh_delay(
+                    token.lifetime(),
+                    r.lifetime_fraction,
+                    r.expiry_margin,
+                    jitter(),
+                );
+                if !latest {
+                    debug!(
+                        grant,
+                        "fetch superseded by an invalidation; token not installed"
+                    );
+                    return (Ok(token), None);
+                }
+                info!(
+                    grant,
+                    fingerprint = %token.fingerprint(),
+                    expires_in = %humantime::format_duration(token.lifetime()),
+                    refresh_in = %humantime::format_duration(Duration::from_secs(delay.as_secs())),
+                    waiters = joined + 1,
+                    "token obtained"
+                );
+                self.current.store(Some(token.clone()));
+                state.failures = 0;
+                state.rejections = 0;
+                state.retry_at = None;
+                state.last_error = None;
+                let next = token.obtained_at() + delay;
+                (Ok(token), Some(next))
+            }
+            Err(error) => {
+                let rejected = fetched.grant == GrantType::Password && !error.is_transient();
+                let (broker_error, wait) = if rejected {
+                    state.rejections += 1;
+                    let wait = policy::rejected_backoff(state.rejections, r.rejected_backoff);
+                    let e = BrokerError::CredentialsRejected {
+                        account: self.account.name.clone(),
+                    };
+                    (e, wait)
+                } else {
+                    state.failures += 1;
+                    let wait = policy::backoff(
+                        state.failures,
+                        r.backoff_initial,
+                        r.backoff_max,
+                        rand::random(),
+                    );
+                    let e = BrokerError::Unavailable {
+                        account: self.account.name.clone(),
+                        reason: error.class(),
+                    };
+                    (e, wait)
+                };
+                warn!(
+                    grant,
+                    %error,
+                    failures = state.failures,
+                    rejections = state.rejections,
+                    retry_in = %humantime::format_duration(Duration::from_millis(wait.as_millis() as u64)),
+                    waiters = joined + 1,
+                    "token fetch failed"
+                );
+                if !latest {
+                    return (Err(broker_error), None);
+                }
+                let mut retry_at = now + wait;
+                // While a token is still good, retry a failed refresh before it stops being
+                // served, even if the backoff would wait longer.
+                if let Some(token) = self.current.load_full() {
+                    let last_good = token
+                        .expires_at()
+                        .checked_sub(r.expiry_margin)
+                        .unwrap_or(now);
+                    if !rejected && last_good > now {
+                        retry_at = retry_at.min(last_good);
+                    }
+                }
+                state.retry_at = Some(retry_at);
+                state.last_error = Some(broker_error.clone());
+                (Err(broker_error), Some(retry_at))
+            }
+        }
+    }
+}
+
+impl SlotState {
+    /// The error to answer while in a backoff window, if in one.
+    fn backing_off(&self, now: Instant) -> Option<BrokerError> {
+        match (&self.retry_at, &self.last_error) {
+            (Some(at), Some(error)) if now < *at => Some(error.clone()),
+            _ => None,
+        }
+    }
+}
+
+fn jitter() -> f64 {
+    rand::random::<f64>() * 2.0 - 1.0
+}
+
+// === Refresher ===
+
+/// The background task that refreshes each token when due and retries failed fetches: one
+/// timer queue for all accounts, owned by one task, stopped by [`Broker::shutdown`].
+pub struct Refresher {
+    broker: Broker,
+    due: mpsc::UnboundedReceiver<(AccountName, Instant)>,
+    queue: DelayQueue<AccountName>,
+    keys: HashMap<AccountName, tokio_util::time::delay_queue::Key>,
+    stop: CancellationToken,
+}
+
+enum Event {
+    Stop,
+    Plan(AccountName, Instant),
+    Due(AccountName),
+}
+
+impl Refresher {
+    /// Runs until the broker shuts down.
+    pub async fn run(mut self) {
+        loop {
+            let event = tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => Event::Stop,
+                plan = self.due.recv() => match plan {
+                    Some((account, at)) => Event::Plan(account, at),
+                    None => Event::Stop,
+                },
+                Some(expired) = std::future::poll_fn(|cx| self.queue.poll_expired(cx)) => {
+                    Event::Due(expired.into_inner())
+                }
+            };
+            match event {
+                Event::Stop => break,
+                Event::Plan(account, at) => match self.keys.get(&account) {
+                    Some(key) => self.queue.reset_at(key, at),
+                    None => {
+                        let key = self.queue.insert_at(account.clone(), at);
+                        self.keys.insert(account, key);
+                    }
+                },
+                Event::Due(account) => {
+                    self.keys.remove(&account);
+                    debug!(%account, "refresh due");
+                    self.broker.inner.refresh_due(&account);
+                }
+            }
+        }
+        debug!("refresher stopped");
+    }
+}

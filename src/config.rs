@@ -1,0 +1,675 @@
+//! The broker's configuration: the YAML schema, its defaults, and validation into a [`Config`]
+//! whose every value is usable as is (secret files read, URLs parsed, zone resolved).
+//!
+//! Every error names the place it was found: the file, the account and the field.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use chrono_tz::Tz;
+use reqwest::Url;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Deserializer};
+
+use crate::token::AccountName;
+
+/// A validated broker configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address the gRPC server listens on.
+    pub listen: SocketAddr,
+    /// How BACE is reached.
+    pub upstream: UpstreamConfig,
+    /// When and how tokens are refreshed and failures retried.
+    pub refresh: RefreshConfig,
+    /// At most one forced re-login per account in this window.
+    pub invalidate_cooldown: Duration,
+    /// How long in-flight RPCs may take to drain on shutdown.
+    pub shutdown_grace: Duration,
+    /// How many accounts log in at once during warm-up.
+    pub warmup_concurrency: usize,
+    /// The accounts, by name.
+    pub accounts: BTreeMap<AccountName, AccountConfig>,
+}
+
+/// How BACE is reached.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Default token endpoint for every account.
+    pub token_url: Url,
+    /// Budget for one upstream exchange (connect, send, answer).
+    pub timeout: Duration,
+    /// Zone of the `expires` string in BACE's refresh answer.
+    pub expires_timezone: Tz,
+}
+
+/// Refresh and retry policy.
+#[derive(Debug, Clone)]
+pub struct RefreshConfig {
+    /// Refresh once this share of a token's lifetime has passed (plus a small jitter).
+    pub lifetime_fraction: f64,
+    /// A token counts as expired this long before its stated expiry.
+    pub expiry_margin: Duration,
+    /// Lifetime assumed after a refresh whose answer gives none we trust; also the cap on it.
+    pub refreshed_lifetime: Duration,
+    /// First retry delay after a transient upstream failure.
+    pub backoff_initial: Duration,
+    /// Longest retry delay after transient upstream failures.
+    pub backoff_max: Duration,
+    /// Wait before retrying a login whose credentials BACE rejected (doubles up to 8x).
+    pub rejected_backoff: Duration,
+}
+
+/// One BACE account.
+#[derive(Clone)]
+pub struct AccountConfig {
+    /// The account's name in the broker.
+    pub name: AccountName,
+    /// What BACE needs for a login.
+    pub credentials: Credentials,
+    /// This account's token endpoint.
+    pub token_url: Url,
+}
+
+/// An account's BACE credentials. `Debug` redacts the secrets.
+#[derive(Clone, Debug)]
+pub struct Credentials {
+    /// OAuth2 client id.
+    pub client_id: String,
+    /// OAuth2 client secret.
+    pub client_secret: SecretString,
+    /// BACE user name (usually an e-mail address).
+    pub username: String,
+    /// BACE password.
+    pub password: SecretString,
+}
+
+impl PartialEq for Credentials {
+    fn eq(&self, other: &Self) -> bool {
+        self.client_id == other.client_id
+            && self.username == other.username
+            && self.client_secret.expose_secret() == other.client_secret.expose_secret()
+            && self.password.expose_secret() == other.password.expose_secret()
+    }
+}
+
+impl fmt::Debug for AccountConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AccountConfig")
+            .field("name", &self.name)
+            .field("client_id", &self.credentials.client_id)
+            .field("username", &self.credentials.username)
+            .field("token_url", &self.token_url.as_str())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a configuration was refused. The message names the file, account and field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The YAML did not match the schema (unknown key, wrong type, bad duration...).
+    #[error("{}{message}", origin(.path))]
+    Syntax {
+        /// The config file, when there is one.
+        path: Option<PathBuf>,
+        /// The parser's message, with the key path and line.
+        message: String,
+    },
+    /// A top-level field has an unusable value.
+    #[error("{}field {field:?}: {problem}", origin(.path))]
+    Field {
+        /// The config file, when there is one.
+        path: Option<PathBuf>,
+        /// The field, dotted (`upstream.timeout`).
+        field: &'static str,
+        /// What is wrong.
+        problem: String,
+    },
+    /// An account's field has an unusable value.
+    #[error("{}account {account:?}, field {field:?}: {problem}", origin(.path))]
+    Account {
+        /// The config file, when there is one.
+        path: Option<PathBuf>,
+        /// The account as written in the file.
+        account: String,
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+fn origin(path: &Option<PathBuf>) -> String {
+    path.as_ref()
+        .map(|p| format!("{}: ", p.display()))
+        .unwrap_or_default()
+}
+
+impl Config {
+    /// Reads, parses and validates the config file at `path`, reading the secret files it names.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| e.in_file(path))
+    }
+
+    /// Parses and validates YAML text; relative secret file paths are taken as they are.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = serde_norway::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: None,
+            message: e.to_string(),
+        })?;
+        raw.validate()
+    }
+}
+
+impl ConfigError {
+    fn in_file(mut self, file: &Path) -> Self {
+        match &mut self {
+            ConfigError::Read { .. } => {}
+            ConfigError::Syntax { path, .. }
+            | ConfigError::Field { path, .. }
+            | ConfigError::Account { path, .. } => *path = Some(file.to_owned()),
+        }
+        self
+    }
+}
+
+// === The YAML schema ===
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 50051))
+}
+fn default_token_url() -> String {
+    "https://dashboard.bace-iot.com/oauth2/token".into()
+}
+fn default_timezone() -> String {
+    "Europe/Amsterdam".into()
+}
+const fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default = "default_listen")]
+    listen: SocketAddr,
+    #[serde(default)]
+    upstream: RawUpstream,
+    #[serde(default)]
+    refresh: RawRefresh,
+    #[serde(default = "RawConfig::cooldown", deserialize_with = "duration")]
+    invalidate_cooldown: Duration,
+    #[serde(default = "RawConfig::grace", deserialize_with = "duration")]
+    shutdown_grace: Duration,
+    #[serde(default = "RawConfig::warmup")]
+    warmup_concurrency: usize,
+    accounts: BTreeMap<String, RawAccount>,
+}
+
+impl RawConfig {
+    fn cooldown() -> Duration {
+        secs(10)
+    }
+    fn grace() -> Duration {
+        secs(10)
+    }
+    fn warmup() -> usize {
+        32
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    #[serde(default = "default_token_url")]
+    token_url: String,
+    #[serde(default = "RawUpstream::timeout", deserialize_with = "duration")]
+    timeout: Duration,
+    #[serde(default = "default_timezone")]
+    expires_timezone: String,
+}
+
+impl RawUpstream {
+    fn timeout() -> Duration {
+        secs(10)
+    }
+}
+
+impl Default for RawUpstream {
+    fn default() -> Self {
+        Self {
+            token_url: default_token_url(),
+            timeout: Self::timeout(),
+            expires_timezone: default_timezone(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawRefresh {
+    lifetime_fraction: f64,
+    #[serde(deserialize_with = "duration")]
+    expiry_margin: Duration,
+    #[serde(deserialize_with = "duration")]
+    refreshed_lifetime: Duration,
+    #[serde(deserialize_with = "duration")]
+    backoff_initial: Duration,
+    #[serde(deserialize_with = "duration")]
+    backoff_max: Duration,
+    #[serde(deserialize_with = "duration")]
+    rejected_backoff: Duration,
+}
+
+impl Default for RawRefresh {
+    fn default() -> Self {
+        Self {
+            lifetime_fraction: 0.6,
+            expiry_margin: secs(10),
+            refreshed_lifetime: secs(14 * 86_400),
+            backoff_initial: secs(1),
+            backoff_max: secs(60),
+            rejected_backoff: secs(300),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccount {
+    client_id: Option<String>,
+    client_secret: Option<String>,
+    client_secret_file: Option<PathBuf>,
+    username: Option<String>,
+    password: Option<String>,
+    password_file: Option<PathBuf>,
+    token_url: Option<String>,
+}
+
+/// Deserializes a humantime duration (`10s`, `5m`, `14d`, `1h 30m`).
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(&text)
+        .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))
+}
+
+// === Validation ===
+
+impl RawConfig {
+    fn validate(self) -> Result<Config, ConfigError> {
+        let field = |field: &'static str, problem: String| ConfigError::Field {
+            path: None,
+            field,
+            problem,
+        };
+        let token_url =
+            parse_url(&self.upstream.token_url).map_err(|p| field("upstream.token_url", p))?;
+        if self.upstream.timeout.is_zero() {
+            return Err(field("upstream.timeout", "must be more than 0s".into()));
+        }
+        let expires_timezone: Tz = self.upstream.expires_timezone.parse().map_err(|_| {
+            field(
+                "upstream.expires_timezone",
+                format!(
+                    "unknown time zone {:?} (use an IANA name such as Europe/Amsterdam)",
+                    self.upstream.expires_timezone
+                ),
+            )
+        })?;
+        let r = &self.refresh;
+        if !(r.lifetime_fraction > 0.0 && r.lifetime_fraction < 1.0) {
+            return Err(field(
+                "refresh.lifetime_fraction",
+                format!(
+                    "must be between 0 and 1 (exclusive), got {}",
+                    r.lifetime_fraction
+                ),
+            ));
+        }
+        if r.refreshed_lifetime <= r.expiry_margin {
+            return Err(field(
+                "refresh.refreshed_lifetime",
+                "must be longer than refresh.expiry_margin".into(),
+            ));
+        }
+        if r.backoff_initial.is_zero() {
+            return Err(field(
+                "refresh.backoff_initial",
+                "must be more than 0s".into(),
+            ));
+        }
+        if r.backoff_max < r.backoff_initial {
+            return Err(field(
+                "refresh.backoff_max",
+                "must not be shorter than refresh.backoff_initial".into(),
+            ));
+        }
+        if r.rejected_backoff.is_zero() {
+            return Err(field(
+                "refresh.rejected_backoff",
+                "must be more than 0s".into(),
+            ));
+        }
+        if self.warmup_concurrency == 0 {
+            return Err(field("warmup_concurrency", "must be at least 1".into()));
+        }
+        if self.accounts.is_empty() {
+            return Err(field("accounts", "at least one account is required".into()));
+        }
+        let mut accounts = BTreeMap::new();
+        for (name, raw) in self.accounts {
+            let account = raw.validate(&name, &token_url)?;
+            accounts.insert(account.name.clone(), account);
+        }
+        Ok(Config {
+            listen: self.listen,
+            upstream: UpstreamConfig {
+                token_url,
+                timeout: self.upstream.timeout,
+                expires_timezone,
+            },
+            refresh: RefreshConfig {
+                lifetime_fraction: r.lifetime_fraction,
+                expiry_margin: r.expiry_margin,
+                refreshed_lifetime: r.refreshed_lifetime,
+                backoff_initial: r.backoff_initial,
+                backoff_max: r.backoff_max,
+                rejected_backoff: r.rejected_backoff,
+            },
+            invalidate_cooldown: self.invalidate_cooldown,
+            shutdown_grace: self.shutdown_grace,
+            warmup_concurrency: self.warmup_concurrency,
+            accounts,
+        })
+    }
+}
+
+impl RawAccount {
+    fn validate(self, name: &str, default_url: &Url) -> Result<AccountConfig, ConfigError> {
+        let err = |field: &'static str, problem: String| ConfigError::Account {
+            path: None,
+            account: name.to_owned(),
+            field,
+            problem,
+        };
+        let account = AccountName::new(name).map_err(|e| err("name", e.to_string()))?;
+        let required = |value: Option<String>, field: &'static str| match value {
+            Some(v) if !v.trim().is_empty() => Ok(v),
+            Some(_) => Err(err(field, "must not be empty".into())),
+            None => Err(err(field, "is required".into())),
+        };
+        let client_id = required(self.client_id, "client_id")?;
+        let username = required(self.username, "username")?;
+        let client_secret = secret(
+            self.client_secret,
+            self.client_secret_file,
+            ("client_secret", "client_secret_file"),
+        )
+        .map_err(|(field, problem)| err(field, problem))?;
+        let password = secret(
+            self.password,
+            self.password_file,
+            ("password", "password_file"),
+        )
+        .map_err(|(field, problem)| err(field, problem))?;
+        let token_url = match self.token_url {
+            Some(url) => parse_url(&url).map_err(|p| err("token_url", p))?,
+            None => default_url.clone(),
+        };
+        Ok(AccountConfig {
+            name: account,
+            credentials: Credentials {
+                client_id,
+                client_secret,
+                username,
+                password,
+            },
+            token_url,
+        })
+    }
+}
+
+/// Resolves a secret given inline or as a file (exactly one of the two). A file is read now and
+/// loses one trailing newline.
+fn secret(
+    inline: Option<String>,
+    file: Option<PathBuf>,
+    (inline_field, file_field): (&'static str, &'static str),
+) -> Result<SecretString, (&'static str, String)> {
+    let value = match (inline, file) {
+        (Some(_), Some(_)) => {
+            return Err((
+                inline_field,
+                format!("give either {inline_field} or {file_field}, not both"),
+            ));
+        }
+        (None, None) => {
+            return Err((inline_field, format!("is required (or {file_field})")));
+        }
+        (Some(v), None) => {
+            if v.is_empty() {
+                return Err((inline_field, "must not be empty".into()));
+            }
+            return Ok(SecretString::from(v));
+        }
+        (None, Some(path)) => std::fs::read_to_string(&path)
+            .map_err(|e| (file_field, format!("cannot read {}: {e}", path.display())))
+            .map(|text| (text, path))?,
+    };
+    let (mut text, path) = value;
+    if text.ends_with('\n') {
+        text.pop();
+        if text.ends_with('\r') {
+            text.pop();
+        }
+    }
+    if text.is_empty() {
+        return Err((file_field, format!("{} is empty", path.display())));
+    }
+    Ok(SecretString::from(text))
+}
+
+fn parse_url(text: &str) -> Result<Url, String> {
+    let url = Url::parse(text).map_err(|e| format!("invalid URL {text:?}: {e}"))?;
+    match url.scheme() {
+        "http" | "https" if url.host().is_some() => Ok(url),
+        _ => Err(format!("{text:?} is not an http(s) URL with a host")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "
+accounts:
+  fleet-a:
+    client_id: cid
+    client_secret: csecret
+    username: ops@example.com
+    password: pw
+";
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.listen, "0.0.0.0:50051".parse().unwrap());
+        assert_eq!(
+            c.upstream.token_url.as_str(),
+            "https://dashboard.bace-iot.com/oauth2/token"
+        );
+        assert_eq!(c.upstream.timeout, secs(10));
+        assert_eq!(c.upstream.expires_timezone, chrono_tz::Europe::Amsterdam);
+        assert_eq!(c.refresh.lifetime_fraction, 0.6);
+        assert_eq!(c.refresh.expiry_margin, secs(10));
+        assert_eq!(c.refresh.refreshed_lifetime, secs(14 * 86_400));
+        assert_eq!(c.invalidate_cooldown, secs(10));
+        let a = &c.accounts["fleet-a"];
+        assert_eq!(a.credentials.client_id, "cid");
+        assert_eq!(a.credentials.password.expose_secret(), "pw");
+        assert_eq!(a.token_url, c.upstream.token_url);
+    }
+
+    #[test]
+    fn full_config_and_secret_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        let cs = dir.path().join("cs");
+        std::fs::write(&pw, "hunter2\n").unwrap();
+        std::fs::write(&cs, "s3cret\r\n").unwrap();
+        let text = format!(
+            "
+listen: 127.0.0.1:6000
+upstream:
+  token_url: http://localhost:8080/oauth2/token
+  timeout: 2s
+  expires_timezone: UTC
+refresh:
+  lifetime_fraction: 0.5
+  expiry_margin: 1m
+  refreshed_lifetime: 7d
+invalidate_cooldown: 30s
+accounts:
+  fleet-a:
+    client_id: cid
+    client_secret_file: {}
+    username: u
+    password_file: {}
+    token_url: https://other.example/oauth2/token
+",
+            cs.display(),
+            pw.display()
+        );
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.upstream.timeout, secs(2));
+        assert_eq!(c.refresh.expiry_margin, secs(60));
+        assert_eq!(c.refresh.refreshed_lifetime, secs(7 * 86_400));
+        assert_eq!(c.invalidate_cooldown, secs(30));
+        let a = &c.accounts["fleet-a"];
+        assert_eq!(a.credentials.password.expose_secret(), "hunter2");
+        assert_eq!(a.credentials.client_secret.expose_secret(), "s3cret");
+        assert_eq!(a.token_url.as_str(), "https://other.example/oauth2/token");
+        let debug = format!("{c:?}");
+        assert!(
+            !debug.contains("hunter2") && !debug.contains("s3cret"),
+            "{debug}"
+        );
+    }
+
+    fn err(text: &str) -> String {
+        Config::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_account_and_field() {
+        let cases: &[(&str, &[&str])] = &[
+            ("accounts: {}", &["accounts", "at least one"]),
+            ("listen: 1\naccounts: {}", &["listen"]),
+            ("bogus: 1\naccounts: {}", &["unknown field `bogus`"]),
+            (
+                "accounts:\n  a:\n    client_id: c\n    client_secret: s\n    username: u\n    password: p\n    pasword: x",
+                &["unknown field `pasword`"],
+            ),
+            (
+                "accounts:\n  a:\n    client_secret: s\n    username: u\n    password: p",
+                &["account \"a\"", "\"client_id\"", "required"],
+            ),
+            (
+                "accounts:\n  a:\n    client_id: c\n    client_secret: s\n    username: ' '\n    password: p",
+                &["account \"a\"", "\"username\"", "empty"],
+            ),
+            (
+                "accounts:\n  a:\n    client_id: c\n    username: u\n    password: p",
+                &["account \"a\"", "\"client_secret\"", "client_secret_file"],
+            ),
+            (
+                "accounts:\n  a:\n    client_id: c\n    client_secret: s\n    username: u\n    password: p\n    password_file: /x",
+                &["account \"a\"", "\"password\"", "not both"],
+            ),
+            (
+                "accounts:\n  a:\n    client_id: c\n    client_secret: s\n    username: u\n    password_file: /nonexistent/pw",
+                &["account \"a\"", "\"password_file\"", "/nonexistent/pw"],
+            ),
+            (
+                "accounts:\n  'a b':\n    client_id: c\n    client_secret: s\n    username: u\n    password: p",
+                &["account \"a b\"", "\"name\""],
+            ),
+            (
+                "accounts:\n  a:\n    client_id: c\n    client_secret: s\n    username: u\n    password: p\n    token_url: ftp://x/y",
+                &["account \"a\"", "\"token_url\""],
+            ),
+            (
+                "upstream:\n  timeout: soon\naccounts: {}",
+                &["invalid duration \"soon\""],
+            ),
+            (
+                "upstream:\n  timeout: 0s\naccounts: {}",
+                &["upstream.timeout"],
+            ),
+            (
+                "upstream:\n  expires_timezone: Mars/Olympus\naccounts: {}",
+                &["upstream.expires_timezone", "Mars/Olympus"],
+            ),
+            (
+                "refresh:\n  lifetime_fraction: 1.5\naccounts: {}",
+                &["refresh.lifetime_fraction"],
+            ),
+            (
+                "refresh:\n  refreshed_lifetime: 5s\naccounts: {}",
+                &["refresh.refreshed_lifetime"],
+            ),
+            (
+                "upstream:\n  token_url: nope\naccounts: {}",
+                &["upstream.token_url"],
+            ),
+        ];
+        for (text, wants) in cases {
+            let msg = err(text);
+            for want in *wants {
+                assert!(msg.contains(want), "{text:?}: {msg:?} lacks {want:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn empty_secret_file_and_file_path_in_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "\n").unwrap();
+        let text = format!(
+            "accounts:\n  a:\n    client_id: c\n    client_secret: s\n    username: u\n    password_file: {}",
+            pw.display()
+        );
+        let msg = err(&text);
+        assert!(
+            msg.contains("\"password_file\"") && msg.contains("is empty"),
+            "{msg}"
+        );
+
+        let cfg = dir.path().join("broker.yaml");
+        std::fs::write(&cfg, "accounts: {}").unwrap();
+        let msg = Config::load(&cfg).unwrap_err().to_string();
+        assert!(msg.starts_with(&format!("{}: ", cfg.display())), "{msg}");
+        let msg = Config::load(&dir.path().join("missing.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("cannot read config file"), "{msg}");
+    }
+}

@@ -1,0 +1,284 @@
+//! The broker's domain values: validated account names and BACE tokens.
+//!
+//! A [`Token`] holds its secrets in [`SecretString`]s; its `Debug` shows only the account, a short
+//! [`Fingerprint`] and the expiry, so a token can be logged, put in an error or printed in a panic
+//! without leaking. Expiry is kept twice: as a pausable [`tokio::time::Instant`] for every
+//! decision, and as a wall-clock [`SystemTime`] for the wire.
+
+use std::{borrow::Borrow, fmt, sync::Arc, time::SystemTime};
+
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+use tokio::time::{Duration, Instant};
+
+/// Longest account name accepted, in bytes.
+pub const MAX_ACCOUNT_NAME_LEN: usize = 128;
+
+/// An account name: 1 to 128 ASCII letters, digits, `.`, `_` or `-`.
+///
+/// Cheap to clone (an `Arc<str>`), usable as a map key and borrowable as `&str` for lookups.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AccountName(Arc<str>);
+
+/// Why a string is not an [`AccountName`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AccountNameError {
+    /// The name is empty.
+    #[error("account name is empty")]
+    Empty,
+    /// The name is longer than [`MAX_ACCOUNT_NAME_LEN`].
+    #[error("account name is longer than {MAX_ACCOUNT_NAME_LEN} bytes")]
+    TooLong,
+    /// The name holds a character outside `[A-Za-z0-9._-]`.
+    #[error("account name may only hold ASCII letters, digits, '.', '_' and '-'")]
+    BadCharacter,
+}
+
+impl AccountName {
+    /// Checks `name` against the naming rule without allocating.
+    pub fn validate(name: &str) -> Result<(), AccountNameError> {
+        if name.is_empty() {
+            return Err(AccountNameError::Empty);
+        }
+        if name.len() > MAX_ACCOUNT_NAME_LEN {
+            return Err(AccountNameError::TooLong);
+        }
+        if !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        {
+            return Err(AccountNameError::BadCharacter);
+        }
+        Ok(())
+    }
+
+    /// Validates and wraps `name`.
+    pub fn new(name: &str) -> Result<Self, AccountNameError> {
+        Self::validate(name)?;
+        Ok(Self(Arc::from(name)))
+    }
+
+    /// The name as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Borrow<str> for AccountName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for AccountName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for AccountName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+/// The SHA-256 of a token value: compares tokens without keeping them, and its first four bytes
+/// (`Display`) name a token in logs without revealing it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fingerprint([u8; 32]);
+
+impl Fingerprint {
+    /// Fingerprints a token value.
+    pub fn of(value: &str) -> Self {
+        Self(Sha256::digest(value.as_bytes()).into())
+    }
+}
+
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in &self.0[..4] {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Fingerprint({self})")
+    }
+}
+
+/// A BACE access token held by the broker, with its refresh token and expiry.
+pub struct Token {
+    account: AccountName,
+    access: SecretString,
+    /// `"Bearer <access>"`, built once so serving a token costs no formatting.
+    authorization: SecretString,
+    refresh: Option<SecretString>,
+    fingerprint: Fingerprint,
+    obtained_at: Instant,
+    expires_at: Instant,
+    expires_at_wall: SystemTime,
+}
+
+impl Token {
+    /// A token obtained now (`now`, `now_wall`) that BACE accepts for `lifetime`.
+    pub fn new(
+        account: AccountName,
+        access: SecretString,
+        refresh: Option<SecretString>,
+        lifetime: Duration,
+        now: Instant,
+        now_wall: SystemTime,
+    ) -> Self {
+        let fingerprint = Fingerprint::of(access.expose_secret());
+        let authorization = SecretString::from(format!("Bearer {}", access.expose_secret()));
+        Self {
+            account,
+            access,
+            authorization,
+            refresh,
+            fingerprint,
+            obtained_at: now,
+            expires_at: now + lifetime,
+            expires_at_wall: now_wall + lifetime,
+        }
+    }
+
+    /// The same access and refresh token with a new lifetime counted from `now`
+    /// (BACE's refresh answer extends the token it was called with).
+    pub fn extended(&self, lifetime: Duration, now: Instant, now_wall: SystemTime) -> Self {
+        Self {
+            account: self.account.clone(),
+            access: self.access.clone(),
+            authorization: self.authorization.clone(),
+            refresh: self.refresh.clone(),
+            fingerprint: self.fingerprint,
+            obtained_at: now,
+            expires_at: now + lifetime,
+            expires_at_wall: now_wall + lifetime,
+        }
+    }
+
+    /// The account this token belongs to.
+    pub fn account(&self) -> &AccountName {
+        &self.account
+    }
+
+    /// The access token. Secret: never log it.
+    pub fn access(&self) -> &SecretString {
+        &self.access
+    }
+
+    /// `"Bearer <access token>"`. Secret: never log it.
+    pub fn authorization(&self) -> &SecretString {
+        &self.authorization
+    }
+
+    /// The refresh token, when BACE gave one.
+    pub fn refresh_token(&self) -> Option<&SecretString> {
+        self.refresh.as_ref()
+    }
+
+    /// A loggable name for the access token.
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.fingerprint
+    }
+
+    /// When the broker obtained (or last extended) this token.
+    pub fn obtained_at(&self) -> Instant {
+        self.obtained_at
+    }
+
+    /// When BACE stops accepting the token.
+    pub fn expires_at(&self) -> Instant {
+        self.expires_at
+    }
+
+    /// [`Token::expires_at`] in wall-clock time, for the wire.
+    pub fn expires_at_wall(&self) -> SystemTime {
+        self.expires_at_wall
+    }
+
+    /// The lifetime BACE granted when the token was obtained or extended.
+    pub fn lifetime(&self) -> Duration {
+        self.expires_at - self.obtained_at
+    }
+
+    /// Whether the token stays valid for at least `needed` after `now`.
+    pub fn valid_for(&self, now: Instant, needed: Duration) -> bool {
+        now.checked_add(needed).is_some_and(|t| t < self.expires_at)
+    }
+
+    /// Whether `value` is this token's access token.
+    pub fn is(&self, value: &str) -> bool {
+        Fingerprint::of(value) == self.fingerprint
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Token")
+            .field("account", &self.account)
+            .field("fingerprint", &self.fingerprint)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn account_names() {
+        assert!(AccountName::new("fleet-a.prod_1").is_ok());
+        assert_eq!(AccountName::new(""), Err(AccountNameError::Empty));
+        assert_eq!(AccountName::new("a b"), Err(AccountNameError::BadCharacter));
+        assert_eq!(AccountName::new("ä"), Err(AccountNameError::BadCharacter));
+        assert_eq!(AccountName::new("a/b"), Err(AccountNameError::BadCharacter));
+        assert!(AccountName::new(&"a".repeat(128)).is_ok());
+        assert_eq!(
+            AccountName::new(&"a".repeat(129)),
+            Err(AccountNameError::TooLong)
+        );
+    }
+
+    #[test]
+    fn debug_never_shows_secrets() {
+        let t = Token::new(
+            AccountName::new("fleet-a").unwrap(),
+            SecretString::from("access-SECRET-1"),
+            Some(SecretString::from("refresh-SECRET-2")),
+            Duration::from_secs(60),
+            Instant::now(),
+            SystemTime::now(),
+        );
+        let shown = format!("{t:?} {:?} {:?}", t.authorization(), t.refresh_token());
+        assert!(!shown.contains("SECRET"), "{shown}");
+        assert!(shown.contains(&t.fingerprint().to_string()));
+        assert_eq!(t.fingerprint().to_string().len(), 8);
+        assert!(t.is("access-SECRET-1"));
+        assert!(!t.is("access-SECRET-2"));
+        assert_eq!(t.authorization().expose_secret(), "Bearer access-SECRET-1");
+    }
+
+    #[test]
+    fn validity() {
+        let now = Instant::now();
+        let t = Token::new(
+            AccountName::new("a").unwrap(),
+            SecretString::from("x"),
+            None,
+            Duration::from_secs(60),
+            now,
+            SystemTime::now(),
+        );
+        assert!(t.valid_for(now, Duration::from_secs(59)));
+        assert!(!t.valid_for(now, Duration::from_secs(60)));
+        assert!(!t.valid_for(now + Duration::from_secs(61), Duration::ZERO));
+        assert!(!t.valid_for(now, Duration::MAX));
+        assert_eq!(t.lifetime(), Duration::from_secs(60));
+    }
+}
