@@ -26,6 +26,11 @@ use crate::{
 pub const READINESS_SERVICE: &str =
     <TokenBrokerServiceServer<TokenBrokerApi> as NamedService>::NAME;
 
+/// HTTP/2 connection window of the gRPC server (bytes).
+const HTTP2_CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
+/// Concurrent calls one client connection may have open; more wait at the client.
+const HTTP2_MAX_CONCURRENT_STREAMS: u32 = 4096;
+
 /// Runs the broker for `config` on `listener` until `shutdown` resolves, talking to BACE over
 /// HTTP.
 pub async fn serve(
@@ -63,6 +68,11 @@ pub async fn serve_with(
     let (drain_tx, drain_rx) = oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        // h2 answers a burst of small buffered DATA frames beyond half the connection window
+        // with GOAWAY (flood protection). A large window and a bound on concurrent streams
+        // per connection keep a client's burst of thousands of calls well inside it.
+        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
+        .max_concurrent_streams(HTTP2_MAX_CONCURRENT_STREAMS)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -395,9 +395,13 @@ impl Inner {
         }
         let margin = self.policy.refresh.expiry_margin;
         if let Some(token) = &current {
-            // A token this fresh that still misses the caller's bar would not be helped by
-            // another fetch; refusing here keeps such callers from hammering BACE.
-            if token.valid_for(now, margin) && now < token.obtained_at() + margin {
+            // A token just refreshed that still misses the caller's bar would not be helped by
+            // another fetch; refusing here keeps such callers from hammering BACE. (A fresh
+            // login token may still be extended by a refresh.)
+            if token.is_refreshed()
+                && token.valid_for(now, margin)
+                && now < token.obtained_at() + margin
+            {
                 return Err(slot.out_of_range());
             }
         }
@@ -602,14 +606,19 @@ impl Inner {
                     policy::DEFAULT_LOGIN_LIFETIME
                 });
                 let refresh = refresh.or_else(|| prior.and_then(|p| p.refresh_token().cloned()));
-                Token::new(
+                let token = Token::new(
                     account.name.clone(),
                     access,
                     refresh,
                     lifetime,
                     now,
                     now_wall,
-                )
+                );
+                if prior.is_some() {
+                    token.from_refresh()
+                } else {
+                    token
+                }
             }
             (Issued::Extended { expires }, Some(prior)) => {
                 let lifetime = policy::refreshed_lifetime(expires, now_wall, policy.refreshed_lifetime)

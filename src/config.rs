@@ -303,11 +303,21 @@ struct RawAccount {
     token_url: Option<String>,
 }
 
-/// Deserializes a humantime duration (`10s`, `5m`, `14d`, `1h 30m`).
+/// Deserializes a humantime duration (`10s`, `5m`, `14d`, `1h 30m`). Parsing inside the visitor
+/// lets the YAML error carry the field's path and line.
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let text = String::deserialize(d)?;
-    humantime::parse_duration(&text)
-        .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))
+    struct Humantime;
+    impl serde::de::Visitor<'_> for Humantime {
+        type Value = Duration;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a duration such as 10s, 5m or 14d")
+        }
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Duration, E> {
+            humantime::parse_duration(text)
+                .map_err(|e| E::custom(format!("invalid duration {text:?}: {e}")))
+        }
+    }
+    d.deserialize_str(Humantime)
 }
 
 // === Validation ===
@@ -617,7 +627,11 @@ accounts:
             ),
             (
                 "upstream:\n  timeout: soon\naccounts: {}",
-                &["invalid duration \"soon\""],
+                &["upstream.timeout", "invalid duration \"soon\""],
+            ),
+            (
+                "invalidate_cooldown: 5 parsecs\naccounts: {}",
+                &["invalidate_cooldown", "invalid duration"],
             ),
             (
                 "upstream:\n  timeout: 0s\naccounts: {}",

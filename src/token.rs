@@ -120,6 +120,8 @@ pub struct Token {
     obtained_at: Instant,
     expires_at: Instant,
     expires_at_wall: SystemTime,
+    /// Obtained or extended by a refresh grant (not a login).
+    refreshed: bool,
 }
 
 impl Token {
@@ -143,7 +145,19 @@ impl Token {
             obtained_at: now,
             expires_at: now + lifetime,
             expires_at_wall: now_wall + lifetime,
+            refreshed: false,
         }
+    }
+
+    /// Marks a token as the answer to a refresh grant.
+    pub fn from_refresh(mut self) -> Self {
+        self.refreshed = true;
+        self
+    }
+
+    /// Whether a refresh grant (not a login) obtained or last extended this token.
+    pub fn is_refreshed(&self) -> bool {
+        self.refreshed
     }
 
     /// The same access and refresh token with a new lifetime counted from `now`
@@ -158,6 +172,7 @@ impl Token {
             obtained_at: now,
             expires_at: now + lifetime,
             expires_at_wall: now_wall + lifetime,
+            refreshed: true,
         }
     }
 

@@ -1,0 +1,645 @@
+//! Binary-level tests: the `bace-token-broker` executable run as a child process, for
+//! `check-config`, `serve` (with a config and with `--demo`), `get` and `invalidate`.
+//!
+//! Every wait is bounded: readiness is polled on the gRPC health service, exits are polled with
+//! a deadline, and upstream calls are awaited on the in-process fake BACE.
+
+use std::{
+    fs,
+    io::Write,
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use bace_token_broker::fake::{FakeAccount, FakeBace, FakeOptions, Grant};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_bace-token-broker");
+const READINESS_SERVICE: &str = "bace.tokenbroker.v1.TokenBrokerService";
+/// Budget for a server to become ready.
+const READY_WITHIN: Duration = Duration::from_secs(30);
+/// Budget for a server to exit after SIGTERM, or after a bad config.
+const EXIT_WITHIN: Duration = Duration::from_secs(15);
+
+// === Helpers ===
+
+/// A loopback port that was free a moment ago.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a free port")
+        .port()
+}
+
+/// The binary, with no broker settings inherited from the environment.
+fn command() -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.env_remove("BACE_BROKER_CONFIG")
+        .env_remove("BACE_BROKER_ADDR")
+        .env_remove("RUST_LOG");
+    cmd
+}
+
+/// Runs the binary to completion with `args`, feeding `stdin`.
+fn run(args: &[&str], stdin: &str) -> Output {
+    run_with(command().args(args), stdin)
+}
+
+fn run_with(cmd: &mut Command, stdin: &str) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the binary");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write stdin");
+    child.wait_with_output().expect("wait for the binary")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Asserts success and returns stdout.
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "expected success, got {}; stderr: {}",
+        out.status,
+        stderr(&out)
+    );
+    stdout(&out)
+}
+
+/// Asserts failure and returns stderr.
+fn fails(out: Output) -> String {
+    assert!(
+        !out.status.success(),
+        "expected failure; stdout: {}",
+        stdout(&out)
+    );
+    stderr(&out)
+}
+
+/// Polls `child` until it exits, for at most `within`.
+fn wait_exit(child: &mut Child, within: Duration) -> ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the process did not exit within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A `serve` child process whose stdout and stderr go to files in `dir`. Killed on drop.
+struct Server {
+    child: Child,
+    addr: String,
+    stdout: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Server {
+    /// Starts `serve ARGS --listen 127.0.0.1:PORT` with `envs`.
+    fn spawn(dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Self {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let stdout = dir.join("server.stdout");
+        let stderr = dir.join("server.stderr");
+        let child = command()
+            .arg("serve")
+            .args(args)
+            .args(["--listen", &listen])
+            .envs(envs.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&stdout).expect("stdout file"))
+            .stderr(fs::File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .expect("spawn serve");
+        Self {
+            child,
+            addr: format!("http://{listen}"),
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Polls the readiness service until SERVING; panics (with the server's logs) if the
+    /// process exits or [`READY_WITHIN`] passes first.
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + READY_WITHIN;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                panic!("server exited with {status} before ready:\n{}", self.logs());
+            }
+            if self.is_ready().await {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server not ready within {READY_WITHIN:?}:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn is_ready(&self) -> bool {
+        let Ok(endpoint) = tonic::transport::Endpoint::from_shared(self.addr.clone()) else {
+            return false;
+        };
+        let Ok(channel) = endpoint
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(Duration::from_secs(2))
+            .connect()
+            .await
+        else {
+            return false;
+        };
+        HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: READINESS_SERVICE.into(),
+            })
+            .await
+            .is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32)
+    }
+
+    /// Runs a client command against this server.
+    fn cli(&self, args: &[&str], stdin: &str) -> Output {
+        run_with(command().args(args).args(["--addr", &self.addr]), stdin)
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    fn terminate(&mut self) -> ExitStatus {
+        let pid = self.child.id().to_string();
+        let kill = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("run kill");
+        assert!(kill.success(), "kill -TERM {pid} failed");
+        wait_exit(&mut self.child, EXIT_WITHIN)
+    }
+
+    /// Everything the server wrote so far, stdout then stderr.
+    fn logs(&self) -> String {
+        let read = |p: &Path| fs::read_to_string(p).unwrap_or_default();
+        format!("{}{}", read(&self.stdout), read(&self.stderr))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One line of output, stripped of its newline.
+fn first_line(text: &str) -> &str {
+    text.lines().next().unwrap_or("")
+}
+
+// === check-config ===
+
+/// A config with one account, `fleet-a`, whose account block is `account` (indented by four).
+fn config_with_account(account: &str) -> String {
+    format!("accounts:\n  fleet-a:\n{account}")
+}
+
+const GOOD_ACCOUNT: &str = "    client_id: cid\n    client_secret: csecret\n    username: ops@example.com\n    password: pw\n";
+
+fn check_config(dir: &Path, yaml: &str) -> Output {
+    let path = dir.join("config.yaml");
+    fs::write(&path, yaml).expect("write config");
+    run(
+        &["check-config", "--config", path.to_str().expect("utf-8")],
+        "",
+    )
+}
+
+#[test]
+fn check_config_accepts_a_good_config_with_secret_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = dir.path().join("client_secret");
+    let password = dir.path().join("password");
+    fs::write(&secret, "csecret\n").expect("write");
+    fs::write(&password, "pw\n").expect("write");
+    let yaml = format!(
+        "listen: 127.0.0.1:6000
+upstream:
+  token_url: http://127.0.0.1:1/oauth2/token
+  timeout: 2s
+  expires_timezone: UTC
+refresh:
+  lifetime_fraction: 0.5
+  expiry_margin: 1m
+  refreshed_lifetime: 7d
+invalidate_cooldown: 30s
+accounts:
+  fleet-a:
+    client_id: cid
+    client_secret_file: {}
+    username: ops@example.com
+    password_file: {}
+  fleet-b:
+{GOOD_ACCOUNT}",
+        secret.display(),
+        password.display()
+    );
+    let out = ok(check_config(dir.path(), &yaml));
+    assert!(
+        out.contains("fleet-a") && out.contains("fleet-b"),
+        "stdout names the accounts: {out}"
+    );
+}
+
+#[test]
+fn check_config_reads_the_path_from_the_environment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("config.yaml");
+    fs::write(&path, config_with_account(GOOD_ACCOUNT)).expect("write config");
+    let out = ok(run_with(
+        command()
+            .arg("check-config")
+            .env("BACE_BROKER_CONFIG", &path),
+        "",
+    ));
+    assert!(out.contains("fleet-a"), "stdout: {out}");
+
+    // The variable really is what is read: a bad file named by it fails.
+    fs::write(&path, "accounts: {}\n").expect("write config");
+    let err = fails(run_with(
+        command()
+            .arg("check-config")
+            .env("BACE_BROKER_CONFIG", &path),
+        "",
+    ));
+    assert!(err.contains("accounts"), "stderr: {err}");
+}
+
+#[test]
+fn check_config_rejects_bad_configs_naming_account_and_field() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing_file = dir.path().join("no-such-password");
+    let cases: Vec<(&str, String, &[&str])> = vec![
+        (
+            "missing password",
+            config_with_account(
+                "    client_id: cid\n    client_secret: csecret\n    username: u\n",
+            ),
+            &["fleet-a", "password", "required"],
+        ),
+        (
+            "password and password_file",
+            config_with_account(&format!(
+                "{GOOD_ACCOUNT}    password_file: {}\n",
+                missing_file.display()
+            )),
+            &["fleet-a", "password", "not both"],
+        ),
+        (
+            "unreadable password_file",
+            config_with_account(&format!(
+                "    client_id: cid\n    client_secret: csecret\n    username: u\n    password_file: {}\n",
+                missing_file.display()
+            )),
+            &["fleet-a", "password_file", "no-such-password"],
+        ),
+        (
+            "unknown key in an account",
+            config_with_account(
+                "    client_id: cid\n    client_secret: csecret\n    username: u\n    pasword: pw\n",
+            ),
+            &["fleet-a", "pasword"],
+        ),
+        (
+            "bad duration",
+            format!(
+                "upstream:\n  timeout: soon\n{}",
+                config_with_account(GOOD_ACCOUNT)
+            ),
+            &["upstream.timeout", "soon"],
+        ),
+        (
+            "bad top-level duration",
+            format!(
+                "invalidate_cooldown: soon\n{}",
+                config_with_account(GOOD_ACCOUNT)
+            ),
+            &["invalidate_cooldown", "soon"],
+        ),
+        (
+            "bad account name",
+            format!("accounts:\n  \"bad name!\":\n{GOOD_ACCOUNT}"),
+            &["bad name!", "name"],
+        ),
+        (
+            "bad timezone",
+            format!(
+                "upstream:\n  expires_timezone: Mars/Olympus\n{}",
+                config_with_account(GOOD_ACCOUNT)
+            ),
+            &["upstream.expires_timezone", "Mars/Olympus"],
+        ),
+        (
+            "unknown top-level key",
+            format!(
+                "listen_address: 127.0.0.1:1\n{}",
+                config_with_account(GOOD_ACCOUNT)
+            ),
+            &["listen_address"],
+        ),
+    ];
+    // Every case runs; the failures are reported together.
+    let mut wrong = Vec::new();
+    for (case, yaml, expected) in cases {
+        let out = check_config(dir.path(), &yaml);
+        let err = stderr(&out);
+        if out.status.success() {
+            wrong.push(format!("{case}: accepted"));
+        } else if let Some(needle) = expected.iter().find(|n| !err.contains(*n)) {
+            wrong.push(format!("{case}: no {needle:?} in: {}", err.trim_end()));
+        } else if err.trim_end().lines().count() != 1 {
+            wrong.push(format!("{case}: not one line: {err}"));
+        }
+    }
+    assert!(wrong.is_empty(), "\n{}", wrong.join("\n"));
+}
+
+#[test]
+fn check_config_rejects_a_missing_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("absent.yaml");
+    let err = fails(run(
+        &["check-config", "--config", path.to_str().expect("utf-8")],
+        "",
+    ));
+    assert!(
+        err.contains("cannot read config file") && err.contains("absent.yaml"),
+        "stderr: {err}"
+    );
+}
+
+// === serve ===
+
+#[test]
+fn serve_with_a_bad_config_exits_quickly_with_the_message() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("config.yaml");
+    fs::write(
+        &path,
+        config_with_account("    client_id: cid\n    client_secret: csecret\n    username: u\n"),
+    )
+    .expect("write config");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut child = command()
+        .args(["serve", "--config", path.to_str().expect("utf-8")])
+        .args(["--listen", &listen])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn serve");
+    let status = wait_exit(&mut child, EXIT_WITHIN);
+    assert!(!status.success(), "serve with a bad config must fail");
+    let out = child.wait_with_output().expect("output");
+    let err = stderr(&out);
+    assert!(
+        err.contains("fleet-a") && err.contains("password"),
+        "stderr names account and field: {err}"
+    );
+}
+
+/// Credentials of a fake BACE account, and whether the config gives them as files.
+struct TestAccount {
+    name: &'static str,
+    username: &'static str,
+    password: &'static str,
+    client_secret: &'static str,
+    from_files: bool,
+}
+
+const ACCOUNTS: [TestAccount; 2] = [
+    TestAccount {
+        name: "fleet-a",
+        username: "ops-a@example.com",
+        password: "pw-a-Zq83kd0s",
+        client_secret: "cs-a-Lm29xv7p",
+        from_files: true,
+    },
+    TestAccount {
+        name: "fleet-b",
+        username: "ops-b@example.com",
+        password: "pw-b-Rt61hw4n",
+        client_secret: "cs-b-Yc05jf8e",
+        from_files: false,
+    },
+];
+
+/// Writes a config for [`ACCOUNTS`] against `fake` (file secrets with a trailing newline).
+fn write_config(dir: &Path, fake: &FakeBace) -> PathBuf {
+    let mut yaml = format!(
+        "upstream:\n  token_url: \"{}\"\n  timeout: 5s\nshutdown_grace: 5s\naccounts:\n",
+        fake.token_url()
+    );
+    for a in &ACCOUNTS {
+        yaml.push_str(&format!(
+            "  {}:\n    client_id: cid-{}\n    username: {}\n",
+            a.name, a.name, a.username
+        ));
+        if a.from_files {
+            let secret = dir.join(format!("{}.client_secret", a.name));
+            let password = dir.join(format!("{}.password", a.name));
+            fs::write(&secret, format!("{}\n", a.client_secret)).expect("write");
+            fs::write(&password, format!("{}\n", a.password)).expect("write");
+            yaml.push_str(&format!(
+                "    client_secret_file: {}\n    password_file: {}\n",
+                secret.display(),
+                password.display()
+            ));
+        } else {
+            yaml.push_str(&format!(
+                "    client_secret: \"{}\"\n    password: \"{}\"\n",
+                a.client_secret, a.password
+            ));
+        }
+    }
+    let path = dir.join("config.yaml");
+    fs::write(&path, yaml).expect("write config");
+    path
+}
+
+#[test]
+fn full_run_get_invalidate_sigterm_json_logs_and_no_secrets() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let fake = rt
+        .block_on(FakeBace::start(FakeOptions::default()))
+        .expect("fake BACE");
+    for a in &ACCOUNTS {
+        fake.add_account(FakeAccount::new(
+            a.username,
+            a.password,
+            format!("cid-{}", a.name),
+            a.client_secret,
+        ));
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), &fake);
+    let mut server = Server::spawn(
+        dir.path(),
+        &[
+            "--config",
+            config.to_str().expect("utf-8"),
+            "--log-format",
+            "json",
+        ],
+        &[("RUST_LOG", "trace")],
+    );
+    rt.block_on(server.wait_ready());
+    let user = ACCOUNTS[0].username;
+    // Warm-up logged every account in once (secret files stripped of their newline, or the
+    // fake would have refused them).
+    assert_eq!(fake.calls(user, Grant::Password), 1);
+    assert_eq!(fake.calls(ACCOUNTS[1].username, Grant::Password), 1);
+
+    // get: the token, then the header line; no upstream call.
+    let token = ok(server.cli(&["get", "fleet-a"], ""))
+        .trim_end()
+        .to_owned();
+    assert!(fake.is_valid(&token), "get prints a valid token: {token:?}");
+    let header = ok(server.cli(&["get", "fleet-a", "--header"], ""));
+    assert_eq!(
+        first_line(&header),
+        format!("Authorization: Bearer {token}")
+    );
+    let token_b = ok(server.cli(&["get", "fleet-b"], ""))
+        .trim_end()
+        .to_owned();
+    assert!(fake.is_valid(&token_b) && token_b != token);
+    assert_eq!(fake.calls(user, Grant::Password), 1);
+
+    // get: errors carry the code and the message.
+    let err = fails(server.cli(&["get", "nope"], ""));
+    assert!(
+        err.contains("NotFound") && err.contains("unknown account \"nope\""),
+        "stderr: {err}"
+    );
+    for bad in ["", "bad name!"] {
+        let err = fails(server.cli(&["get", bad], ""));
+        assert!(
+            err.contains("InvalidArgument") && err.contains("invalid account name"),
+            "get {bad:?}: stderr: {err}"
+        );
+    }
+
+    // invalidate the current token: a new login, a new valid token.
+    let new_token = ok(server.cli(&["invalidate", "fleet-a", "--token", &token], ""))
+        .trim_end()
+        .to_owned();
+    assert_ne!(new_token, token);
+    assert!(fake.is_valid(&new_token));
+    assert_eq!(fake.calls(user, Grant::Password), 2);
+
+    // invalidate the old token again, read from stdin: the current one, no upstream call.
+    let total = fake.total_calls();
+    let current = ok(server.cli(
+        &["invalidate", "fleet-a", "--token", "-"],
+        &format!("{token}\n"),
+    ))
+    .trim_end()
+    .to_owned();
+    assert_eq!(current, new_token);
+    assert_eq!(fake.calls(user, Grant::Password), 2);
+    assert_eq!(fake.total_calls(), total);
+
+    // SIGTERM: a clean exit.
+    let status = server.terminate();
+    assert!(
+        status.success(),
+        "exit after SIGTERM: {status}\n{}",
+        server.logs()
+    );
+
+    // JSON logs, one object per line.
+    let logs = server.logs();
+    let mut objects = 0;
+    for line in logs.lines().filter(|l| !l.trim().is_empty()) {
+        let value: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        assert!(value.is_object(), "not a JSON object: {line}");
+        objects += 1;
+    }
+    assert!(
+        logs.contains("broker listening") && objects > 0,
+        "logs:\n{logs}"
+    );
+
+    // No secret anywhere, even at trace.
+    let mut secrets: Vec<(&str, &str)> = vec![
+        ("access token", &token),
+        ("access token", &token_b),
+        ("access token", &new_token),
+    ];
+    for a in &ACCOUNTS {
+        secrets.push(("password", a.password));
+        secrets.push(("client secret", a.client_secret));
+    }
+    for (what, secret) in secrets {
+        if let Some(line) = logs.lines().find(|l| l.contains(secret)) {
+            panic!("a {what} appears in the server's output: {line}");
+        }
+    }
+    rt.block_on(async { fake.shutdown() });
+}
+
+#[test]
+fn get_without_a_server_cannot_connect() {
+    let addr = format!("http://127.0.0.1:{}", free_port());
+    let started = Instant::now();
+    let err = fails(run(&["get", "fleet-a", "--addr", &addr], ""));
+    assert!(err.contains("cannot connect"), "stderr: {err}");
+    assert!(started.elapsed() < EXIT_WITHIN);
+}
+
+#[test]
+fn serve_demo_serves_demo_accounts_and_stops_on_sigterm() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = Server::spawn(dir.path(), &["--demo"], &[]);
+    rt.block_on(server.wait_ready());
+    let token = ok(server.cli(&["get", "demo-fleet-a"], ""));
+    let token = token.trim_end();
+    assert!(
+        !token.is_empty() && !token.contains(char::is_whitespace),
+        "a bare token: {token:?}"
+    );
+    let header = ok(server.cli(&["get", "demo-fleet-a", "--header"], ""));
+    assert_eq!(
+        first_line(&header),
+        format!("Authorization: Bearer {token}")
+    );
+    let status = server.terminate();
+    assert!(
+        status.success(),
+        "exit after SIGTERM: {status}\n{}",
+        server.logs()
+    );
+}

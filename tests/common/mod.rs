@@ -1,0 +1,198 @@
+//! Shared test harness: a real broker server on loopback in front of the fake BACE, and real
+//! tonic clients for it.
+#![allow(dead_code, unreachable_pub)]
+
+use std::{net::SocketAddr, time::Duration};
+
+use bace_token_broker::{
+    app,
+    config::Config,
+    fake::{FakeAccount, FakeBace, FakeOptions},
+    proto::{self, token_broker_service_client::TokenBrokerServiceClient},
+};
+use tokio::{sync::oneshot, task::JoinHandle};
+use tonic::transport::Channel;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+/// Guard against hangs only (never a timing assertion).
+pub const HANG_GUARD: Duration = Duration::from_secs(60);
+
+/// The fake BACE user of a test account.
+pub fn user(account: &str) -> String {
+    format!("{account}@example.com")
+}
+
+/// A fake BACE account for `account`, with its own password.
+pub fn fake_account(account: &str) -> FakeAccount {
+    FakeAccount::new(
+        user(account),
+        format!("pw-{account}-Zq9"),
+        "client-1",
+        "client-secret-X7",
+    )
+}
+
+/// Starts a fake BACE holding `accounts`.
+pub async fn fake(accounts: &[&str]) -> FakeBace {
+    let fake = FakeBace::start(FakeOptions::default())
+        .await
+        .expect("fake BACE");
+    for a in accounts {
+        fake.add_account(fake_account(a));
+    }
+    fake
+}
+
+/// A broker config for `accounts` against `fake`; `extra` is appended YAML (top-level keys).
+pub fn config_yaml(fake: &FakeBace, accounts: &[&str], extra: &str) -> String {
+    let mut yaml = format!(
+        "upstream:\n  token_url: \"{}\"\n  timeout: 2s\n{extra}\naccounts:\n",
+        fake.token_url()
+    );
+    for a in accounts {
+        yaml.push_str(&format!(
+            "  {a}:\n    client_id: client-1\n    client_secret: client-secret-X7\n    username: \"{}\"\n    password: \"pw-{a}-Zq9\"\n",
+            user(a)
+        ));
+    }
+    yaml
+}
+
+/// A running broker.
+pub struct Broker {
+    pub addr: SocketAddr,
+    pub client: TokenBrokerServiceClient<Channel>,
+    pub health: HealthClient<Channel>,
+    stop: Option<oneshot::Sender<()>>,
+    server: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Broker {
+    /// Starts a broker with `yaml` on 127.0.0.1:0 and connects to it, without waiting for
+    /// readiness.
+    pub async fn start(yaml: &str) -> Self {
+        let config = Config::parse(yaml).expect("test config");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(app::serve(config, listener, async {
+            let _ = stopped.await;
+        }));
+        let channel = channel(addr).await;
+        Self {
+            addr,
+            client: TokenBrokerServiceClient::new(channel.clone()),
+            health: HealthClient::new(channel),
+            stop: Some(stop),
+            server,
+        }
+    }
+
+    /// Starts a broker and waits until it reports ready (warm-up done).
+    pub async fn ready(yaml: &str) -> Self {
+        let broker = Self::start(yaml).await;
+        broker
+            .wait_status(app::READINESS_SERVICE, ServingStatus::Serving)
+            .await;
+        broker
+    }
+
+    /// Waits (through Health/Watch) until `service` reports `want`.
+    pub async fn wait_status(&self, service: &str, want: ServingStatus) {
+        let mut health = self.health.clone();
+        let wait = async {
+            let mut stream = health
+                .watch(HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .expect("health watch")
+                .into_inner();
+            while let Some(msg) = stream.message().await.expect("health stream") {
+                if msg.status == want as i32 {
+                    return;
+                }
+            }
+            panic!("health stream ended before {service:?} was {want:?}");
+        };
+        tokio::time::timeout(HANG_GUARD, wait)
+            .await
+            .expect("health status in time");
+    }
+
+    /// A new client on its own connection.
+    pub async fn new_client(&self) -> TokenBrokerServiceClient<Channel> {
+        TokenBrokerServiceClient::new(channel(self.addr).await)
+    }
+
+    /// GetToken with no minimum validity.
+    pub async fn get(&self, account: &str) -> Result<proto::Token, tonic::Status> {
+        get(self.client.clone(), account).await
+    }
+
+    /// Invalidate.
+    pub async fn invalidate(
+        &self,
+        account: &str,
+        token: &str,
+    ) -> Result<proto::InvalidateResponse, tonic::Status> {
+        self.client
+            .clone()
+            .invalidate(proto::InvalidateRequest {
+                account: account.into(),
+                access_token: token.into(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// Triggers shutdown and returns how the server ended.
+    pub fn begin_stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Shuts down and waits for the server to end; its result.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.begin_stop();
+        tokio::time::timeout(HANG_GUARD, self.server)
+            .await
+            .expect("server stops in time")
+            .expect("server task")
+    }
+}
+
+/// GetToken on `client`.
+pub async fn get(
+    mut client: TokenBrokerServiceClient<Channel>,
+    account: &str,
+) -> Result<proto::Token, tonic::Status> {
+    get_min(&mut client, account, None).await
+}
+
+/// GetToken with a minimum validity.
+pub async fn get_min(
+    client: &mut TokenBrokerServiceClient<Channel>,
+    account: &str,
+    min_validity: Option<Duration>,
+) -> Result<proto::Token, tonic::Status> {
+    client
+        .get_token(proto::GetTokenRequest {
+            account: account.into(),
+            min_validity: min_validity.map(|d| d.try_into().unwrap()),
+        })
+        .await
+        .map(|r| r.into_inner().token.expect("token set on OK"))
+}
+
+/// A lazily connected channel to `addr`.
+pub async fn channel(addr: SocketAddr) -> Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect to broker")
+}

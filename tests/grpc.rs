@@ -1,0 +1,393 @@
+//! Over-the-wire behaviour: a real tonic server and client in front of the fake BACE on
+//! loopback, in real time. Synchronisation uses the fake's gate and call counters, never sleeps.
+
+mod common;
+
+use std::{collections::HashSet, time::Duration};
+
+use bace_token_broker::{
+    fake::{ErrorShape, Grant, RefreshStyle, Step},
+    proto,
+};
+use common::{Broker, HANG_GUARD, config_yaml, fake, fake_account, get, get_min, user};
+use tokio::task::JoinSet;
+use tonic::Code;
+
+async fn guard<F: std::future::Future>(f: F) -> F::Output {
+    tokio::time::timeout(HANG_GUARD, f)
+        .await
+        .expect("hang guard")
+}
+
+/// Polls GetToken until the broker serves a token other than `old` (after an upstream call
+/// the test saw arrive at the fake, so the wait is bounded by that call's completion).
+async fn until_token_changes(broker: &Broker, account: &str, old: &str) -> proto::Token {
+    guard(async {
+        loop {
+            let token = broker.get(account).await.unwrap();
+            if token.access_token != old {
+                return token;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn serves_a_valid_token_from_a_form_post_password_grant() {
+    let fake = fake(&["fleet-a"]).await;
+    let broker = Broker::ready(&config_yaml(&fake, &["fleet-a"], "")).await;
+    let token = broker.get("fleet-a").await.unwrap();
+    assert_eq!(token.account, "fleet-a");
+    assert_eq!(token.token_type, "Bearer");
+    assert_eq!(
+        token.authorization,
+        format!("Bearer {}", token.access_token)
+    );
+    assert!(fake.is_valid(&token.access_token));
+    let expires = std::time::SystemTime::try_from(token.expires_at.unwrap()).unwrap();
+    let fake_expires = fake.expires_at(&token.access_token).unwrap();
+    let skew = expires
+        .duration_since(fake_expires)
+        .unwrap_or_else(|e| e.duration());
+    assert!(
+        skew < Duration::from_secs(5),
+        "broker and BACE disagree on expiry by {skew:?}"
+    );
+
+    let request = fake
+        .last_request(&user("fleet-a"), Grant::Password)
+        .unwrap();
+    assert_eq!(request.content_type, "application/x-www-form-urlencoded");
+    assert_eq!(request.form["grant_type"], "password");
+    assert_eq!(request.form["client_id"], "client-1");
+    assert_eq!(request.form["client_secret"], "client-secret-X7");
+    assert_eq!(request.form["username"], user("fleet-a"));
+    assert_eq!(request.form["password"], "pw-fleet-a-Zq9");
+    assert_eq!(request.bearer, None);
+
+    // Cached: many more calls, still one login.
+    for _ in 0..50 {
+        assert_eq!(
+            broker.get("fleet-a").await.unwrap().access_token,
+            token.access_token
+        );
+    }
+    assert_eq!(fake.total_calls(), 1);
+    broker.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_requests_get_the_right_codes() {
+    let fake = fake(&["fleet-a"]).await;
+    let broker = Broker::ready(&config_yaml(&fake, &["fleet-a"], "")).await;
+    let cases = [
+        (
+            "",
+            Code::InvalidArgument,
+            "invalid account name: account name is empty",
+        ),
+        ("a b", Code::InvalidArgument, "invalid account name"),
+        (&*"x".repeat(200), Code::InvalidArgument, "longer than 128"),
+        ("fleet-z", Code::NotFound, "unknown account \"fleet-z\""),
+    ];
+    for (account, code, message) in cases {
+        let status = broker.get(account).await.unwrap_err();
+        assert_eq!(status.code(), code, "{account:?}");
+        assert!(
+            status.message().contains(message),
+            "{account:?}: {}",
+            status.message()
+        );
+        let status = broker.invalidate(account, "").await.unwrap_err();
+        assert_eq!(status.code(), code, "{account:?}");
+    }
+    let mut client = broker.client.clone();
+    let status = client
+        .get_token(proto::GetTokenRequest {
+            account: "fleet-a".into(),
+            min_validity: Some(prost_types::Duration {
+                seconds: -1,
+                nanos: 0,
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("min_validity"));
+    // Longer than any token can last: OUT_OF_RANGE without an upstream call.
+    let before = fake.total_calls();
+    let status = get_min(
+        &mut client,
+        "fleet-a",
+        Some(Duration::from_secs(15 * 86_400)),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange);
+    assert_eq!(fake.total_calls(), before);
+    broker.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_cold_callers_share_one_login() {
+    let fake = fake(&["fleet-a"]).await;
+    fake.hold();
+    let broker = Broker::start(&config_yaml(&fake, &["fleet-a"], "")).await;
+    // The warm-up login is held at BACE: every caller below finds the account cold.
+    guard(fake.wait_for_calls(&user("fleet-a"), Grant::Password, 1)).await;
+    let mut clients = Vec::new();
+    for _ in 0..50 {
+        clients.push(broker.new_client().await);
+    }
+    let mut callers = JoinSet::new();
+    for i in 0..10_000 {
+        let client = clients[i % clients.len()].clone();
+        callers.spawn(get(client, "fleet-a"));
+    }
+    fake.release();
+    let mut tokens = HashSet::new();
+    while let Some(result) = guard(callers.join_next()).await {
+        tokens.insert(result.unwrap().unwrap().access_token);
+    }
+    assert_eq!(tokens.len(), 1, "every caller got the same token");
+    assert_eq!(fake.calls(&user("fleet-a"), Grant::Password), 1);
+    assert_eq!(fake.total_calls(), 1);
+    broker.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_accounts_times_fifty_callers_make_a_hundred_calls() {
+    let names: Vec<String> = (0..100).map(|i| format!("fleet-{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let fake = fake(&refs).await;
+    fake.hold();
+    let broker = Broker::start(&config_yaml(&fake, &refs, "warmup_concurrency: 100")).await;
+    guard(fake.wait_for_total_calls(100)).await;
+    let mut callers = JoinSet::new();
+    for name in &names {
+        for _ in 0..50 {
+            let client = broker.client.clone();
+            let name = name.clone();
+            callers.spawn(async move { (get(client, &name).await, name) });
+        }
+    }
+    fake.release();
+    while let Some(joined) = guard(callers.join_next()).await {
+        let (result, name) = joined.unwrap();
+        assert_eq!(result.unwrap().account, name);
+    }
+    assert_eq!(fake.total_calls(), 100);
+    for name in &names {
+        assert_eq!(fake.calls(&user(name), Grant::Password), 1, "{name}");
+    }
+    broker.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn accounts_never_delay_each_other() {
+    let fake = fake(&["slow", "fast"]).await;
+    fake.script(&user("slow"), Grant::Password, [Step::Hang]);
+    let broker = Broker::start(&config_yaml(&fake, &["slow", "fast"], "")).await;
+    guard(fake.wait_for_calls(&user("slow"), Grant::Password, 1)).await;
+    // "slow" hangs at BACE; "fast" is served all the same.
+    let token = guard(broker.get("fast")).await.unwrap();
+    assert!(fake.is_valid(&token.access_token));
+    fake.shutdown();
+    broker.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_cancelled_first_caller_does_not_cancel_the_fetch() {
+    let fake = fake(&["fleet-a"]).await;
+    let broker = Broker::ready(&config_yaml(&fake, &["fleet-a"], "")).await;
+    let first = broker.get("fleet-a").await.unwrap();
+    fake.hold();
+    // Two days of validity: more than the 24 h login token has, so callers need a refresh.
+    let two_days = Some(Duration::from_secs(2 * 86_400));
+
+    // Caller 1 starts the refresh and is dropped while BACE holds it.
+    let mut client = broker.client.clone();
+    let caller = tokio::spawn(async move { get_min(&mut client, "fleet-a", two_days).await });
+    guard(fake.wait_for_calls(&user("fleet-a"), Grant::Refresh, 1)).await;
+    caller.abort();
+    assert!(caller.await.unwrap_err().is_cancelled());
+
+    // Caller 2 hits its deadline while the refresh is held.
+    let mut client = broker.new_client().await;
+    let mut request = tonic::Request::new(proto::GetTokenRequest {
+        account: "fleet-a".into(),
+        min_validity: two_days.map(|d| d.try_into().unwrap()),
+    });
+    request.set_timeout(Duration::from_millis(100));
+    let status = client.get_token(request).await.unwrap_err();
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+
+    // Caller 3 joins the same refresh, which completes once BACE answers.
+    let mut client = broker.client.clone();
+    let third = tokio::spawn(async move { get_min(&mut client, "fleet-a", two_days).await });
+    fake.release();
+    let token = guard(third).await.unwrap().unwrap();
+    assert_eq!(
+        token.access_token, first.access_token,
+        "BACE refresh extends the token"
+    );
+    assert_eq!(fake.calls(&user("fleet-a"), Grant::Refresh), 1);
+    assert_eq!(fake.calls(&user("fleet-a"), Grant::Password), 1);
+    broker.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_failed_fetch_fails_every_waiter_at_once_with_one_call() {
+    let fake = fake(&["fleet-a"]).await;
+    fake.script(
+        &user("fleet-a"),
+        Grant::Password,
+        [Step::Status(503, ErrorShape::Yii)],
+    );
+    fake.hold();
+    let broker = Broker::start(&config_yaml(&fake, &["fleet-a"], "")).await;
+    guard(fake.wait_for_calls(&user("fleet-a"), Grant::Password, 1)).await;
+    let mut callers = JoinSet::new();
+    for _ in 0..100 {
+        callers.spawn(get(broker.client.clone(), "fleet-a"));
+    }
+    fake.release();
+    while let Some(result) = guard(callers.join_next()).await {
+        let status = result.unwrap().unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(
+            status.message(),
+            "BACE is unavailable for account \"fleet-a\" (upstream error status)"
+        );
+    }
+    // One upstream call; callers during the backoff got the error without another.
+    assert_eq!(fake.total_calls(), 1);
+    broker.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn tokens_stay_valid_across_lifetimes_by_refreshing_not_logging_in() {
+    let fake = fake(&[]).await;
+    let mut account = fake_account("fleet-a");
+    account.login_lifetime = Duration::from_secs(4);
+    account.refresh_lifetime = Duration::from_secs(4);
+    fake.add_account(account);
+    let extra = "refresh:\n  lifetime_fraction: 0.4\n  expiry_margin: 1s";
+    let broker = Broker::ready(&config_yaml(&fake, &["fleet-a"], extra)).await;
+    let first = broker.get("fleet-a").await.unwrap();
+    // Several lifetimes' worth of refreshes (each extends the same token, BACE style).
+    for n in 1..=4 {
+        guard(fake.wait_for_calls(&user("fleet-a"), Grant::Refresh, n)).await;
+        let token = broker.get("fleet-a").await.unwrap();
+        assert!(fake.is_valid(&token.access_token), "refresh {n}");
+        assert_eq!(
+            token.access_token, first.access_token,
+            "BACE refresh keeps the token"
+        );
+    }
+    assert_eq!(
+        fake.calls(&user("fleet-a"), Grant::Password),
+        1,
+        "refresh preferred over login"
+    );
+    let request = fake.last_request(&user("fleet-a"), Grant::Refresh).unwrap();
+    assert_eq!(request.content_type, "application/x-www-form-urlencoded");
+    assert_eq!(request.form["grant_type"], "refresh_token");
+    assert_eq!(request.form["client_id"], "client-1");
+    assert_eq!(request.form["client_secret"], "client-secret-X7");
+    assert!(!request.form["refresh_token"].is_empty());
+    assert_eq!(request.bearer.as_deref(), Some(first.access_token.as_str()));
+    broker.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn oauth2_style_refresh_answers_rotate_the_token() {
+    let fake = fake(&[]).await;
+    for (name, as_string) in [("rot-num", false), ("rot-str", true)] {
+        let mut account = fake_account(name);
+        account.login_lifetime = Duration::from_secs(4);
+        account.refresh_lifetime = Duration::from_secs(4);
+        account.refresh_style = RefreshStyle::OAuth2 {
+            rotate_refresh_token: !as_string,
+            expires_in_as_string: as_string,
+        };
+        fake.add_account(account);
+    }
+    let extra = "refresh:\n  lifetime_fraction: 0.4\n  expiry_margin: 1s";
+    let broker = Broker::ready(&config_yaml(&fake, &["rot-num", "rot-str"], extra)).await;
+    for name in ["rot-num", "rot-str"] {
+        let first = broker.get(name).await.unwrap();
+        let seen = fake.calls(&user(name), Grant::Refresh);
+        guard(fake.wait_for_calls(&user(name), Grant::Refresh, seen + 1)).await;
+        let now = until_token_changes(&broker, name, &first.access_token).await;
+        assert!(fake.is_valid(&now.access_token), "{name}");
+        assert!(
+            !fake.is_valid(&first.access_token),
+            "{name}: old token revoked by BACE"
+        );
+        assert_eq!(fake.calls(&user(name), Grant::Password), 1, "{name}");
+    }
+    broker.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_declined_refresh_falls_back_to_a_login() {
+    let fake = fake(&[]).await;
+    let mut account = fake_account("fleet-a");
+    account.login_lifetime = Duration::from_secs(4);
+    fake.add_account(account);
+    fake.script(
+        &user("fleet-a"),
+        Grant::Refresh,
+        [Step::Status(401, ErrorShape::Yii)],
+    );
+    let extra = "refresh:\n  lifetime_fraction: 0.4\n  expiry_margin: 1s";
+    let broker = Broker::ready(&config_yaml(&fake, &["fleet-a"], extra)).await;
+    let first = broker.get("fleet-a").await.unwrap();
+    guard(fake.wait_for_calls(&user("fleet-a"), Grant::Password, 2)).await;
+    assert_eq!(fake.calls(&user("fleet-a"), Grant::Refresh), 1);
+    let token = until_token_changes(&broker, "fleet-a", &first.access_token).await;
+    assert!(fake.is_valid(&token.access_token));
+    broker.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_failing_refresh_falls_back_to_a_login_when_a_caller_needs_a_token() {
+    let fake = fake(&["fleet-a"]).await;
+    let broker = Broker::ready(&config_yaml(&fake, &["fleet-a"], "")).await;
+    let first = broker.get("fleet-a").await.unwrap();
+    fake.script(
+        &user("fleet-a"),
+        Grant::Refresh,
+        [Step::Status(500, ErrorShape::OAuth2)],
+    );
+    // Needs more than the 24 h login token has left: refresh (fails), then login.
+    let mut client = broker.client.clone();
+    let token = get_min(&mut client, "fleet-a", Some(Duration::from_secs(86_400)))
+        .await
+        .unwrap_err();
+    // A fresh 24 h login token cannot satisfy 24 h + margin either: OUT_OF_RANGE, but the
+    // account now holds a new token from the fallback login.
+    assert_eq!(token.code(), Code::OutOfRange);
+    assert_eq!(fake.calls(&user("fleet-a"), Grant::Refresh), 1);
+    assert_eq!(fake.calls(&user("fleet-a"), Grant::Password), 2);
+    let now = broker.get("fleet-a").await.unwrap();
+    assert_ne!(now.access_token, first.access_token);
+    // Asking again: the fresh login token can be extended by a refresh (BACE: 14 days).
+    let long = get_min(&mut client, "fleet-a", Some(Duration::from_secs(86_400)))
+        .await
+        .unwrap();
+    assert_eq!(long.access_token, now.access_token);
+    assert_eq!(fake.calls(&user("fleet-a"), Grant::Refresh), 2);
+    // Now cached.
+    get_min(&mut client, "fleet-a", Some(Duration::from_secs(86_400)))
+        .await
+        .unwrap();
+    assert_eq!(fake.total_calls(), 4);
+    broker.stop().await.unwrap();
+}
