@@ -6,12 +6,14 @@ mod common;
 use std::{collections::HashSet, time::Duration};
 
 use bace_token_broker::{
+    app::READINESS_SERVICE,
     fake::{ErrorShape, Grant, RefreshStyle, Step},
     proto,
 };
 use common::{Broker, HANG_GUARD, config_yaml, fake, fake_account, get, get_min, user};
 use tokio::task::JoinSet;
 use tonic::Code;
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
 
 async fn guard<F: std::future::Future>(f: F) -> F::Output {
     tokio::time::timeout(HANG_GUARD, f)
@@ -389,5 +391,291 @@ async fn a_failing_refresh_falls_back_to_a_login_when_a_caller_needs_a_token() {
         .await
         .unwrap();
     assert_eq!(fake.total_calls(), 4);
+    broker.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn invalidate_replaces_the_current_token_once_and_respects_the_cooldown() {
+    let fake = fake(&["fleet-a"]).await;
+    let broker = Broker::ready(&config_yaml(&fake, &["fleet-a"], "invalidate_cooldown: 1h")).await;
+    let old = broker.get("fleet-a").await.unwrap();
+    fake.revoke(&old.access_token); // BACE answered the caller 401 with it.
+
+    // Fifty callers report the same token at once: one login, all get the new token.
+    fake.hold();
+    let mut callers = JoinSet::new();
+    for _ in 0..50 {
+        let client = broker.client.clone();
+        let token = old.access_token.clone();
+        callers.spawn(async move {
+            let mut client = client;
+            client
+                .invalidate(proto::InvalidateRequest {
+                    account: "fleet-a".into(),
+                    access_token: token,
+                })
+                .await
+                .map(|r| r.into_inner())
+        });
+    }
+    guard(fake.wait_for_calls(&user("fleet-a"), Grant::Password, 2)).await;
+    fake.release();
+    let mut new_tokens = HashSet::new();
+    while let Some(result) = guard(callers.join_next()).await {
+        let answer = result.unwrap().unwrap();
+        let token = answer.token.unwrap();
+        assert!(answer.invalidated || token.access_token != old.access_token);
+        new_tokens.insert(token.access_token);
+    }
+    assert_eq!(new_tokens.len(), 1);
+    let new = new_tokens.into_iter().next().unwrap();
+    assert_ne!(new, old.access_token);
+    assert!(fake.is_valid(&new));
+    assert_eq!(fake.calls(&user("fleet-a"), Grant::Password), 2);
+
+    // The old token again: already replaced, no upstream call.
+    let answer = broker
+        .invalidate("fleet-a", &old.access_token)
+        .await
+        .unwrap();
+    assert!(!answer.invalidated);
+    assert_eq!(answer.token.unwrap().access_token, new);
+    // The new token, within the cooldown: not invalidated, current token, no call.
+    let answer = broker.invalidate("fleet-a", &new).await.unwrap();
+    assert!(!answer.invalidated);
+    assert_eq!(answer.token.unwrap().access_token, new);
+    let answer = broker.invalidate("fleet-a", "").await.unwrap();
+    assert!(!answer.invalidated);
+    assert_eq!(fake.total_calls(), 2);
+    // GetToken serves the new token.
+    assert_eq!(broker.get("fleet-a").await.unwrap().access_token, new);
+    broker.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn invalidate_with_an_empty_token_relogs_after_the_cooldown() {
+    let fake = fake(&["fleet-a"]).await;
+    let broker = Broker::ready(&config_yaml(&fake, &["fleet-a"], "invalidate_cooldown: 0s")).await;
+    let first = broker.get("fleet-a").await.unwrap();
+    let answer = broker.invalidate("fleet-a", "").await.unwrap();
+    assert!(answer.invalidated);
+    let second = answer.token.unwrap();
+    assert_ne!(second.access_token, first.access_token);
+    // No cooldown configured: the next report of the current token logs in again.
+    let answer = broker
+        .invalidate("fleet-a", &second.access_token)
+        .await
+        .unwrap();
+    assert!(answer.invalidated);
+    assert_ne!(answer.token.unwrap().access_token, second.access_token);
+    assert_eq!(fake.calls(&user("fleet-a"), Grant::Password), 3);
+    broker.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_outage_keeps_serving_the_cached_token_and_fails_fast_without_one() {
+    let fake = fake(&["fleet-a", "fleet-b"]).await;
+    // fleet-b never gets a token: BACE hangs for it from the start.
+    fake.script(&user("fleet-b"), Grant::Password, [Step::Hang]);
+    let extra = "upstream:\n  timeout: 300ms\nrefresh:\n  backoff_initial: 1h\n  backoff_max: 1h";
+    let yaml = config_yaml(&fake, &["fleet-a", "fleet-b"], extra);
+    let broker = Broker::ready(&yaml).await;
+    let cached = broker.get("fleet-a").await.unwrap();
+    fake.set_outage(Some(Step::Status(503, ErrorShape::Yii)));
+    for _ in 0..20 {
+        assert_eq!(
+            broker.get("fleet-a").await.unwrap().access_token,
+            cached.access_token
+        );
+    }
+    // fleet-b: the warm-up login timed out; callers get UNAVAILABLE from the backoff at once.
+    let calls = fake.calls(&user("fleet-b"), Grant::Password);
+    let mut callers = JoinSet::new();
+    for _ in 0..100 {
+        callers.spawn(get(broker.client.clone(), "fleet-b"));
+    }
+    while let Some(result) = guard(callers.join_next()).await {
+        let status = result.unwrap().unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(
+            status.message(),
+            "BACE is unavailable for account \"fleet-b\" (upstream timeout)"
+        );
+    }
+    assert_eq!(
+        fake.calls(&user("fleet-b"), Grant::Password),
+        calls,
+        "no call during the backoff"
+    );
+    assert_eq!(calls, 1);
+    fake.shutdown();
+    broker.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn rejected_credentials_fail_precondition_and_are_not_retried_soon() {
+    let fake = fake(&["fleet-a", "fleet-b"]).await;
+    fake.set_password(&user("fleet-a"), "changed-at-bace");
+    let mut b = fake_account("fleet-b");
+    b.error_shape = ErrorShape::OAuth2;
+    b.password = "changed-too".into();
+    fake.add_account(b);
+    let broker = Broker::ready(&config_yaml(&fake, &["fleet-a", "fleet-b"], "")).await;
+    for account in ["fleet-a", "fleet-b"] {
+        for _ in 0..20 {
+            let status = broker.get(account).await.unwrap_err();
+            assert_eq!(status.code(), Code::FailedPrecondition, "{account}");
+            assert!(
+                status.message().contains(&format!("\"{account}\"")),
+                "{}",
+                status.message()
+            );
+            assert!(
+                status.message().contains("rejected"),
+                "{}",
+                status.message()
+            );
+        }
+        let status = broker.invalidate(account, "").await.unwrap_err();
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert_eq!(
+            fake.calls(&user(account), Grant::Password),
+            1,
+            "{account}: one login only"
+        );
+    }
+    broker.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn malformed_and_oversized_answers_are_clear_errors_and_recover() {
+    let fake = fake(&["fleet-a"]).await;
+    fake.script(
+        &user("fleet-a"),
+        Grant::Password,
+        [
+            Step::Malformed,
+            Step::Oversized,
+            Step::Body(200, r#"{"access_token": 42}"#.into()),
+            Step::Body(200, r#"{"refreshed": true}"#.into()),
+            Step::Body(200, r#"{"access_token": "abc", "expires_in": 0}"#.into()),
+        ],
+    );
+    let extra = "refresh:\n  backoff_initial: 1ms\n  backoff_max: 1ms";
+    let broker = Broker::ready(&config_yaml(&fake, &["fleet-a"], extra)).await;
+    // The background retries walk through the script; then the normal answer is accepted.
+    guard(fake.wait_for_calls(&user("fleet-a"), Grant::Password, 6)).await;
+    let token = guard(async {
+        loop {
+            match broker.get("fleet-a").await {
+                Ok(token) => return token,
+                Err(status) => {
+                    assert_eq!(status.code(), Code::Unavailable);
+                    assert_eq!(
+                        status.message(),
+                        "BACE is unavailable for account \"fleet-a\" (invalid upstream answer)"
+                    );
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
+    })
+    .await;
+    assert!(fake.is_valid(&token.access_token));
+    broker.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn health_liveness_from_start_readiness_after_warm_up_and_off_on_shutdown() {
+    let fake = fake(&["fleet-a"]).await;
+    fake.hold();
+    let mut broker = Broker::start(&config_yaml(&fake, &["fleet-a"], "")).await;
+    guard(fake.wait_for_calls(&user("fleet-a"), Grant::Password, 1)).await;
+    let mut health = broker.health.clone();
+    let check = |service: &str| HealthCheckRequest {
+        service: service.into(),
+    };
+    let status = |r: tonic_health::pb::HealthCheckResponse| r.status;
+    // Warm-up is held at BACE: alive, not ready.
+    assert_eq!(
+        status(health.check(check("")).await.unwrap().into_inner()),
+        ServingStatus::Serving as i32
+    );
+    assert_eq!(
+        status(
+            health
+                .check(check(READINESS_SERVICE))
+                .await
+                .unwrap()
+                .into_inner()
+        ),
+        ServingStatus::NotServing as i32
+    );
+    fake.release();
+    broker
+        .wait_status(READINESS_SERVICE, ServingStatus::Serving)
+        .await;
+
+    // A call in flight during shutdown completes (drain); readiness goes NOT_SERVING first.
+    let mut watch = health
+        .watch(check(READINESS_SERVICE))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status,
+        ServingStatus::Serving as i32
+    );
+    fake.hold();
+    let mut client = broker.client.clone();
+    let in_flight = tokio::spawn(async move {
+        get_min(
+            &mut client,
+            "fleet-a",
+            Some(Duration::from_secs(2 * 86_400)),
+        )
+        .await
+    });
+    guard(fake.wait_for_calls(&user("fleet-a"), Grant::Refresh, 1)).await;
+    broker.begin_stop();
+    assert_eq!(
+        guard(watch.message()).await.unwrap().unwrap().status,
+        ServingStatus::NotServing as i32
+    );
+    fake.release();
+    let token = guard(in_flight).await.unwrap().unwrap();
+    assert!(fake.is_valid(&token.access_token));
+    broker.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn reflection_lists_the_service() {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let fake = fake(&["fleet-a"]).await;
+    let broker = Broker::ready(&config_yaml(&fake, &["fleet-a"], "")).await;
+    let mut client = ServerReflectionClient::new(common::channel(broker.addr).await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        answers.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("not a service list");
+    };
+    let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(names.contains(&READINESS_SERVICE.to_string()), "{names:?}");
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_string()),
+        "{names:?}"
+    );
     broker.stop().await.unwrap();
 }

@@ -45,16 +45,15 @@ pub async fn fake(accounts: &[&str]) -> FakeBace {
     fake
 }
 
-/// A broker config for `accounts` against `fake`; `extra` is appended YAML (top-level keys).
+/// A broker config for `accounts` against `fake` (each account names the fake's token URL, so
+/// `extra`, appended top-level YAML, may hold an `upstream:` block of its own).
 pub fn config_yaml(fake: &FakeBace, accounts: &[&str], extra: &str) -> String {
-    let mut yaml = format!(
-        "upstream:\n  token_url: \"{}\"\n  timeout: 2s\n{extra}\naccounts:\n",
-        fake.token_url()
-    );
+    let mut yaml = format!("{extra}\naccounts:\n");
     for a in accounts {
         yaml.push_str(&format!(
-            "  {a}:\n    client_id: client-1\n    client_secret: client-secret-X7\n    username: \"{}\"\n    password: \"pw-{a}-Zq9\"\n",
-            user(a)
+            "  {a}:\n    client_id: client-1\n    client_secret: client-secret-X7\n    username: \"{}\"\n    password: \"pw-{a}-Zq9\"\n    token_url: \"{}\"\n",
+            user(a),
+            fake.token_url()
         ));
     }
     yaml
