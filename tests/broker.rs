@@ -1,0 +1,439 @@
+//! The broker core in paused time, with a scripted in-memory upstream: refresh schedules over
+//! days of simulated time, backoff steps, credential throttling, cooldowns and shutdown.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Mutex},
+    time::SystemTime,
+};
+
+use bace_token_broker::{
+    broker::{Broker, BrokerError},
+    config::{AccountConfig, Config},
+    token::Token,
+    upstream::{BoxFuture, GrantType, Issued, Upstream, UpstreamError},
+};
+use secrecy::SecretString;
+use tokio::time::{Duration, Instant};
+
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(86_400);
+const MARGIN: Duration = Duration::from_secs(10);
+
+/// A scripted answer.
+#[derive(Clone)]
+enum Answer {
+    Fail(UpstreamError),
+    Hang,
+}
+
+/// An in-memory BACE: logins issue 24 h tokens, refreshes extend by 14 days (BACE style)
+/// unless scripted otherwise; every call is logged with its (paused) time.
+#[derive(Default)]
+struct Scripted {
+    script: Mutex<HashMap<(String, &'static str), VecDeque<Answer>>>,
+    outage: Mutex<Option<Answer>>,
+    log: Mutex<Vec<(Instant, String, &'static str)>>,
+    issued: Mutex<u64>,
+}
+
+impl Scripted {
+    fn script(&self, account: &str, grant: GrantType, answers: impl IntoIterator<Item = Answer>) {
+        self.script
+            .lock()
+            .unwrap()
+            .entry((account.into(), grant.as_str()))
+            .or_default()
+            .extend(answers);
+    }
+    fn outage(&self, answer: Option<Answer>) {
+        *self.outage.lock().unwrap() = answer;
+    }
+    fn calls(&self, account: &str, grant: GrantType) -> Vec<Instant> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, a, g)| a == account && *g == grant.as_str())
+            .map(|(t, _, _)| *t)
+            .collect()
+    }
+    fn total(&self) -> usize {
+        self.log.lock().unwrap().len()
+    }
+
+    async fn answer(&self, account: &str, grant: GrantType) -> Result<Issued, UpstreamError> {
+        self.log
+            .lock()
+            .unwrap()
+            .push((Instant::now(), account.into(), grant.as_str()));
+        let scripted = self.outage.lock().unwrap().clone().or_else(|| {
+            self.script
+                .lock()
+                .unwrap()
+                .get_mut(&(account.into(), grant.as_str()))
+                .and_then(VecDeque::pop_front)
+        });
+        match scripted {
+            Some(Answer::Fail(e)) => return Err(e),
+            Some(Answer::Hang) => std::future::pending().await,
+            None => {}
+        }
+        Ok(match grant {
+            GrantType::Password => {
+                let n = {
+                    let mut issued = self.issued.lock().unwrap();
+                    *issued += 1;
+                    *issued
+                };
+                Issued::Token {
+                    access: SecretString::from(format!("access-{account}-{n}")),
+                    refresh: Some(SecretString::from(format!("refresh-{account}-{n}"))),
+                    lifetime: Some(DAY),
+                }
+            }
+            GrantType::Refresh => Issued::Extended {
+                expires: Some(SystemTime::now() + 14 * DAY),
+            },
+        })
+    }
+}
+
+impl Upstream for Scripted {
+    fn login<'a>(&'a self, a: &'a AccountConfig) -> BoxFuture<'a, Result<Issued, UpstreamError>> {
+        Box::pin(self.answer(a.name.as_str(), GrantType::Password))
+    }
+    fn refresh<'a>(
+        &'a self,
+        a: &'a AccountConfig,
+        _: &'a Token,
+    ) -> BoxFuture<'a, Result<Issued, UpstreamError>> {
+        Box::pin(self.answer(a.name.as_str(), GrantType::Refresh))
+    }
+}
+
+fn config(accounts: &[&str], extra: &str) -> Config {
+    let mut yaml = format!("{extra}\naccounts:\n");
+    for a in accounts {
+        yaml.push_str(&format!(
+            "  {a}:\n    client_id: c\n    client_secret: s\n    username: u-{a}\n    password: p\n    token_url: http://127.0.0.1:9/oauth2/token\n"
+        ));
+    }
+    Config::parse(&yaml).unwrap()
+}
+
+/// A broker with its refresher running, warmed up.
+async fn start(accounts: &[&str], extra: &str) -> (Broker, Arc<Scripted>) {
+    start_with(accounts, extra, Arc::new(Scripted::default())).await
+}
+
+async fn start_with(
+    accounts: &[&str],
+    extra: &str,
+    upstream: Arc<Scripted>,
+) -> (Broker, Arc<Scripted>) {
+    let (broker, refresher) = Broker::new(&config(accounts, extra), upstream.clone());
+    tokio::spawn(refresher.run());
+    broker.warm_up().await;
+    (broker, upstream)
+}
+
+fn gaps(times: &[Instant]) -> Vec<Duration> {
+    times.windows(2).map(|w| w[1] - w[0]).collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn tokens_stay_valid_for_sixty_days_by_refreshing_at_the_lifetime_fraction() {
+    let (broker, bace) = start(&["fleet-a"], "").await;
+    let first = broker.get_token("fleet-a", Duration::ZERO).await.unwrap();
+    for _ in 0..(60 * 24) {
+        tokio::time::sleep(HOUR).await;
+        let token = broker.get_token("fleet-a", Duration::ZERO).await.unwrap();
+        assert!(token.valid_for(Instant::now(), MARGIN));
+        assert_eq!(
+            token.fingerprint(),
+            first.fingerprint(),
+            "refreshes extend the same token"
+        );
+    }
+    assert_eq!(
+        bace.calls("fleet-a", GrantType::Password).len(),
+        1,
+        "one login in 60 days"
+    );
+    let refreshes = bace.calls("fleet-a", GrantType::Refresh);
+    // First refresh at 0.6 of the 24 h login token, then every 0.6 of 14 days, ±5 % jitter.
+    let first_refresh = refreshes[0] - bace.calls("fleet-a", GrantType::Password)[0];
+    assert!(
+        first_refresh >= DAY.mul_f64(0.57) && first_refresh <= DAY.mul_f64(0.63),
+        "{first_refresh:?}"
+    );
+    for gap in gaps(&refreshes) {
+        let lifetime = 14 * DAY;
+        assert!(
+            gap >= lifetime.mul_f64(0.57) && gap <= lifetime.mul_f64(0.63),
+            "{gap:?}"
+        );
+    }
+    assert!(
+        (7..=8).contains(&refreshes.len()),
+        "{} refreshes",
+        refreshes.len()
+    );
+    broker.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn refresh_times_of_accounts_warmed_together_are_spread_by_jitter() {
+    let names: Vec<String> = (0..50).map(|i| format!("fleet-{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let (broker, bace) = start(&refs, "").await;
+    tokio::time::sleep(DAY).await;
+    let mut firsts: Vec<Instant> = refs
+        .iter()
+        .map(|a| bace.calls(a, GrantType::Refresh)[0])
+        .collect();
+    firsts.sort();
+    firsts.dedup();
+    assert!(
+        firsts.len() > 40,
+        "refreshes not spread: {} distinct instants",
+        firsts.len()
+    );
+    let spread = *firsts.last().unwrap() - firsts[0];
+    assert!(
+        spread > Duration::from_secs(600) && spread <= DAY.mul_f64(0.06),
+        "{spread:?}"
+    );
+    broker.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_outage_is_retried_with_capped_backoff_one_call_per_step_however_many_callers() {
+    let extra = "refresh:\n  backoff_initial: 1s\n  backoff_max: 60s";
+    let (broker, bace) = start(&["fleet-a"], extra).await;
+    let token = broker.get_token("fleet-a", Duration::ZERO).await.unwrap();
+    bace.outage(Some(Answer::Fail(UpstreamError::Status { status: 503 })));
+    // Refreshes fail from the start (retried with backoff for hours); watch the last ten
+    // minutes the token is served and ten minutes after, with 100 callers every second.
+    let last_good = token.expires_at() - MARGIN;
+    let window_start = last_good - Duration::from_secs(600);
+    tokio::time::sleep_until(window_start).await;
+    let mut served = 0u32;
+    let mut unavailable = 0u32;
+    while Instant::now() < last_good + Duration::from_secs(600) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let callers: Vec<_> = (0..100)
+            .map(|_| {
+                let b = broker.clone();
+                tokio::spawn(async move { b.get_token("fleet-a", Duration::ZERO).await })
+            })
+            .collect();
+        for c in callers {
+            match c.await.unwrap() {
+                Ok(t) => {
+                    assert!(t.valid_for(Instant::now(), MARGIN));
+                    served += 1;
+                }
+                Err(BrokerError::Unavailable { reason, .. }) => {
+                    assert_eq!(reason, "upstream error status");
+                    unavailable += 1;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+    assert!(
+        served > 0 && unavailable > 0,
+        "{served} served, {unavailable} failed"
+    );
+    // One backoff step is one attempt (a refresh, and a login fallback once the token is no
+    // longer served: both in the same instant). Steps grow to the 60 s cap and never come
+    // closer than half the initial step, however many callers wait.
+    let mut steps: Vec<Instant> = bace
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .skip(1)
+        .map(|(t, _, _)| *t)
+        .collect();
+    steps.dedup();
+    let in_window = steps.iter().filter(|t| **t >= window_start).count();
+    assert!(
+        in_window <= 20 * 60 / 30 + 2,
+        "{in_window} steps in 20 minutes"
+    );
+    let g = gaps(&steps);
+    assert!(g.iter().all(|g| *g >= Duration::from_millis(500)), "{g:?}");
+    assert!(g.iter().all(|g| *g <= Duration::from_secs(60)), "{g:?}");
+    assert!(
+        g[..4].windows(2).all(|w| w[1] > w[0] / 2),
+        "backoff grows: {:?}",
+        &g[..4]
+    );
+    // Upstream back: the next step recovers, callers are served again.
+    bace.outage(None);
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    assert!(broker.get_token("fleet-a", Duration::ZERO).await.is_ok());
+    broker.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_background_refresh_is_retried_before_the_token_stops_being_served() {
+    let extra = "refresh:\n  backoff_initial: 10m\n  backoff_max: 1h";
+    let (broker, bace) = start(&["fleet-a"], extra).await;
+    let token = broker.get_token("fleet-a", Duration::ZERO).await.unwrap();
+    // Every refresh fails until 30 minutes before the token expires.
+    bace.outage(Some(Answer::Fail(UpstreamError::Timeout)));
+    tokio::time::sleep_until(token.expires_at() - Duration::from_secs(1800)).await;
+    bace.outage(None);
+    tokio::time::sleep(Duration::from_secs(1790)).await;
+    let now = broker.get_token("fleet-a", Duration::ZERO).await.unwrap();
+    assert_eq!(now.fingerprint(), token.fingerprint());
+    assert!(
+        now.expires_at() > token.expires_at() + DAY,
+        "extended by a refresh"
+    );
+    assert_eq!(
+        bace.calls("fleet-a", GrantType::Password).len(),
+        1,
+        "no login needed"
+    );
+    broker.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn rejected_credentials_wait_out_a_long_doubling_backoff() {
+    let bace = Arc::new(Scripted::default());
+    let rejected = Answer::Fail(UpstreamError::Rejected {
+        status: 401,
+        error: None,
+    });
+    bace.script(
+        "fleet-a",
+        GrantType::Password,
+        std::iter::repeat_n(rejected, 3),
+    );
+    let (broker, bace) = start_with(&["fleet-a"], "refresh:\n  rejected_backoff: 5m", bace).await;
+    for _ in 0..(4 * 60) {
+        let e = broker
+            .get_token("fleet-a", Duration::ZERO)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, BrokerError::CredentialsRejected { .. }), "{e}");
+        assert!(broker.invalidate("fleet-a", "").await.is_err());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert_eq!(
+        bace.calls("fleet-a", GrantType::Password).len(),
+        1,
+        "no login inside 5 min"
+    );
+    // Background retries at 5 min, then 10 min later; the third rejection's backoff is 20 min.
+    tokio::time::sleep(Duration::from_secs(60 + 600 + 60)).await;
+    let logins = bace.calls("fleet-a", GrantType::Password);
+    assert_eq!(logins.len(), 3);
+    assert_eq!(
+        gaps(&logins),
+        vec![Duration::from_secs(300), Duration::from_secs(600)]
+    );
+    tokio::time::sleep(Duration::from_secs(1200)).await;
+    assert_eq!(bace.calls("fleet-a", GrantType::Password).len(), 4);
+    assert!(
+        broker.get_token("fleet-a", Duration::ZERO).await.is_ok(),
+        "fixed at BACE"
+    );
+    broker.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn min_validity_refreshes_first_and_is_bounded() {
+    let (broker, bace) = start(&["fleet-a"], "").await;
+    tokio::time::sleep(HOUR).await;
+    // 23 h 59 m 55 s + margin is more than the 24 h token has left: one refresh.
+    let t = broker
+        .get_token("fleet-a", DAY - Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(t.valid_for(Instant::now(), DAY));
+    assert_eq!(bace.calls("fleet-a", GrantType::Refresh).len(), 1);
+    // 14 days is the most any token can last: out of range without a call.
+    let e = broker.get_token("fleet-a", 14 * DAY).await.unwrap_err();
+    assert!(matches!(e, BrokerError::ValidityOutOfRange { .. }));
+    // Five seconds later the token has 5 s less than 14 days: a bar just under 14 days is not
+    // met, but the token was just refreshed and another refresh would not help: no call.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let bar = 14 * DAY - Duration::from_secs(12);
+    let e = broker.get_token("fleet-a", bar).await.unwrap_err();
+    assert!(matches!(e, BrokerError::ValidityOutOfRange { .. }), "{e}");
+    assert_eq!(bace.total(), 2);
+    // Once the token is older than the expiry margin, the same bar is met by a refresh.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let t = broker.get_token("fleet-a", bar).await.unwrap();
+    assert!(t.valid_for(Instant::now(), bar));
+    assert_eq!(bace.calls("fleet-a", GrantType::Refresh).len(), 2);
+    broker.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn invalidate_cooldown_allows_one_forced_login_per_window() {
+    let (broker, bace) = start(&["fleet-a"], "invalidate_cooldown: 10s").await;
+    let t1 = broker.get_token("fleet-a", Duration::ZERO).await.unwrap();
+    let r = broker.invalidate("fleet-a", "").await.unwrap();
+    assert!(r.invalidated);
+    assert_ne!(r.token.fingerprint(), t1.fingerprint());
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    let r2 = broker.invalidate("fleet-a", "").await.unwrap();
+    assert!(!r2.invalidated);
+    assert_eq!(r2.token.fingerprint(), r.token.fingerprint());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let r3 = broker.invalidate("fleet-a", "").await.unwrap();
+    assert!(r3.invalidated);
+    assert_eq!(bace.calls("fleet-a", GrantType::Password).len(), 3);
+    broker.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_invalidation_during_a_refresh_wins() {
+    let (broker, bace) = start(&["fleet-a"], "").await;
+    let old = broker.get_token("fleet-a", Duration::ZERO).await.unwrap();
+    bace.script("fleet-a", GrantType::Refresh, [Answer::Hang]);
+    // A refresh for a long min_validity hangs at BACE (until the 10 s timeout)...
+    let b = broker.clone();
+    let refreshing = tokio::spawn(async move { b.get_token("fleet-a", 2 * DAY).await });
+    while bace.calls("fleet-a", GrantType::Refresh).is_empty() {
+        tokio::task::yield_now().await;
+    }
+    // ...when a caller reports the token: a login replaces it, and the stale refresh, when it
+    // ends, does not reinstall the old token.
+    let r = broker.invalidate("fleet-a", "").await.unwrap();
+    assert!(r.invalidated);
+    assert_ne!(r.token.fingerprint(), old.fingerprint());
+    let _ = refreshing.await.unwrap();
+    let now = broker.get_token("fleet-a", Duration::ZERO).await.unwrap();
+    assert_eq!(now.fingerprint(), r.token.fingerprint());
+    broker.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_ends_waiting_fetches() {
+    let bace = Arc::new(Scripted::default());
+    bace.script("fleet-a", GrantType::Password, [Answer::Hang]);
+    let (broker, refresher) = Broker::new(
+        &config(&["fleet-a"], "upstream:\n  timeout: 1h"),
+        bace.clone(),
+    );
+    let refresher = tokio::spawn(refresher.run());
+    let b = broker.clone();
+    let waiter = tokio::spawn(async move { b.get_token("fleet-a", Duration::ZERO).await });
+    while bace.total() == 0 {
+        tokio::task::yield_now().await;
+    }
+    broker.shutdown().await;
+    assert_eq!(
+        waiter.await.unwrap().unwrap_err(),
+        BrokerError::ShuttingDown
+    );
+    refresher.await.unwrap();
+}
