@@ -87,11 +87,20 @@ fn cache_hit(c: &mut Criterion) {
             black_box(token_to_proto(&token));
         }
     });
-    println!(
-        "allocations per call: cache hit {:.2}, cache hit + response {:.2} (the response's own strings: 4)",
-        hit.count_total as f64 / 1000.0,
-        response.count_total as f64 / 1000.0
+    // Deterministic, so checked even when the bench runs as a test.
+    assert_eq!(hit.count_total, 0, "a cache hit allocates");
+    assert_eq!(
+        response.count_total,
+        4 * 1000,
+        "the response allocates more than its strings"
     );
+    if std::env::args().any(|a| a == "--bench") {
+        println!(
+            "allocations per call: cache hit {:.2}, cache hit + response {:.2} (the response's own strings: 4)",
+            hit.count_total as f64 / 1000.0,
+            response.count_total as f64 / 1000.0
+        );
+    }
 
     let mut group = c.benchmark_group("cache_hit");
     group.bench_function("get_token", |b| {
