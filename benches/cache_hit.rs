@@ -14,6 +14,7 @@ use std::{
 use bace_token_broker::{
     broker::Broker,
     config::{AccountConfig, Config},
+    metrics::Metrics,
     service::token_to_proto,
     token::Token,
     upstream::{BoxFuture, Issued, Upstream, UpstreamError},
@@ -62,7 +63,7 @@ fn broker(rt: &tokio::runtime::Runtime) -> Broker {
         ));
     }
     let config = Config::parse(&yaml).expect("config");
-    let (broker, _refresher) = Broker::new(&config, Arc::new(Instant24h));
+    let (broker, _refresher) = Broker::new(&config, Arc::new(Instant24h), Metrics::new());
     let report = rt.block_on(broker.warm_up());
     assert_eq!(report.failed, 0);
     broker

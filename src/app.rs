@@ -10,6 +10,7 @@ use std::{future::Future, net::SocketAddr, sync::Arc};
 use anyhow::Context;
 use tokio::{net::TcpListener, sync::oneshot};
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
 use tonic_health::server::HealthReporter;
 use tracing::{info, warn};
@@ -17,6 +18,7 @@ use tracing::{info, warn};
 use crate::{
     broker::Broker,
     config::Config,
+    metrics::{self, Metrics},
     proto::{self, token_broker_service_server::TokenBrokerServiceServer},
     service::TokenBrokerApi,
     upstream::{HttpUpstream, Upstream},
@@ -31,26 +33,53 @@ const HTTP2_CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
 /// Concurrent calls one client connection may have open; more wait at the client.
 const HTTP2_MAX_CONCURRENT_STREAMS: u32 = 4096;
 
-/// Runs the broker for `config` on `listener` until `shutdown` resolves, talking to BACE over
-/// HTTP.
+/// The sockets the broker serves on.
+pub struct Listeners {
+    /// The gRPC server's.
+    pub grpc: TcpListener,
+    /// The metrics endpoint's, if on.
+    pub metrics: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds the addresses `config` names.
+    pub async fn bind(config: &Config) -> anyhow::Result<Self> {
+        let grpc = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let metrics = match config.metrics_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} (metrics_listen)"))?,
+            ),
+            None => None,
+        };
+        Ok(Self { grpc, metrics })
+    }
+}
+
+/// Runs the broker for `config` on `listeners` until `shutdown` resolves, talking to BACE
+/// over HTTP.
 pub async fn serve(
     config: Config,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let upstream = HttpUpstream::new(&config.upstream).context("building the HTTP client")?;
-    serve_with(config, listener, Arc::new(upstream), shutdown).await
+    serve_with(config, listeners, Arc::new(upstream), shutdown).await
 }
 
 /// [`serve`] with any [`Upstream`].
 pub async fn serve_with(
     config: Config,
-    listener: TcpListener,
+    listeners: Listeners,
     upstream: Arc<dyn Upstream>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let listener = listeners.grpc;
     let addr: SocketAddr = listener.local_addr()?;
-    let (broker, refresher) = Broker::new(&config, upstream);
+    let (broker, refresher) = Broker::new(&config, upstream, Metrics::new());
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_service_status(READINESS_SERVICE, tonic_health::ServingStatus::NotServing)
@@ -64,6 +93,21 @@ pub async fn serve_with(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
+    let stopping = CancellationToken::new();
+    let metrics_server = match listeners.metrics {
+        Some(metrics_listener) => {
+            let metrics_addr = metrics_listener.local_addr()?;
+            info!(addr = %metrics_addr, "metrics listening (GET /metrics)");
+            let registry = broker.metrics().registry(broker.clone());
+            let stop = stopping.clone();
+            Some(tokio::spawn(metrics::serve(
+                metrics_listener,
+                registry,
+                async move { stop.cancelled().await },
+            )))
+        }
+        None => None,
+    };
     let refresher = tokio::spawn(refresher.run());
     let warm_up = tokio::spawn(warm_up(broker.clone(), health.clone()));
 
@@ -91,6 +135,7 @@ pub async fn serve_with(
         result = &mut server => {
             // The server stopped by itself: an error.
             warm_up.abort();
+            stopping.cancel();
             broker.shutdown().await;
             let _ = refresher.await;
             return result.context("server task")?.context("gRPC server");
@@ -111,6 +156,10 @@ pub async fn serve_with(
     }
     broker.shutdown().await;
     let _ = refresher.await;
+    stopping.cancel();
+    if let Some(metrics_server) = metrics_server {
+        let _ = metrics_server.await;
+    }
     info!("stopped");
     Ok(())
 }

@@ -23,6 +23,7 @@
 
 use std::{
     collections::HashMap,
+    future::Future,
     sync::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicU64, Ordering},
@@ -42,6 +43,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
     config::{AccountConfig, Config, RefreshConfig},
+    metrics::{AccountLabel, AccountLabels, GrantLabels, Metrics, UpstreamLabels},
     policy,
     token::{AccountName, AccountNameError, Fingerprint, Token},
     upstream::{GrantType, Issued, Upstream, UpstreamError},
@@ -86,10 +88,50 @@ pub enum BrokerError {
 /// The result of [`Broker::invalidate`].
 #[derive(Debug, Clone)]
 pub struct Invalidated {
-    /// Whether the reported token was dropped and replaced by a new login.
-    pub invalidated: bool,
+    /// What the broker did with the reported token.
+    pub outcome: InvalidateOutcome,
     /// The token to use from now on.
     pub token: Arc<Token>,
+}
+
+impl Invalidated {
+    /// Whether the reported token was dropped and replaced by a new login.
+    pub fn invalidated(&self) -> bool {
+        self.outcome == InvalidateOutcome::Invalidated
+    }
+}
+
+/// What an invalidation did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InvalidateOutcome {
+    /// The reported token was dropped and replaced by a login (or this call joined that login).
+    Invalidated,
+    /// The reported token is not the current one: it was already replaced.
+    AlreadyReplaced,
+    /// The current token was reported within the invalidate cooldown: kept.
+    Cooldown,
+}
+
+impl InvalidateOutcome {
+    /// A short name for metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InvalidateOutcome::Invalidated => "invalidated",
+            InvalidateOutcome::AlreadyReplaced => "already_replaced",
+            InvalidateOutcome::Cooldown => "cooldown",
+        }
+    }
+}
+
+/// An account's state, for metrics and status views.
+#[derive(Debug, Clone)]
+pub struct AccountSnapshot {
+    /// The account.
+    pub account: AccountName,
+    /// Whether the current token is served (valid beyond the expiry margin).
+    pub valid: bool,
+    /// When the current token expires, if there is one.
+    pub expires_at: Option<SystemTime>,
 }
 
 /// What a warm-up did.
@@ -136,6 +178,7 @@ struct Inner {
     accounts: DashMap<AccountName, Arc<Slot>>,
     upstream: Arc<dyn Upstream>,
     policy: Policy,
+    metrics: Metrics,
     /// Tells the [`Refresher`] when an account is next due.
     schedule: mpsc::UnboundedSender<(AccountName, Instant)>,
     /// Fetch tasks; waited for on shutdown.
@@ -216,7 +259,11 @@ impl Broker {
     /// Builds a broker for `config`'s accounts and the [`Refresher`] that keeps their tokens
     /// fresh. Nothing is spawned here: run the refresher (e.g. `tokio::spawn(refresher.run())`)
     /// and [`Broker::warm_up`] when ready.
-    pub fn new(config: &Config, upstream: Arc<dyn Upstream>) -> (Self, Refresher) {
+    pub fn new(
+        config: &Config,
+        upstream: Arc<dyn Upstream>,
+        metrics: Metrics,
+    ) -> (Self, Refresher) {
         let (schedule, due) = mpsc::unbounded_channel();
         let accounts = config
             .accounts
@@ -229,6 +276,7 @@ impl Broker {
                 accounts,
                 upstream,
                 policy: Policy::from_config(config),
+                metrics,
                 schedule,
                 tasks: TaskTracker::new(),
                 stop: stop.clone(),
@@ -289,14 +337,13 @@ impl Broker {
     ) -> Result<Invalidated, BrokerError> {
         let slot = self.inner.slot(account)?;
         let reported = (!access_token.is_empty()).then(|| Fingerprint::of(access_token));
-        let flight = self.inner.invalidate(&slot, reported)?;
-        match flight {
-            Some(flight) => Ok(Invalidated {
-                invalidated: true,
+        match self.inner.invalidate(&slot, reported)? {
+            Ok(flight) => Ok(Invalidated {
+                outcome: InvalidateOutcome::Invalidated,
                 token: flight.wait().await?,
             }),
-            None => Ok(Invalidated {
-                invalidated: false,
+            Err(outcome) => Ok(Invalidated {
+                outcome,
                 token: self.get_token(account, Duration::ZERO).await?,
             }),
         }
@@ -353,6 +400,37 @@ impl Broker {
             .collect()
     }
 
+    /// The configured account called `name`, if any.
+    pub fn account_name(&self, name: &str) -> Option<AccountName> {
+        self.inner.accounts.get(name).map(|e| e.key().clone())
+    }
+
+    /// Every account's token state, sorted by account.
+    pub fn snapshot(&self) -> Vec<AccountSnapshot> {
+        let now = Instant::now();
+        let margin = self.inner.policy.refresh.expiry_margin;
+        let mut accounts: Vec<AccountSnapshot> = self
+            .inner
+            .accounts
+            .iter()
+            .map(|entry| {
+                let token = entry.value().current.load_full();
+                AccountSnapshot {
+                    account: entry.key().clone(),
+                    valid: token.as_ref().is_some_and(|t| t.valid_for(now, margin)),
+                    expires_at: token.map(|t| t.expires_at_wall()),
+                }
+            })
+            .collect();
+        accounts.sort_by(|a, b| a.account.cmp(&b.account));
+        accounts
+    }
+
+    /// The metrics this broker records.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
     /// Stops background work: the refresher ends, fetches in progress are abandoned and their
     /// waiters get [`BrokerError::ShuttingDown`]. Returns once every fetch task has ended.
     pub async fn shutdown(&self) {
@@ -388,7 +466,7 @@ impl Inner {
             return Ok(Acquired::Ready(token.clone()));
         }
         if let Some(flight) = &state.flight {
-            return Ok(Acquired::Wait(flight.join()));
+            return Ok(Acquired::Wait(self.join(slot, flight)));
         }
         if let Some(error) = state.backing_off(now) {
             return Err(error);
@@ -430,13 +508,14 @@ impl Inner {
         }
     }
 
-    /// Decides what an invalidation does. `Some(flight)`: the reported token is (being)
-    /// replaced by that login. `None`: nothing to replace; answer the current token.
+    /// Decides what an invalidation does: `Ok(flight)`, the reported token is (being) replaced
+    /// by that login; `Err(outcome)`, nothing to replace, answer the current token.
+    #[allow(clippy::type_complexity)]
     fn invalidate(
         self: &Arc<Self>,
         slot: &Arc<Slot>,
         reported: Option<Fingerprint>,
-    ) -> Result<Option<Flight>, BrokerError> {
+    ) -> Result<Result<Flight, InvalidateOutcome>, BrokerError> {
         let now = Instant::now();
         let mut state = slot.lock();
         let current = slot.current.load_full();
@@ -448,19 +527,22 @@ impl Inner {
         };
         if !is_current {
             // Another caller is already replacing this very token: share its login.
-            return Ok(forced
-                .filter(|_| reported.is_some() && reported == state.replaced)
-                .map(|f| f.join()));
+            return Ok(match forced {
+                Some(f) if reported.is_some() && reported == state.replaced => {
+                    Ok(self.join(slot, &f))
+                }
+                _ => Err(InvalidateOutcome::AlreadyReplaced),
+            });
         }
         if let Some(flight) = forced {
-            return Ok(Some(flight.join()));
+            return Ok(Ok(self.join(slot, &flight)));
         }
         if state
             .last_forced_at
             .is_some_and(|at| now < at + self.policy.invalidate_cooldown)
         {
             debug!(account = %slot.account.name, "invalidation within cooldown; keeping the current token");
-            return Ok(None);
+            return Ok(Err(InvalidateOutcome::Cooldown));
         }
         state.last_forced_at = Some(now);
         if let Some(token) = current {
@@ -472,13 +554,24 @@ impl Inner {
             // The scheduled retry will log in; don't add an upstream call to the backoff step.
             return Err(error);
         }
-        Ok(Some(self.start_flight(
+        Ok(Ok(self.start_flight(
             slot,
             &mut state,
             FetchKind::Login,
             true,
             true,
         )))
+    }
+
+    /// Joins `flight` as one more waiter.
+    fn join(&self, slot: &Slot, flight: &Flight) -> Flight {
+        self.metrics
+            .singleflight_waiters
+            .get_or_create(&AccountLabels {
+                account: AccountLabel::Known(slot.account.name.clone()),
+            })
+            .inc();
+        flight.join()
     }
 
     /// Spawns a fetch for `slot` and records it as the slot's flight. Called with the slot lock
@@ -542,9 +635,14 @@ impl Inner {
         let account = &slot.account;
         let mut declined = None;
         if let FetchKind::Refresh(token) = kind {
-            let answer = timeout_at(deadline, self.upstream.refresh(account, &token))
+            let answer = self
+                .call(
+                    account,
+                    GrantType::Refresh,
+                    deadline,
+                    self.upstream.refresh(account, &token),
+                )
                 .await
-                .unwrap_or(Err(UpstreamError::Timeout))
                 .and_then(|issued| self.accept(account, issued, Some(&token)));
             match answer {
                 Ok(token) => {
@@ -570,15 +668,52 @@ impl Inner {
                 }
             }
         }
-        let result = timeout_at(deadline, self.upstream.login(account))
+        let result = self
+            .call(
+                account,
+                GrantType::Password,
+                deadline,
+                self.upstream.login(account),
+            )
             .await
-            .unwrap_or(Err(UpstreamError::Timeout))
             .and_then(|issued| self.accept(account, issued, None));
         Fetched {
             grant: GrantType::Password,
             result,
             refresh_declined: declined,
         }
+    }
+
+    /// One upstream request, bounded by `deadline`, timed and counted.
+    async fn call(
+        &self,
+        account: &AccountConfig,
+        grant: GrantType,
+        deadline: Instant,
+        request: impl Future<Output = Result<Issued, UpstreamError>>,
+    ) -> Result<Issued, UpstreamError> {
+        let started = Instant::now();
+        let answer = timeout_at(deadline, request)
+            .await
+            .unwrap_or(Err(UpstreamError::Timeout));
+        let m = &self.metrics;
+        m.upstream_duration
+            .get_or_create(&GrantLabels {
+                grant: grant.as_str(),
+            })
+            .observe(started.elapsed().as_secs_f64());
+        let outcome = match &answer {
+            Ok(_) => "ok",
+            Err(e) => e.class(),
+        };
+        m.upstream_requests
+            .get_or_create(&UpstreamLabels {
+                account: AccountLabel::Known(account.name.clone()),
+                grant: grant.as_str(),
+                outcome,
+            })
+            .inc();
+        answer
     }
 
     /// Turns an upstream answer into the token to store. `prior` is the token a refresh was

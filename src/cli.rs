@@ -153,10 +153,10 @@ async fn serve(
     if let Some(listen) = listen {
         config.listen = listen;
     }
-    let listener = tokio::net::TcpListener::bind(config.listen)
+    let listeners = app::Listeners::bind(&config)
         .await
-        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
-    app::serve(config, listener, app::shutdown_signal())
+        .map_err(|e| format!("{e:#}"))?;
+    app::serve(config, listeners, app::shutdown_signal())
         .await
         .map_err(|e| format!("{e:#}"))
 }

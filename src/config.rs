@@ -23,6 +23,8 @@ use crate::token::AccountName;
 pub struct Config {
     /// Address the gRPC server listens on.
     pub listen: SocketAddr,
+    /// Address of the Prometheus endpoint (`GET /metrics`); `None` turns it off.
+    pub metrics_listen: Option<SocketAddr>,
     /// How BACE is reached.
     pub upstream: UpstreamConfig,
     /// When and how tokens are refreshed and failures retried.
@@ -195,6 +197,9 @@ impl ConfigError {
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 50051))
 }
+fn default_metrics_listen() -> Option<String> {
+    Some("0.0.0.0:9090".into())
+}
 fn default_token_url() -> String {
     "https://dashboard.bace-iot.com/oauth2/token".into()
 }
@@ -210,6 +215,8 @@ const fn secs(s: u64) -> Duration {
 struct RawConfig {
     #[serde(default = "default_listen")]
     listen: SocketAddr,
+    #[serde(default = "default_metrics_listen")]
+    metrics_listen: Option<String>,
     #[serde(default)]
     upstream: RawUpstream,
     #[serde(default)]
@@ -380,6 +387,15 @@ impl RawConfig {
         if self.warmup_concurrency == 0 {
             return Err(field("warmup_concurrency", "must be at least 1".into()));
         }
+        let metrics_listen = match self.metrics_listen.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(addr) => Some(addr.parse().map_err(|_| {
+                field(
+                    "metrics_listen",
+                    format!("{addr:?} is not an address such as 0.0.0.0:9090 (empty or null: off)"),
+                )
+            })?),
+        };
         if self.accounts.is_empty() {
             return Err(field("accounts", "at least one account is required".into()));
         }
@@ -390,6 +406,7 @@ impl RawConfig {
         }
         Ok(Config {
             listen: self.listen,
+            metrics_listen,
             upstream: UpstreamConfig {
                 token_url,
                 timeout: self.upstream.timeout,
@@ -521,6 +538,15 @@ accounts:
     fn defaults_are_the_documented_ones() {
         let c = Config::parse(MINIMAL).unwrap();
         assert_eq!(c.listen, "0.0.0.0:50051".parse().unwrap());
+        assert_eq!(c.metrics_listen, Some("0.0.0.0:9090".parse().unwrap()));
+        for off in [
+            "metrics_listen: \"\"\n",
+            "metrics_listen:\n",
+            "metrics_listen: null\n",
+        ] {
+            let c = Config::parse(&format!("{off}{MINIMAL}")).unwrap();
+            assert_eq!(c.metrics_listen, None, "{off}");
+        }
         assert_eq!(
             c.upstream.token_url.as_str(),
             "https://dashboard.bace-iot.com/oauth2/token"
@@ -652,6 +678,10 @@ accounts:
             (
                 "upstream:\n  token_url: nope\naccounts: {}",
                 &["upstream.token_url"],
+            ),
+            (
+                "metrics_listen: nine\naccounts: {}",
+                &["metrics_listen", "nine"],
             ),
         ];
         for (text, wants) in cases {

@@ -9,7 +9,6 @@
 use std::{future::Future, net::SocketAddr, time::Duration};
 
 use anyhow::Context;
-use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use crate::{
@@ -47,6 +46,7 @@ pub async fn run(
     ];
     let mut yaml = format!(
         "listen: \"{listen}\"
+metrics_listen: \"127.0.0.1:0\"
 upstream:
   token_url: \"{}\"
   timeout: 5s
@@ -76,13 +76,11 @@ accounts:
         ));
     }
     let config = Config::parse(&yaml).context("demo config")?;
-    let listener = TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
-    let addr = listener.local_addr()?;
+    let listeners = app::Listeners::bind(&config).await?;
+    let addr = listeners.grpc.local_addr()?;
     info!(fake_bace = %fake.token_url(), "demo: fake BACE running; accounts demo-fleet-a, demo-fleet-b, demo-fleet-c");
     let traffic = tokio::spawn(traffic(addr, fake.clone()));
-    let result = app::serve(config, listener, shutdown).await;
+    let result = app::serve(config, listeners, shutdown).await;
     traffic.abort();
     fake.shutdown();
     result

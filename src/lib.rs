@@ -10,6 +10,7 @@
 //! - [`broker`]: per-account token state, single flight, refresh schedule, invalidation.
 //!   Knows nothing of gRPC.
 //! - [`service`]: the gRPC adapter; the one place where errors become `tonic::Status`.
+//! - [`metrics`]: Prometheus counters, per-account gauges and the `/metrics` endpoint.
 //! - [`app`]: wires everything into a server with health, reflection and graceful shutdown.
 //! - [`fake`]: a scriptable fake of BACE's token endpoint on loopback (tests and `--demo`).
 //! - [`demo`]: `serve --demo`: the fake, demo accounts and a little traffic to watch.
@@ -22,6 +23,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod fake;
+pub mod metrics;
 pub mod policy;
 pub mod service;
 pub mod token;

@@ -11,6 +11,7 @@ use tracing::debug;
 
 use crate::{
     broker::{Broker, BrokerError},
+    metrics::{AccountLabel, CallLabels, OutcomeLabels},
     proto::{self, token_broker_service_server::TokenBrokerService},
     token::Token,
 };
@@ -22,9 +23,43 @@ pub struct TokenBrokerApi {
 }
 
 impl TokenBrokerApi {
-    /// Serves `broker`.
+    /// Serves `broker` (and records calls in its metrics).
     pub fn new(broker: Broker) -> Self {
         Self { broker }
+    }
+
+    /// The metrics label of a requested account: configured ones by name, others lumped.
+    fn account_label(&self, account: &str, token: Option<&Token>) -> AccountLabel {
+        match token {
+            Some(t) => AccountLabel::Known(t.account().clone()),
+            None => self
+                .broker
+                .account_name(account)
+                .map_or(AccountLabel::Unknown, AccountLabel::Known),
+        }
+    }
+}
+
+/// The canonical name of a gRPC code, for metrics.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }
 
@@ -79,17 +114,30 @@ impl TokenBrokerService for TokenBrokerApi {
         request: Request<proto::GetTokenRequest>,
     ) -> Result<Response<proto::GetTokenResponse>, Status> {
         let request = request.into_inner();
-        let result = async {
+        let result: Result<Arc<Token>, Status> = async {
             let min = min_validity(request.min_validity)?;
-            let token: Arc<Token> = self.broker.get_token(&request.account, min).await?;
-            Ok(proto::GetTokenResponse {
-                token: Some(token_to_proto(&token)),
-            })
+            Ok(self.broker.get_token(&request.account, min).await?)
         }
         .await;
-        result
-            .map(Response::new)
-            .inspect_err(|s| log_failure("GetToken", &request.account, s))
+        let (account, code) = match &result {
+            Ok(token) => (self.account_label("", Some(token)), Code::Ok),
+            Err(status) => {
+                log_failure("GetToken", &request.account, status);
+                (self.account_label(&request.account, None), status.code())
+            }
+        };
+        self.broker
+            .metrics()
+            .get_token
+            .get_or_create(&CallLabels {
+                account,
+                code: code_name(code),
+            })
+            .inc();
+        let token = result?;
+        Ok(Response::new(proto::GetTokenResponse {
+            token: Some(token_to_proto(&token)),
+        }))
     }
 
     async fn invalidate(
@@ -101,14 +149,26 @@ impl TokenBrokerService for TokenBrokerApi {
             .broker
             .invalidate(&request.account, &request.access_token)
             .await
-            .map(|outcome| proto::InvalidateResponse {
-                invalidated: outcome.invalidated,
-                token: Some(token_to_proto(&outcome.token)),
-            })
             .map_err(Status::from);
-        result
-            .map(Response::new)
-            .inspect_err(|s| log_failure("Invalidate", &request.account, s))
+        let outcome = match &result {
+            Ok(answer) => answer.outcome.as_str(),
+            Err(status) => {
+                log_failure("Invalidate", &request.account, status);
+                code_name(status.code())
+            }
+        };
+        let token = result.as_ref().ok().map(|a| &*a.token);
+        let account = self.account_label(&request.account, token);
+        self.broker
+            .metrics()
+            .invalidate
+            .get_or_create(&OutcomeLabels { account, outcome })
+            .inc();
+        let answer = result?;
+        Ok(Response::new(proto::InvalidateResponse {
+            invalidated: answer.invalidated(),
+            token: Some(token_to_proto(&answer.token)),
+        }))
     }
 }
 

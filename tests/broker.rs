@@ -8,8 +8,9 @@ use std::{
 };
 
 use bace_token_broker::{
-    broker::{Broker, BrokerError},
+    broker::{Broker, BrokerError, InvalidateOutcome},
     config::{AccountConfig, Config},
+    metrics::Metrics,
     token::Token,
     upstream::{BoxFuture, GrantType, Issued, Upstream, UpstreamError},
 };
@@ -132,7 +133,8 @@ async fn start_with(
     extra: &str,
     upstream: Arc<Scripted>,
 ) -> (Broker, Arc<Scripted>) {
-    let (broker, refresher) = Broker::new(&config(accounts, extra), upstream.clone());
+    let (broker, refresher) =
+        Broker::new(&config(accounts, extra), upstream.clone(), Metrics::new());
     tokio::spawn(refresher.run());
     broker.warm_up().await;
     (broker, upstream)
@@ -381,15 +383,15 @@ async fn invalidate_cooldown_allows_one_forced_login_per_window() {
     let (broker, bace) = start(&["fleet-a"], "invalidate_cooldown: 10s").await;
     let t1 = broker.get_token("fleet-a", Duration::ZERO).await.unwrap();
     let r = broker.invalidate("fleet-a", "").await.unwrap();
-    assert!(r.invalidated);
+    assert!(r.invalidated());
     assert_ne!(r.token.fingerprint(), t1.fingerprint());
     tokio::time::sleep(Duration::from_secs(9)).await;
     let r2 = broker.invalidate("fleet-a", "").await.unwrap();
-    assert!(!r2.invalidated);
+    assert_eq!(r2.outcome, InvalidateOutcome::Cooldown);
     assert_eq!(r2.token.fingerprint(), r.token.fingerprint());
     tokio::time::sleep(Duration::from_secs(1)).await;
     let r3 = broker.invalidate("fleet-a", "").await.unwrap();
-    assert!(r3.invalidated);
+    assert!(r3.invalidated());
     assert_eq!(bace.calls("fleet-a", GrantType::Password).len(), 3);
     broker.shutdown().await;
 }
@@ -408,7 +410,7 @@ async fn an_invalidation_during_a_refresh_wins() {
     // ...when a caller reports the token: a login replaces it, and the stale refresh, when it
     // ends, does not reinstall the old token.
     let r = broker.invalidate("fleet-a", "").await.unwrap();
-    assert!(r.invalidated);
+    assert!(r.invalidated());
     assert_ne!(r.token.fingerprint(), old.fingerprint());
     let _ = refreshing.await.unwrap();
     let now = broker.get_token("fleet-a", Duration::ZERO).await.unwrap();
@@ -423,6 +425,7 @@ async fn shutdown_ends_waiting_fetches() {
     let (broker, refresher) = Broker::new(
         &config(&["fleet-a"], "upstream:\n  timeout: 1h"),
         bace.clone(),
+        Metrics::new(),
     );
     let refresher = tokio::spawn(refresher.run());
     let b = broker.clone();

@@ -679,3 +679,153 @@ async fn reflection_lists_the_service() {
     );
     broker.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn metrics_count_calls_upstream_requests_waiters_and_token_state() {
+    let fake = fake(&["fleet-a", "fleet-b", "fleet-c"]).await;
+    fake.set_password(&user("fleet-b"), "rotated");
+    let extra = "invalidate_cooldown: 1h";
+    let broker = Broker::ready(&config_yaml(
+        &fake,
+        &["fleet-a", "fleet-b", "fleet-c"],
+        extra,
+    ))
+    .await;
+    // fleet-c's token is invalidated while BACE holds the new login: callers join that login.
+    fake.hold();
+    let client = broker.client.clone();
+    let invalidation = tokio::spawn(async move {
+        let mut client = client;
+        client
+            .invalidate(proto::InvalidateRequest {
+                account: "fleet-c".into(),
+                access_token: String::new(),
+            })
+            .await
+    });
+    guard(fake.wait_for_calls(&user("fleet-c"), Grant::Password, 2)).await;
+    let mut callers = JoinSet::new();
+    for _ in 0..10 {
+        callers.spawn(get(broker.client.clone(), "fleet-c"));
+    }
+    let waiters = "bace_broker_singleflight_waiters_total{account=\"fleet-c\"}";
+    guard(async {
+        while broker.scrape().await.get(waiters).copied().unwrap_or(0.0) < 10.0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    fake.release();
+    while let Some(r) = guard(callers.join_next()).await {
+        r.unwrap().unwrap();
+    }
+    assert!(
+        guard(invalidation)
+            .await
+            .unwrap()
+            .unwrap()
+            .into_inner()
+            .invalidated
+    );
+
+    for _ in 0..5 {
+        broker.get("fleet-a").await.unwrap();
+    }
+    for _ in 0..2 {
+        broker.get("nope").await.unwrap_err();
+    }
+    broker.get("").await.unwrap_err();
+    broker.get("fleet-b").await.unwrap_err();
+    let old = broker.get("fleet-a").await.unwrap().access_token;
+    assert!(
+        broker
+            .invalidate("fleet-a", &old)
+            .await
+            .unwrap()
+            .invalidated
+    );
+    let new = broker.get("fleet-a").await.unwrap().access_token;
+    assert!(
+        !broker
+            .invalidate("fleet-a", &old)
+            .await
+            .unwrap()
+            .invalidated
+    );
+    assert!(
+        !broker
+            .invalidate("fleet-a", &new)
+            .await
+            .unwrap()
+            .invalidated
+    );
+
+    let m = broker.scrape().await;
+    let at = |k: &str| m.get(k).copied().unwrap_or_else(|| panic!("no sample {k}"));
+    assert_eq!(
+        at("bace_broker_get_token_total{account=\"fleet-a\",code=\"OK\"}"),
+        7.0
+    );
+    assert_eq!(
+        at("bace_broker_get_token_total{account=\"fleet-c\",code=\"OK\"}"),
+        10.0
+    );
+    assert_eq!(
+        at("bace_broker_get_token_total{account=\"(unknown)\",code=\"NOT_FOUND\"}"),
+        2.0
+    );
+    assert_eq!(
+        at("bace_broker_get_token_total{account=\"(unknown)\",code=\"INVALID_ARGUMENT\"}"),
+        1.0
+    );
+    assert_eq!(
+        at("bace_broker_get_token_total{account=\"fleet-b\",code=\"FAILED_PRECONDITION\"}"),
+        1.0
+    );
+    assert_eq!(
+        at("bace_broker_invalidate_total{account=\"fleet-a\",outcome=\"invalidated\"}"),
+        1.0
+    );
+    assert_eq!(
+        at("bace_broker_invalidate_total{account=\"fleet-a\",outcome=\"already_replaced\"}"),
+        1.0
+    );
+    assert_eq!(
+        at("bace_broker_invalidate_total{account=\"fleet-a\",outcome=\"cooldown\"}"),
+        1.0
+    );
+    let up = |a: &str, g: &str, o: &str| {
+        at(&format!(
+            "bace_broker_upstream_requests_total{{account=\"{a}\",grant=\"{g}\",outcome=\"{o}\"}}"
+        ))
+    };
+    assert_eq!(up("fleet-a", "password", "ok"), 2.0);
+    assert_eq!(up("fleet-b", "password", "rejected"), 1.0);
+    assert_eq!(up("fleet-c", "password", "ok"), 2.0);
+    assert_eq!(
+        at("bace_broker_invalidate_total{account=\"fleet-c\",outcome=\"invalidated\"}"),
+        1.0
+    );
+    assert_eq!(
+        at("bace_broker_upstream_request_duration_seconds_count{grant=\"password\"}"),
+        fake.calls(&user("fleet-a"), Grant::Password) as f64
+            + fake.calls(&user("fleet-b"), Grant::Password) as f64
+            + fake.calls(&user("fleet-c"), Grant::Password) as f64
+    );
+    assert_eq!(at(waiters), 10.0);
+    assert_eq!(at("bace_broker_token_valid{account=\"fleet-a\"}"), 1.0);
+    assert_eq!(at("bace_broker_token_valid{account=\"fleet-b\"}"), 0.0);
+    assert!(!m.contains_key("bace_broker_token_expiry_timestamp_seconds{account=\"fleet-b\"}"));
+    let expiry = at("bace_broker_token_expiry_timestamp_seconds{account=\"fleet-a\"}");
+    let bace_expiry = fake
+        .expires_at(&new)
+        .unwrap()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (expiry - bace_expiry).abs() < 5.0,
+        "{expiry} vs {bace_expiry}"
+    );
+    broker.stop().await.unwrap();
+}

@@ -62,6 +62,7 @@ pub fn config_yaml(fake: &FakeBace, accounts: &[&str], extra: &str) -> String {
 /// A running broker.
 pub struct Broker {
     pub addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
     pub client: TokenBrokerServiceClient<Channel>,
     pub health: HealthClient<Channel>,
     stop: Option<oneshot::Sender<()>>,
@@ -73,15 +74,22 @@ impl Broker {
     /// readiness.
     pub async fn start(yaml: &str) -> Self {
         let config = Config::parse(yaml).expect("test config");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = grpc.local_addr().unwrap();
+        let metrics_addr = metrics.local_addr().unwrap();
+        let listeners = app::Listeners {
+            grpc,
+            metrics: Some(metrics),
+        };
         let (stop, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(app::serve(config, listener, async {
+        let server = tokio::spawn(app::serve(config, listeners, async {
             let _ = stopped.await;
         }));
         let channel = channel(addr).await;
         Self {
             addr,
+            metrics_addr,
             client: TokenBrokerServiceClient::new(channel.clone()),
             health: HealthClient::new(channel),
             stop: Some(stop),
@@ -119,6 +127,25 @@ impl Broker {
         tokio::time::timeout(HANG_GUARD, wait)
             .await
             .expect("health status in time");
+    }
+
+    /// Scrapes `/metrics`: every sample line as `name{labels}` → value.
+    pub async fn scrape(&self) -> std::collections::HashMap<String, f64> {
+        let response = reqwest::get(format!("http://{}/metrics", self.metrics_addr))
+            .await
+            .expect("scrape");
+        assert_eq!(
+            response.headers()["content-type"],
+            "text/plain; version=0.0.4; charset=utf-8"
+        );
+        let text = response.text().await.unwrap();
+        text.lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .map(|l| {
+                let (name, value) = l.rsplit_once(' ').expect("sample line");
+                (name.to_owned(), value.parse().expect("sample value"))
+            })
+            .collect()
     }
 
     /// A new client on its own connection.

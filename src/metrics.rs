@@ -1,0 +1,257 @@
+//! Prometheus metrics: the counters and histograms the broker and the gRPC service record,
+//! the per-account gauges read from the broker at scrape time, and the `GET /metrics`
+//! endpoint (classic Prometheus text format 0.0.4).
+//!
+//! Label values are bounded: accounts come from the config (unknown or malformed names asked
+//! for by callers are all counted as `(unknown)`), codes and outcomes are fixed sets.
+
+use std::{fmt, net::SocketAddr, sync::Arc, time::SystemTime};
+
+use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{
+        DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+    },
+    metrics::{
+        MetricType,
+        counter::Counter,
+        family::Family,
+        gauge::ConstGauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use tokio::net::TcpListener;
+
+use crate::{broker::Broker, token::AccountName};
+
+/// An account label: a configured account, or `(unknown)` for names no account has.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum AccountLabel {
+    /// A configured account.
+    Known(AccountName),
+    /// A name the caller sent that is not configured (or not valid).
+    Unknown,
+}
+
+impl EncodeLabelValue for AccountLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
+        use fmt::Write;
+        match self {
+            AccountLabel::Known(name) => encoder.write_str(name.as_str()),
+            AccountLabel::Unknown => encoder.write_str("(unknown)"),
+        }
+    }
+}
+
+/// `{account, code}`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct CallLabels {
+    /// The account.
+    pub account: AccountLabel,
+    /// The gRPC status code name (`OK`, `NOT_FOUND`, ...).
+    pub code: &'static str,
+}
+
+/// `{account, outcome}`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// The account.
+    pub account: AccountLabel,
+    /// What happened.
+    pub outcome: &'static str,
+}
+
+/// `{account, grant, outcome}`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    /// The account.
+    pub account: AccountLabel,
+    /// `password` or `refresh_token`.
+    pub grant: &'static str,
+    /// `ok`, or the failure class (`rejected`, `upstream timeout`, ...).
+    pub outcome: &'static str,
+}
+
+/// `{grant}`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct GrantLabels {
+    /// `password` or `refresh_token`.
+    pub grant: &'static str,
+}
+
+/// `{account}`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct AccountLabels {
+    /// The account.
+    pub account: AccountLabel,
+}
+
+/// `{outcome}`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// `ok`, `rejected` (invalid new config) or `unchanged`.
+    pub outcome: &'static str,
+}
+
+/// The broker's counters and histograms. Cheap to clone; recording never blocks for long
+/// (a read lock on a label map, a write lock only the first time a label set is seen).
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    /// GetToken calls by account and status code.
+    pub get_token: Family<CallLabels, Counter>,
+    /// Invalidate calls by account and outcome.
+    pub invalidate: Family<OutcomeLabels, Counter>,
+    /// Requests to BACE's token endpoint by account, grant and outcome.
+    pub upstream_requests: Family<UpstreamLabels, Counter>,
+    /// Duration of requests to BACE's token endpoint by grant.
+    pub upstream_duration: Family<GrantLabels, Histogram, fn() -> Histogram>,
+    /// Callers that joined a fetch already in flight.
+    pub singleflight_waiters: Family<AccountLabels, Counter>,
+    /// Config reloads by outcome.
+    pub config_reloads: Family<ReloadLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn duration_histogram() -> Histogram {
+    // 5 ms .. ~20 s.
+    Histogram::new(exponential_buckets(0.005, 2.0, 13))
+}
+
+impl Metrics {
+    /// Empty metrics.
+    pub fn new() -> Self {
+        Self {
+            get_token: Family::default(),
+            invalidate: Family::default(),
+            upstream_requests: Family::default(),
+            upstream_duration: Family::new_with_constructor(duration_histogram),
+            singleflight_waiters: Family::default(),
+            config_reloads: Family::default(),
+        }
+    }
+
+    /// A registry holding these metrics and `broker`'s per-account gauges.
+    pub fn registry(&self, broker: Broker) -> Registry {
+        let mut r = Registry::default();
+        r.register(
+            "bace_broker_get_token",
+            "GetToken calls by account and gRPC code",
+            self.get_token.clone(),
+        );
+        r.register(
+            "bace_broker_invalidate",
+            "Invalidate calls by account and outcome",
+            self.invalidate.clone(),
+        );
+        r.register(
+            "bace_broker_upstream_requests",
+            "Requests to BACE's token endpoint by account, grant and outcome",
+            self.upstream_requests.clone(),
+        );
+        r.register(
+            "bace_broker_upstream_request_duration_seconds",
+            "Duration of requests to BACE's token endpoint, by grant",
+            self.upstream_duration.clone(),
+        );
+        r.register(
+            "bace_broker_singleflight_waiters",
+            "Callers that joined a token fetch already in flight",
+            self.singleflight_waiters.clone(),
+        );
+        r.register(
+            "bace_broker_config_reloads",
+            "Config reloads by outcome",
+            self.config_reloads.clone(),
+        );
+        r.register_collector(Box::new(AccountGauges(broker)));
+        r
+    }
+}
+
+/// Per-account gauges, computed from the broker's state at scrape time.
+struct AccountGauges(Broker);
+
+impl fmt::Debug for AccountGauges {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AccountGauges")
+    }
+}
+
+impl Collector for AccountGauges {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let accounts = self.0.snapshot();
+        {
+            let mut valid = encoder.encode_descriptor(
+                "bace_broker_token_valid",
+                "1 while the account holds a token that is served (valid beyond the expiry margin)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for a in &accounts {
+                let labels = AccountLabels {
+                    account: AccountLabel::Known(a.account.clone()),
+                };
+                ConstGauge::new(i64::from(a.valid)).encode(valid.encode_family(&labels)?)?;
+            }
+        }
+        let mut expiry = encoder.encode_descriptor(
+            "bace_broker_token_expiry_timestamp_seconds",
+            "When the account's current token expires (Unix time); absent without a token",
+            None,
+            MetricType::Gauge,
+        )?;
+        for a in &accounts {
+            let Some(at) = a.expires_at else { continue };
+            let seconds = at
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0);
+            let labels = AccountLabels {
+                account: AccountLabel::Known(a.account.clone()),
+            };
+            ConstGauge::new(seconds).encode(expiry.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Serves `GET /metrics` from `registry` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    registry: Registry,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(scrape))
+        .with_state(Arc::new(registry));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn scrape(State(registry): State<Arc<Registry>>) -> impl IntoResponse {
+    let mut body = String::new();
+    match prometheus_client::encoding::prometheus_text::encode(&mut body, &registry) {
+        Ok(()) => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(_) => axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+/// The address a metrics endpoint listens on, for logs.
+pub fn describe(addr: Option<SocketAddr>) -> String {
+    addr.map_or_else(|| "off".to_owned(), |a| a.to_string())
+}
