@@ -20,6 +20,7 @@ use crate::{
     config::Config,
     metrics::{self, Metrics},
     proto::{self, token_broker_service_server::TokenBrokerServiceServer},
+    reload::Reloader,
     service::TokenBrokerApi,
     upstream::{HttpUpstream, Upstream},
 };
@@ -108,6 +109,8 @@ pub async fn serve_with(
         }
         None => None,
     };
+    let reloader = Reloader::new(config.clone(), broker.clone())
+        .map(|reloader| tokio::spawn(reloader.run(stopping.clone())));
     let refresher = tokio::spawn(refresher.run());
     let warm_up = tokio::spawn(warm_up(broker.clone(), health.clone()));
 
@@ -157,8 +160,11 @@ pub async fn serve_with(
     broker.shutdown().await;
     let _ = refresher.await;
     stopping.cancel();
-    if let Some(metrics_server) = metrics_server {
-        let _ = metrics_server.await;
+    if let Some(task) = metrics_server {
+        let _ = task.await;
+    }
+    if let Some(task) = reloader {
+        let _ = task.await;
     }
     info!("stopped");
     Ok(())

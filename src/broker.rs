@@ -134,6 +134,26 @@ pub struct AccountSnapshot {
     pub expires_at: Option<SystemTime>,
 }
 
+/// What [`Broker::apply`] did, by account.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Accounts new in the config: added and warming up.
+    pub added: Vec<AccountName>,
+    /// Accounts gone from the config: dropped.
+    pub removed: Vec<AccountName>,
+    /// Accounts whose credentials or token URL changed: logging in again.
+    pub changed: Vec<AccountName>,
+    /// Accounts that stay as they were, tokens and all.
+    pub unchanged: Vec<AccountName>,
+}
+
+impl Reloaded {
+    /// Whether any account was added, removed or changed.
+    pub fn any_change(&self) -> bool {
+        !(self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty())
+    }
+}
+
 /// What a warm-up did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WarmUp {
@@ -180,7 +200,7 @@ struct Inner {
     policy: Policy,
     metrics: Metrics,
     /// Tells the [`Refresher`] when an account is next due.
-    schedule: mpsc::UnboundedSender<(AccountName, Instant)>,
+    schedule: mpsc::UnboundedSender<(SlotKey, Instant)>,
     /// Fetch tasks; waited for on shutdown.
     tasks: TaskTracker,
     stop: CancellationToken,
@@ -188,6 +208,8 @@ struct Inner {
 
 /// One account: its configuration, its current token and its fetch state.
 struct Slot {
+    /// Unique per slot: a reload that changes an account's credentials makes a new slot.
+    id: u64,
     account: Arc<AccountConfig>,
     /// The token served to callers; `None` before the first login and after an invalidation.
     current: ArcSwapOption<Token>,
@@ -398,6 +420,43 @@ impl Broker {
             .iter()
             .map(|e| e.key().clone())
             .collect()
+    }
+
+    /// Applies a reloaded configuration's accounts: new accounts are added and warmed, removed
+    /// ones dropped (their refresh stops), accounts whose credentials or token URL changed get
+    /// a fresh slot and log in again; unchanged accounts keep their tokens untouched.
+    pub fn apply(&self, config: &Config) -> Reloaded {
+        let inner = &self.inner;
+        let mut report = Reloaded::default();
+        inner.accounts.retain(|name, _| {
+            let keep = config.accounts.contains_key(name);
+            if !keep {
+                report.removed.push(name.clone());
+            }
+            keep
+        });
+        for (name, account) in &config.accounts {
+            let same = inner
+                .accounts
+                .get(name)
+                .map(|slot| *slot.account == *account);
+            match same {
+                Some(true) => report.unchanged.push(name.clone()),
+                Some(false) => report.changed.push(name.clone()),
+                None => report.added.push(name.clone()),
+            }
+            if same != Some(true) {
+                inner
+                    .accounts
+                    .insert(name.clone(), Arc::new(Slot::new(account.clone())));
+                let broker = self.clone();
+                let name = name.clone();
+                inner.tasks.spawn(async move {
+                    let _ = broker.get_token(name.as_str(), Duration::ZERO).await;
+                });
+            }
+        }
+        report
     }
 
     /// The configured account called `name`, if any.
@@ -613,7 +672,7 @@ impl Inner {
                 let (result, next) = slot.complete(generation, outcome, &inner.policy, joined);
                 let _ = tx.send(Some(result));
                 if let Some(at) = next {
-                    let _ = inner.schedule.send((slot.account.name.clone(), at));
+                    let _ = inner.schedule.send((slot.key(), at));
                 }
             }
             .instrument(span),
@@ -780,18 +839,22 @@ impl Inner {
         Ok(Arc::new(token))
     }
 
-    /// Runs a scheduled refresh or retry for `account` (from the [`Refresher`]).
-    fn refresh_due(self: &Arc<Self>, account: &AccountName) {
+    /// Runs a scheduled refresh or retry (from the [`Refresher`]) for the slot `key` names, if
+    /// that slot is still the account's (a reload may have removed or replaced it).
+    fn refresh_due(self: &Arc<Self>, (account, id): &SlotKey) {
         let Ok(slot) = self.slot(account.as_str()) else {
             return;
         };
+        if slot.id != *id {
+            return;
+        }
         let now = Instant::now();
         let mut state = slot.lock();
         if state.flight.is_some() {
             return; // Its completion schedules the next refresh.
         }
         if let Some(at) = state.retry_at.filter(|at| *at > now) {
-            let _ = self.schedule.send((account.clone(), at));
+            let _ = self.schedule.send((slot.key(), at));
             return;
         }
         let current = slot.current.load_full();
@@ -813,13 +876,23 @@ struct Fetched {
 
 // === impl Slot ===
 
+/// Names a slot in the refresh schedule: the account and the slot's id, so a schedule entry
+/// left by a slot that a reload removed or replaced is recognised and ignored.
+type SlotKey = (AccountName, u64);
+
 impl Slot {
     fn new(account: AccountConfig) -> Self {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             account: Arc::new(account),
             current: ArcSwapOption::empty(),
             state: Mutex::new(SlotState::default()),
         }
+    }
+
+    fn key(&self) -> SlotKey {
+        (self.account.name.clone(), self.id)
     }
 
     fn lock(&self) -> MutexGuard<'_, SlotState> {
@@ -969,16 +1042,16 @@ fn jitter() -> f64 {
 /// timer queue for all accounts, owned by one task, stopped by [`Broker::shutdown`].
 pub struct Refresher {
     broker: Broker,
-    due: mpsc::UnboundedReceiver<(AccountName, Instant)>,
-    queue: DelayQueue<AccountName>,
-    keys: HashMap<AccountName, tokio_util::time::delay_queue::Key>,
+    due: mpsc::UnboundedReceiver<(SlotKey, Instant)>,
+    queue: DelayQueue<SlotKey>,
+    keys: HashMap<SlotKey, tokio_util::time::delay_queue::Key>,
     stop: CancellationToken,
 }
 
 enum Event {
     Stop,
-    Plan(AccountName, Instant),
-    Due(AccountName),
+    Plan(SlotKey, Instant),
+    Due(SlotKey),
 }
 
 impl Refresher {
@@ -1005,10 +1078,10 @@ impl Refresher {
                         self.keys.insert(account, key);
                     }
                 },
-                Event::Due(account) => {
-                    self.keys.remove(&account);
-                    debug!(%account, "refresh due");
-                    self.broker.inner.refresh_due(&account);
+                Event::Due(key) => {
+                    self.keys.remove(&key);
+                    debug!(account = %key.0, "refresh due");
+                    self.broker.inner.refresh_due(&key);
                 }
             }
         }

@@ -37,6 +37,42 @@ pub struct Config {
     pub warmup_concurrency: usize,
     /// The accounts, by name.
     pub accounts: BTreeMap<AccountName, AccountConfig>,
+    /// The file this config was loaded from, if any (watched for live reload).
+    pub path: Option<PathBuf>,
+    /// The secret files the accounts read (watched for live reload).
+    pub secret_files: Vec<PathBuf>,
+}
+
+impl Config {
+    /// The keys outside `accounts` whose values differ from `other`'s: a live reload does not
+    /// apply them (they need a restart).
+    pub fn restart_only_changes(&self, other: &Config) -> Vec<&'static str> {
+        let (a, b) = (self, other);
+        let mut changed = Vec::new();
+        let mut check = |key: &'static str, same: bool| {
+            if !same {
+                changed.push(key);
+            }
+        };
+        check("listen", a.listen == b.listen);
+        check("metrics_listen", a.metrics_listen == b.metrics_listen);
+        check("upstream.timeout", a.upstream.timeout == b.upstream.timeout);
+        check(
+            "upstream.expires_timezone",
+            a.upstream.expires_timezone == b.upstream.expires_timezone,
+        );
+        check("refresh", a.refresh == b.refresh);
+        check(
+            "invalidate_cooldown",
+            a.invalidate_cooldown == b.invalidate_cooldown,
+        );
+        check("shutdown_grace", a.shutdown_grace == b.shutdown_grace);
+        check(
+            "warmup_concurrency",
+            a.warmup_concurrency == b.warmup_concurrency,
+        );
+        changed
+    }
 }
 
 /// How BACE is reached.
@@ -51,7 +87,7 @@ pub struct UpstreamConfig {
 }
 
 /// Refresh and retry policy.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RefreshConfig {
     /// Refresh once this share of a token's lifetime has passed (plus a small jitter).
     pub lifetime_fraction: f64,
@@ -97,6 +133,15 @@ impl PartialEq for Credentials {
             && self.username == other.username
             && self.client_secret.expose_secret() == other.client_secret.expose_secret()
             && self.password.expose_secret() == other.password.expose_secret()
+    }
+}
+
+/// Same credentials and endpoint: a reload keeps the account's token.
+impl PartialEq for AccountConfig {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+            && self.credentials == other.credentials
+            && self.token_url == other.token_url
     }
 }
 
@@ -167,7 +212,9 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(&text).map_err(|e| e.in_file(path))
+        let mut config = Self::parse(&text).map_err(|e| e.in_file(path))?;
+        config.path = Some(path.to_owned());
+        Ok(config)
     }
 
     /// Parses and validates YAML text; relative secret file paths are taken as they are.
@@ -400,7 +447,14 @@ impl RawConfig {
             return Err(field("accounts", "at least one account is required".into()));
         }
         let mut accounts = BTreeMap::new();
+        let mut secret_files = Vec::new();
         for (name, raw) in self.accounts {
+            secret_files.extend(
+                raw.client_secret_file
+                    .iter()
+                    .chain(&raw.password_file)
+                    .cloned(),
+            );
             let account = raw.validate(&name, &token_url)?;
             accounts.insert(account.name.clone(), account);
         }
@@ -424,6 +478,8 @@ impl RawConfig {
             shutdown_grace: self.shutdown_grace,
             warmup_concurrency: self.warmup_concurrency,
             accounts,
+            path: None,
+            secret_files,
         })
     }
 }
@@ -602,6 +658,12 @@ accounts:
         assert_eq!(a.credentials.password.expose_secret(), "hunter2");
         assert_eq!(a.credentials.client_secret.expose_secret(), "s3cret");
         assert_eq!(a.token_url.as_str(), "https://other.example/oauth2/token");
+        assert_eq!(c.secret_files, vec![cs.clone(), pw.clone()]);
+        let mut other = c.clone();
+        assert!(c.restart_only_changes(&other).is_empty());
+        other.refresh.expiry_margin = secs(1);
+        other.listen = "127.0.0.1:1".parse().unwrap();
+        assert_eq!(c.restart_only_changes(&other), vec!["listen", "refresh"]);
         let debug = format!("{c:?}");
         assert!(
             !debug.contains("hunter2") && !debug.contains("s3cret"),

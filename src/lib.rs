@@ -11,6 +11,7 @@
 //!   Knows nothing of gRPC.
 //! - [`service`]: the gRPC adapter; the one place where errors become `tonic::Status`.
 //! - [`metrics`]: Prometheus counters, per-account gauges and the `/metrics` endpoint.
+//! - [`reload`]: live reload on SIGHUP and on changes of the config and secret files.
 //! - [`app`]: wires everything into a server with health, reflection and graceful shutdown.
 //! - [`fake`]: a scriptable fake of BACE's token endpoint on loopback (tests and `--demo`).
 //! - [`demo`]: `serve --demo`: the fake, demo accounts and a little traffic to watch.
@@ -25,6 +26,7 @@ pub mod demo;
 pub mod fake;
 pub mod metrics;
 pub mod policy;
+pub mod reload;
 pub mod service;
 pub mod token;
 pub mod upstream;

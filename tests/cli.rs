@@ -454,10 +454,12 @@ const ACCOUNTS: [TestAccount; 2] = [
     },
 ];
 
-/// Writes a config for [`ACCOUNTS`] against `fake` (file secrets with a trailing newline).
-fn write_config(dir: &Path, fake: &FakeBace) -> PathBuf {
+/// Writes a config for [`ACCOUNTS`] against `fake` (file secrets with a trailing newline);
+/// returns its path and the metrics port it names.
+fn write_config(dir: &Path, fake: &FakeBace) -> (PathBuf, u16) {
+    let metrics_port = free_port();
     let mut yaml = format!(
-        "upstream:\n  token_url: \"{}\"\n  timeout: 5s\nshutdown_grace: 5s\naccounts:\n",
+        "metrics_listen: \"127.0.0.1:{metrics_port}\"\nupstream:\n  token_url: \"{}\"\n  timeout: 5s\nshutdown_grace: 5s\naccounts:\n",
         fake.token_url()
     );
     for a in &ACCOUNTS {
@@ -484,7 +486,7 @@ fn write_config(dir: &Path, fake: &FakeBace) -> PathBuf {
     }
     let path = dir.join("config.yaml");
     fs::write(&path, yaml).expect("write config");
-    path
+    (path, metrics_port)
 }
 
 #[test]
@@ -502,7 +504,7 @@ fn full_run_get_invalidate_sigterm_json_logs_and_no_secrets() {
         ));
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = write_config(dir.path(), &fake);
+    let (config, _) = write_config(dir.path(), &fake);
     let mut server = Server::spawn(
         dir.path(),
         &[
@@ -642,4 +644,65 @@ fn serve_demo_serves_demo_accounts_and_stops_on_sigterm() {
         "exit after SIGTERM: {status}\n{}",
         server.logs()
     );
+}
+
+#[test]
+fn sighup_reloads_the_config() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let fake = rt
+        .block_on(FakeBace::start(FakeOptions::default()))
+        .expect("fake BACE");
+    for a in &ACCOUNTS {
+        fake.add_account(FakeAccount::new(
+            a.username,
+            a.password,
+            format!("cid-{}", a.name),
+            a.client_secret,
+        ));
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (config, metrics_port) = write_config(dir.path(), &fake);
+    let mut server = Server::spawn(
+        dir.path(),
+        &["--config", config.to_str().expect("utf-8")],
+        &[],
+    );
+    rt.block_on(server.wait_ready());
+    let scrape = || {
+        rt.block_on(async {
+            reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+                .await
+                .expect("scrape")
+                .text()
+                .await
+                .expect("body")
+        })
+    };
+    let unchanged = "bace_broker_config_reloads_total{outcome=\"unchanged\"} 1";
+    assert!(!scrape().contains(unchanged));
+    let pid = server.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    // Nothing changed on disk, so only the signal can have caused this reload.
+    let deadline = Instant::now() + READY_WITHIN;
+    while !scrape().contains(unchanged) {
+        assert!(
+            Instant::now() < deadline,
+            "no reload after SIGHUP:\n{}",
+            server.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(server.logs().contains("SIGHUP received"));
+    assert_eq!(
+        fake.calls(ACCOUNTS[0].username, Grant::Password),
+        1,
+        "no new login"
+    );
+    assert!(server.terminate().success());
 }

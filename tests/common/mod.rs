@@ -73,7 +73,11 @@ impl Broker {
     /// Starts a broker with `yaml` on 127.0.0.1:0 and connects to it, without waiting for
     /// readiness.
     pub async fn start(yaml: &str) -> Self {
-        let config = Config::parse(yaml).expect("test config");
+        Self::start_config(Config::parse(yaml).expect("test config")).await
+    }
+
+    /// Starts a broker for `config` (from [`Config::load`] to have live reload).
+    pub async fn start_config(config: Config) -> Self {
         let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = grpc.local_addr().unwrap();

@@ -1,0 +1,205 @@
+//! Live reload: on SIGHUP, and when the config file or a secret file it names changes, the
+//! config is read and validated again and its accounts applied to the broker
+//! ([`Broker::apply`]). A config that fails validation is rejected whole: the running one
+//! keeps serving; the error is logged and counted.
+//!
+//! Kubernetes updates a mounted ConfigMap or Secret by swapping a `..data` symlink in the
+//! mount directory, so the reloader watches directories (not files) and reacts to changes of
+//! the files it knows and of `..`-prefixed entries. Bursts of events are coalesced.
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+};
+
+use notify::{RecommendedWatcher, RecursiveMode, Watcher};
+use tokio::{sync::mpsc, time::Duration};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::{broker::Broker, config::Config, metrics::ReloadLabels};
+
+/// Events closer together than this are one change.
+pub const DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// Watches and applies configuration changes for one broker.
+pub struct Reloader {
+    broker: Broker,
+    /// The config the process started with: keys outside `accounts` stay as they were.
+    startup: Config,
+    path: PathBuf,
+    /// Files whose change triggers a reload: the config and the secret files it names.
+    files: BTreeSet<PathBuf>,
+}
+
+impl Reloader {
+    /// A reloader for `config` (which must come from [`Config::load`]; `None` otherwise).
+    pub fn new(config: Config, broker: Broker) -> Option<Self> {
+        let path = config.path.clone()?;
+        let files = watched_files(&config);
+        Some(Self {
+            broker,
+            startup: config,
+            path,
+            files,
+        })
+    }
+
+    /// Runs until `stop` is cancelled.
+    pub async fn run(mut self, stop: CancellationToken) {
+        let (tx, mut changes) = mpsc::unbounded_channel::<PathBuf>();
+        let mut watcher =
+            match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                if let Ok(event) = event {
+                    for path in event.paths {
+                        let _ = tx.send(path);
+                    }
+                }
+            }) {
+                Ok(w) => Some(w),
+                Err(error) => {
+                    warn!(%error, "cannot watch config files; reload on SIGHUP only");
+                    None
+                }
+            };
+        let mut watched = BTreeSet::new();
+        if let Some(w) = watcher.as_mut() {
+            self.watch(w, &mut watched);
+        }
+        let mut hangup = hangup_signal();
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                _ = hangup.recv() => {
+                    info!("SIGHUP received: reloading the config");
+                    self.reload();
+                }
+                Some(path) = changes.recv() => {
+                    if !self.is_relevant(&path) {
+                        continue;
+                    }
+                    // Coalesce the burst (a symlink swap is several events).
+                    tokio::time::sleep(DEBOUNCE).await;
+                    while changes.try_recv().is_ok() {}
+                    debug!(path = %path.display(), "config or secret file changed");
+                    self.reload();
+                }
+            }
+            if let Some(w) = watcher.as_mut() {
+                self.watch(w, &mut watched);
+            }
+        }
+    }
+
+    /// Reads, validates and applies the config file once.
+    pub fn reload(&mut self) {
+        let count = |outcome: &'static str| {
+            self.broker
+                .metrics()
+                .config_reloads
+                .get_or_create(&ReloadLabels { outcome })
+                .inc();
+        };
+        let config = match Config::load(&self.path) {
+            Ok(config) => config,
+            Err(error) => {
+                warn!(%error, "config reload rejected; the running config stays");
+                count("rejected");
+                return;
+            }
+        };
+        let restart = self.startup.restart_only_changes(&config);
+        if !restart.is_empty() {
+            warn!(keys = ?restart, "these settings changed but apply only after a restart");
+        }
+        let report = self.broker.apply(&config);
+        let names =
+            |v: &[crate::token::AccountName]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+        if report.any_change() {
+            info!(
+                added = ?names(&report.added),
+                removed = ?names(&report.removed),
+                changed = ?names(&report.changed),
+                unchanged = report.unchanged.len(),
+                "config reloaded"
+            );
+            count("ok");
+        } else {
+            debug!("config reloaded: no account changed");
+            count("unchanged");
+        }
+        self.files = watched_files(&config);
+    }
+
+    /// A change of `path` concerns the config when it is one of the watched files, or a
+    /// Kubernetes `..data` entry in one of their directories.
+    fn is_relevant(&self, path: &Path) -> bool {
+        self.files.contains(path)
+            || (path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(".."))
+                && path
+                    .parent()
+                    .is_some_and(|dir| self.files.iter().any(|f| f.parent() == Some(dir))))
+    }
+
+    /// Watches the directories of the current files (adding new ones; old ones stay watched).
+    fn watch(&self, watcher: &mut RecommendedWatcher, watched: &mut BTreeSet<PathBuf>) {
+        for file in &self.files {
+            let Some(dir) = file.parent() else { continue };
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            if watched.contains(dir) {
+                continue;
+            }
+            match watcher.watch(dir, RecursiveMode::NonRecursive) {
+                Ok(()) => {
+                    watched.insert(dir.to_owned());
+                }
+                Err(error) => warn!(%error, dir = %dir.display(), "cannot watch directory"),
+            }
+        }
+    }
+}
+
+fn watched_files(config: &Config) -> BTreeSet<PathBuf> {
+    config
+        .path
+        .iter()
+        .chain(&config.secret_files)
+        .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()))
+        .collect()
+}
+
+/// SIGHUP as a stream of `()`; never fires where there are no signals.
+fn hangup_signal() -> HangUp {
+    #[cfg(unix)]
+    {
+        HangUp(tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok())
+    }
+    #[cfg(not(unix))]
+    {
+        HangUp(None)
+    }
+}
+
+struct HangUp(
+    #[cfg(unix)] Option<tokio::signal::unix::Signal>,
+    #[cfg(not(unix))] Option<()>,
+);
+
+impl HangUp {
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        if let Some(signal) = self.0.as_mut() {
+            if signal.recv().await.is_some() {
+                return;
+            }
+        }
+        std::future::pending::<()>().await
+    }
+}
