@@ -175,30 +175,27 @@ fn watched_files(config: &Config) -> BTreeSet<PathBuf> {
         .collect()
 }
 
-/// SIGHUP as a stream of `()`; never fires where there are no signals.
+/// SIGHUP; never fires where there are no signals.
 fn hangup_signal() -> HangUp {
     #[cfg(unix)]
-    {
-        HangUp(tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok())
-    }
+    let signal = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     #[cfg(not(unix))]
-    {
-        HangUp(None)
-    }
+    let signal = None;
+    HangUp(signal)
 }
 
-struct HangUp(
-    #[cfg(unix)] Option<tokio::signal::unix::Signal>,
-    #[cfg(not(unix))] Option<()>,
-);
+#[cfg(unix)]
+struct HangUp(Option<tokio::signal::unix::Signal>);
+#[cfg(not(unix))]
+struct HangUp(Option<std::convert::Infallible>);
 
 impl HangUp {
     async fn recv(&mut self) {
         #[cfg(unix)]
-        if let Some(signal) = self.0.as_mut() {
-            if signal.recv().await.is_some() {
-                return;
-            }
+        if let Some(signal) = self.0.as_mut()
+            && signal.recv().await.is_some()
+        {
+            return;
         }
         std::future::pending::<()>().await
     }
