@@ -111,7 +111,7 @@ pub async fn serve_with(
     };
     let reloader = Reloader::new(config.clone(), broker.clone())
         .map(|reloader| tokio::spawn(reloader.run(stopping.clone())));
-    let refresher = tokio::spawn(refresher.run());
+    let mut refresher = tokio::spawn(refresher.run());
     let warm_up = tokio::spawn(warm_up(broker.clone(), health.clone()));
 
     let (drain_tx, drain_rx) = oneshot::channel::<()>();
@@ -134,20 +134,31 @@ pub async fn serve_with(
     let mut server = tokio::spawn(server);
     info!(%addr, accounts = config.accounts.len(), "broker listening");
 
-    tokio::select! {
-        result = &mut server => {
-            // The server stopped by itself: an error.
-            warm_up.abort();
-            stopping.cancel();
-            broker.shutdown().await;
-            let _ = refresher.await;
-            return result.context("server task")?.context("gRPC server");
-        }
-        () = shutdown => {}
+    let failure = tokio::select! {
+        result = &mut server => Some(match result {
+            Ok(Ok(())) => anyhow::anyhow!("the gRPC server stopped unexpectedly"),
+            Ok(Err(e)) => anyhow::Error::new(e).context("gRPC server"),
+            Err(e) => anyhow::Error::new(e).context("gRPC server task"),
+        }),
+        // Without the refresher no token would be kept fresh: fail loudly (and restart).
+        _ = &mut refresher => Some(anyhow::anyhow!("the refresh scheduler stopped unexpectedly")),
+        () = shutdown => None,
+    };
+    if let Some(error) = failure {
+        tracing::error!(error = %format!("{error:#}"), "stopping");
+        warm_up.abort();
+        let _ = warm_up.await;
+        set_ready(&health, false).await;
+        stopping.cancel();
+        server.abort();
+        broker.shutdown().await;
+        return Err(error);
     }
 
     info!(grace = %humantime::format_duration(config.shutdown_grace), "shutting down: readiness off, draining");
     warm_up.abort();
+    // Wait for the abort, so a warm-up ending right now cannot flip readiness back on.
+    let _ = warm_up.await;
     set_ready(&health, false).await;
     let _ = drain_tx.send(());
     match tokio::time::timeout(config.shutdown_grace, &mut server).await {

@@ -237,12 +237,23 @@ struct SlotState {
     replaced: Option<Fingerprint>,
     /// A token whose refresh BACE declined: go straight to a login for it.
     refresh_declined: Option<Fingerprint>,
+    /// When the slot is next due for a refresh or retry (the refresher may wake earlier).
+    next_due: Option<Instant>,
+}
+
+/// What a fetch hands its waiters.
+#[derive(Clone)]
+enum Landed {
+    /// The fetch's result.
+    Done(Result<Arc<Token>, BrokerError>),
+    /// An invalidation replaced the fetch before it ended: look again.
+    Superseded,
 }
 
 /// A fetch in progress that callers can join.
 #[derive(Clone)]
 struct Flight {
-    result: watch::Receiver<Option<Result<Arc<Token>, BrokerError>>>,
+    result: watch::Receiver<Option<Landed>>,
     /// Callers that joined after the first one.
     joined: Arc<AtomicU64>,
     /// Started by an invalidation (a forced re-login).
@@ -255,11 +266,12 @@ impl Flight {
         self.clone()
     }
 
-    async fn wait(mut self) -> Result<Arc<Token>, BrokerError> {
+    async fn wait(mut self) -> Landed {
         match self.result.wait_for(Option::is_some).await {
-            Ok(result) => result.clone().unwrap_or(Err(BrokerError::ShuttingDown)),
-            // The fetch task ended without a result: only on shutdown.
-            Err(_) => Err(BrokerError::ShuttingDown),
+            Ok(landed) => landed.clone().unwrap_or(Landed::Superseded),
+            // The fetch task ended without a result: shutdown (or a bug, which the task's
+            // guard has already recorded as a failure).
+            Err(_) => Landed::Done(Err(BrokerError::ShuttingDown)),
         }
     }
 }
@@ -336,15 +348,26 @@ impl Broker {
         if needed >= self.inner.policy.refresh.refreshed_lifetime {
             return Err(slot.out_of_range());
         }
-        let token = match self.inner.acquire(&slot, needed)? {
-            Acquired::Ready(token) => return Ok(token),
-            Acquired::Wait(flight) => flight.wait().await?,
-        };
-        if token.valid_for(Instant::now(), needed) {
-            Ok(token)
-        } else {
-            Err(slot.out_of_range())
+        // A fetch an invalidation supersedes is abandoned for the one that replaced it; an
+        // invalidation storm cannot keep a caller here longer than a few fetches.
+        for _ in 0..4 {
+            let token = match self.inner.acquire(&slot, needed)? {
+                Acquired::Ready(token) => return Ok(token),
+                Acquired::Wait(flight) => match flight.wait().await {
+                    Landed::Done(result) => result?,
+                    Landed::Superseded => continue,
+                },
+            };
+            return if token.valid_for(Instant::now(), needed) {
+                Ok(token)
+            } else {
+                Err(slot.out_of_range())
+            };
         }
+        Err(BrokerError::Unavailable {
+            account: slot.account.name.clone(),
+            reason: "token replaced repeatedly while waiting",
+        })
     }
 
     /// Reports that BACE refused `access_token` (empty: whatever token is current).
@@ -359,16 +382,23 @@ impl Broker {
     ) -> Result<Invalidated, BrokerError> {
         let slot = self.inner.slot(account)?;
         let reported = (!access_token.is_empty()).then(|| Fingerprint::of(access_token));
-        match self.inner.invalidate(&slot, reported)? {
-            Ok(flight) => Ok(Invalidated {
-                outcome: InvalidateOutcome::Invalidated,
-                token: flight.wait().await?,
-            }),
-            Err(outcome) => Ok(Invalidated {
-                outcome,
-                token: self.get_token(account, Duration::ZERO).await?,
-            }),
-        }
+        let outcome = match self.inner.invalidate(&slot, reported)? {
+            Ok(flight) => match flight.wait().await {
+                Landed::Done(result) => {
+                    return Ok(Invalidated {
+                        outcome: InvalidateOutcome::Invalidated,
+                        token: result?,
+                    });
+                }
+                // Replaced by a later login: that one's token is the answer.
+                Landed::Superseded => InvalidateOutcome::Invalidated,
+            },
+            Err(outcome) => outcome,
+        };
+        Ok(Invalidated {
+            outcome,
+            token: self.get_token(account, Duration::ZERO).await?,
+        })
     }
 
     /// Obtains a token for every account, `warmup_concurrency` at a time, and returns once
@@ -531,20 +561,20 @@ impl Inner {
             return Err(error);
         }
         let margin = self.policy.refresh.expiry_margin;
+        let kind = self.fetch_kind(current.clone(), &state, now);
         if let Some(token) = &current {
-            // A token just refreshed that still misses the caller's bar would not be helped by
-            // another fetch; refusing here keeps such callers from hammering BACE. (A fresh
-            // login token may still be extended by a refresh.)
-            if token.is_refreshed()
-                && token.valid_for(now, margin)
-                && now < token.obtained_at() + margin
-            {
+            // A token just obtained that still misses the caller's bar would not be helped by
+            // the same kind of fetch again; refusing here keeps such callers from hammering
+            // BACE. (A fresh login token may still be extended by a refresh.)
+            let fresh = token.valid_for(now, margin) && now < token.obtained_at() + margin;
+            if fresh && (token.is_refreshed() || matches!(kind, FetchKind::Login)) {
                 return Err(slot.out_of_range());
             }
         }
-        let kind = self.fetch_kind(current, &state, now);
+        // A caller waits for this fetch: any failed refresh falls back to a login.
+        let urgent = true;
         Ok(Acquired::Wait(
-            self.start_flight(slot, &mut state, kind, true, false),
+            self.start_flight(slot, &mut state, kind, urgent, false),
         ))
     }
 
@@ -593,7 +623,10 @@ impl Inner {
                 _ => Err(InvalidateOutcome::AlreadyReplaced),
             });
         }
-        if let Some(flight) = forced {
+        // A forced login for this very token, or, with no token to drop, whatever fetch runs
+        // (a login): share it rather than start a second login.
+        let running = forced.or_else(|| state.flight.clone().filter(|_| current.is_none()));
+        if let Some(flight) = running {
             return Ok(Ok(self.join(slot, &flight)));
         }
         if state
@@ -603,16 +636,18 @@ impl Inner {
             debug!(account = %slot.account.name, "invalidation within cooldown; keeping the current token");
             return Ok(Err(InvalidateOutcome::Cooldown));
         }
-        state.last_forced_at = Some(now);
         if let Some(token) = current {
             info!(account = %slot.account.name, fingerprint = %token.fingerprint(), "token invalidated by a caller; logging in again");
             state.replaced = Some(token.fingerprint());
             slot.current.store(None);
         }
-        if let Some(error) = state.backing_off(now) {
-            // The scheduled retry will log in; don't add an upstream call to the backoff step.
+        // Rejected credentials: no login before their backoff ends (the token is dropped all
+        // the same: BACE refused it). A transient backoff does not hold back a forced login:
+        // the cooldown already bounds those.
+        if let Some(error @ BrokerError::CredentialsRejected { .. }) = state.backing_off(now) {
             return Err(error);
         }
+        state.last_forced_at = Some(now);
         Ok(Ok(self.start_flight(
             slot,
             &mut state,
@@ -658,22 +693,28 @@ impl Inner {
         let span = info_span!("fetch", account = %slot.account.name);
         self.tasks.spawn(
             async move {
+                // Should this task end without completing (a panic), the guard clears the
+                // flight and schedules a retry, so the account cannot stay stuck.
+                let mut guard = FlightGuard {
+                    inner: &inner,
+                    slot: &slot,
+                    generation,
+                    armed: true,
+                };
                 let deadline = Instant::now() + inner.policy.upstream_timeout;
                 let outcome = tokio::select! {
                     biased;
                     _ = inner.stop.cancelled() => None,
-                    outcome = inner.fetch(&slot, kind, urgent, deadline) => Some(outcome),
+                    outcome = inner.fetch(&slot, generation, kind, urgent, deadline) => Some(outcome),
                 };
+                guard.armed = false;
                 let Some(outcome) = outcome else {
-                    let _ = tx.send(Some(Err(BrokerError::ShuttingDown)));
+                    let _ = tx.send(Some(Landed::Done(Err(BrokerError::ShuttingDown))));
                     return;
                 };
                 let joined = joined.load(Ordering::Relaxed);
-                let (result, next) = slot.complete(generation, outcome, &inner.policy, joined);
-                let _ = tx.send(Some(result));
-                if let Some(at) = next {
-                    let _ = inner.schedule.send((slot.key(), at));
-                }
+                let landed = slot.complete(generation, outcome, &inner, joined);
+                let _ = tx.send(Some(landed));
             }
             .instrument(span),
         );
@@ -687,6 +728,7 @@ impl Inner {
     async fn fetch(
         &self,
         slot: &Slot,
+        generation: u64,
         kind: FetchKind,
         urgent: bool,
         deadline: Instant,
@@ -694,11 +736,18 @@ impl Inner {
         let account = &slot.account;
         let mut declined = None;
         if let FetchKind::Refresh(token) = kind {
+            // When callers wait, leave the login fallback half of the budget.
+            let refresh_deadline = if urgent {
+                let now = Instant::now();
+                now + deadline.saturating_duration_since(now) / 2
+            } else {
+                deadline
+            };
             let answer = self
                 .call(
                     account,
                     GrantType::Refresh,
-                    deadline,
+                    refresh_deadline,
                     self.upstream.refresh(account, &token),
                 )
                 .await
@@ -713,6 +762,14 @@ impl Inner {
                 }
                 Err(error) if error.is_transient() && !urgent => {
                     warn!(%error, "refresh failed; retrying after a backoff while the token is valid");
+                    return Fetched {
+                        grant: GrantType::Refresh,
+                        result: Err(error),
+                        refresh_declined: None,
+                    };
+                }
+                Err(error) if slot.lock().generation != generation => {
+                    // An invalidation replaced this fetch meanwhile; its login is under way.
                     return Fetched {
                         grant: GrantType::Refresh,
                         result: Err(error),
@@ -853,7 +910,8 @@ impl Inner {
         if state.flight.is_some() {
             return; // Its completion schedules the next refresh.
         }
-        if let Some(at) = state.retry_at.filter(|at| *at > now) {
+        // Woken early (long delays are split, see `Refresher`) or before a backoff ends.
+        if let Some(at) = state.next_due.max(state.retry_at).filter(|at| *at > now) {
             let _ = self.schedule.send((slot.key(), at));
             return;
         }
@@ -863,6 +921,31 @@ impl Inner {
             .is_some_and(|t| t.valid_for(now, self.policy.refresh.expiry_margin));
         let kind = self.fetch_kind(current, &state, now);
         self.start_flight(&slot, &mut state, kind, urgent, false);
+    }
+}
+
+/// Clears a flight whose task ended without completing it (see [`Inner::start_flight`]).
+struct FlightGuard<'a> {
+    inner: &'a Arc<Inner>,
+    slot: &'a Arc<Slot>,
+    generation: u64,
+    armed: bool,
+}
+
+impl Drop for FlightGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed || self.inner.stop.is_cancelled() {
+            return;
+        }
+        let mut state = self.slot.lock();
+        if state.generation != self.generation {
+            return;
+        }
+        tracing::error!(account = %self.slot.account.name, "token fetch ended abnormally; retrying after a backoff");
+        state.flight = None;
+        let retry_at = Instant::now() + self.inner.policy.refresh.backoff_max;
+        state.retry_at = Some(retry_at);
+        let _ = self.inner.schedule.send((self.slot.key(), retry_at));
     }
 }
 
@@ -916,22 +999,23 @@ impl Slot {
         }
     }
 
-    /// Records a finished fetch: installs the token or the backoff, logs, and returns what
-    /// waiters get and when the account is next due.
-    fn complete(
-        &self,
-        generation: u64,
-        fetched: Fetched,
-        policy: &Policy,
-        joined: u64,
-    ) -> (Result<Arc<Token>, BrokerError>, Option<Instant>) {
+    /// Records a finished fetch: installs the token or the backoff, logs, plans the next
+    /// refresh or retry (under the lock, so plans reach the refresher in order), and returns
+    /// what waiters get.
+    fn complete(&self, generation: u64, fetched: Fetched, inner: &Inner, joined: u64) -> Landed {
         let now = Instant::now();
-        let r = &policy.refresh;
+        let r = &inner.policy.refresh;
         let mut state = self.lock();
-        let latest = state.generation == generation;
-        if latest {
-            state.flight = None;
+        if state.generation != generation {
+            // An invalidation replaced this fetch: its token (likely the invalidated one) is
+            // not installed, and its waiters look again.
+            debug!(
+                grant = fetched.grant.as_str(),
+                "fetch superseded by an invalidation"
+            );
+            return Landed::Superseded;
         }
+        state.flight = None;
         if fetched.refresh_declined.is_some() {
             state.refresh_declined = fetched.refresh_declined;
         }
@@ -944,13 +1028,6 @@ impl Slot {
                     r.expiry_margin,
                     jitter(),
                 );
-                if !latest {
-                    debug!(
-                        grant,
-                        "fetch superseded by an invalidation; token not installed"
-                    );
-                    return (Ok(token), None);
-                }
                 info!(
                     grant,
                     fingerprint = %token.fingerprint(),
@@ -964,8 +1041,8 @@ impl Slot {
                 state.rejections = 0;
                 state.retry_at = None;
                 state.last_error = None;
-                let next = token.obtained_at() + delay;
-                (Ok(token), Some(next))
+                self.plan(&mut state, inner, token.obtained_at() + delay);
+                Landed::Done(Ok(token))
             }
             Err(error) => {
                 let rejected = fetched.grant == GrantType::Password && !error.is_transient();
@@ -999,26 +1076,34 @@ impl Slot {
                     waiters = joined + 1,
                     "token fetch failed"
                 );
-                if !latest {
-                    return (Err(broker_error), None);
-                }
                 let mut retry_at = now + wait;
-                // While a token is still good, retry a failed refresh before it stops being
-                // served, even if the backoff would wait longer.
+                // While a token is still good, make the last retry early enough that it, and
+                // a login fallback after it, can finish before the token stops being served.
                 if let Some(token) = self.current.load_full() {
                     let last_good = token
                         .expires_at()
                         .checked_sub(r.expiry_margin)
                         .unwrap_or(now);
                     if !rejected && last_good > now {
-                        retry_at = retry_at.min(last_good);
+                        let last_try = last_good
+                            .checked_sub(inner.policy.upstream_timeout * 2)
+                            .filter(|t| *t > now)
+                            .unwrap_or(last_good);
+                        retry_at = retry_at.min(last_try);
                     }
                 }
                 state.retry_at = Some(retry_at);
                 state.last_error = Some(broker_error.clone());
-                (Err(broker_error), Some(retry_at))
+                self.plan(&mut state, inner, retry_at);
+                Landed::Done(Err(broker_error))
             }
         }
+    }
+
+    /// Records and sends the instant the slot is next due.
+    fn plan(&self, state: &mut SlotState, inner: &Inner, at: Instant) {
+        state.next_due = Some(at);
+        let _ = inner.schedule.send((self.key(), at));
     }
 }
 
@@ -1048,6 +1133,9 @@ pub struct Refresher {
     stop: CancellationToken,
 }
 
+/// The longest timer the refresher sets.
+const MAX_TIMER: Duration = Duration::from_secs(86_400);
+
 enum Event {
     Stop,
     Plan(SlotKey, Instant),
@@ -1071,13 +1159,18 @@ impl Refresher {
             };
             match event {
                 Event::Stop => break,
-                Event::Plan(account, at) => match self.keys.get(&account) {
-                    Some(key) => self.queue.reset_at(key, at),
-                    None => {
-                        let key = self.queue.insert_at(account.clone(), at);
-                        self.keys.insert(account, key);
+                Event::Plan(account, at) => {
+                    // DelayQueue refuses deadlines ~2 years out; wake at least daily instead
+                    // (`refresh_due` sleeps again when woken early).
+                    let at = at.min(Instant::now() + MAX_TIMER);
+                    match self.keys.get(&account) {
+                        Some(key) => self.queue.reset_at(key, at),
+                        None => {
+                            let key = self.queue.insert_at(account.clone(), at);
+                            self.keys.insert(account, key);
+                        }
                     }
-                },
+                }
                 Event::Due(key) => {
                     self.keys.remove(&key);
                     debug!(account = %key.0, "refresh due");

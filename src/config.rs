@@ -357,6 +357,9 @@ struct RawAccount {
     token_url: Option<String>,
 }
 
+/// The longest duration any key accepts (keeps every deadline computation far from overflow).
+const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
+
 /// Deserializes a humantime duration (`10s`, `5m`, `14d`, `1h 30m`). Parsing inside the visitor
 /// lets the YAML error carry the field's path and line.
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -367,8 +370,12 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
             f.write_str("a duration such as 10s, 5m or 14d")
         }
         fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Duration, E> {
-            humantime::parse_duration(text)
-                .map_err(|e| E::custom(format!("invalid duration {text:?}: {e}")))
+            let d = humantime::parse_duration(text)
+                .map_err(|e| E::custom(format!("invalid duration {text:?}: {e}")))?;
+            if d > MAX_DURATION {
+                return Err(E::custom(format!("duration {text:?} is longer than 365d")));
+            }
+            Ok(d)
         }
     }
     d.deserialize_str(Humantime)
@@ -720,6 +727,10 @@ accounts:
             (
                 "invalidate_cooldown: 5 parsecs\naccounts: {}",
                 &["invalidate_cooldown", "invalid duration"],
+            ),
+            (
+                "refresh:\n  refreshed_lifetime: 30000000000y\naccounts: {}",
+                &["refresh.refreshed_lifetime", "longer than 365d"],
             ),
             (
                 "upstream:\n  timeout: 0s\naccounts: {}",

@@ -104,7 +104,7 @@ fn log_failure(rpc: &'static str, account: &str, status: &Status) {
         .chars()
         .take(crate::token::MAX_ACCOUNT_NAME_LEN)
         .collect();
-    debug!(rpc, %account, code = ?status.code(), message = status.message(), "call failed");
+    debug!(rpc, ?account, code = ?status.code(), message = status.message(), "call failed");
 }
 
 #[tonic::async_trait]

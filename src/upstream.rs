@@ -78,9 +78,9 @@ pub enum UpstreamError {
     /// No answer within the upstream timeout.
     #[error("upstream timeout")]
     Timeout,
-    /// The connection could not be made or broke.
-    #[error("cannot reach BACE")]
-    Transport,
+    /// The connection could not be made or broke (with the cause, for logs; never a URL).
+    #[error("cannot reach BACE: {0}")]
+    Transport(String),
     /// A 2xx answer the broker cannot use.
     #[error("invalid answer from BACE: {0}")]
     InvalidAnswer(&'static str),
@@ -103,7 +103,7 @@ impl UpstreamError {
             UpstreamError::Status { status: 429 } => "rate limited",
             UpstreamError::Status { .. } => "upstream error status",
             UpstreamError::Timeout => "upstream timeout",
-            UpstreamError::Transport => "connection failed",
+            UpstreamError::Transport(_) => "connection failed",
             UpstreamError::InvalidAnswer(_) => "invalid upstream answer",
         }
     }
@@ -178,10 +178,18 @@ impl HttpUpstream {
 
 fn transport_error(e: reqwest::Error) -> UpstreamError {
     if e.is_timeout() {
-        UpstreamError::Timeout
-    } else {
-        UpstreamError::Transport
+        return UpstreamError::Timeout;
     }
+    // The cause chain (connection refused, DNS, TLS...), without the URL.
+    let e = e.without_url();
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    UpstreamError::Transport(text)
 }
 
 impl Upstream for HttpUpstream {

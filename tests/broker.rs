@@ -26,6 +26,8 @@ const MARGIN: Duration = Duration::from_secs(10);
 enum Answer {
     Fail(UpstreamError),
     Hang,
+    /// Answer normally after this long.
+    Delay(Duration),
 }
 
 /// An in-memory BACE: logins issue 24 h tokens, refreshes extend by 14 days (BACE style)
@@ -36,6 +38,8 @@ struct Scripted {
     outage: Mutex<Option<Answer>>,
     log: Mutex<Vec<(Instant, String, &'static str)>>,
     issued: Mutex<u64>,
+    /// Lifetime of login tokens per account (default 24 h).
+    lifetimes: Mutex<HashMap<String, Duration>>,
 }
 
 impl Scripted {
@@ -78,6 +82,7 @@ impl Scripted {
         match scripted {
             Some(Answer::Fail(e)) => return Err(e),
             Some(Answer::Hang) => std::future::pending().await,
+            Some(Answer::Delay(d)) => tokio::time::sleep(d).await,
             None => {}
         }
         Ok(match grant {
@@ -90,7 +95,14 @@ impl Scripted {
                 Issued::Token {
                     access: SecretString::from(format!("access-{account}-{n}")),
                     refresh: Some(SecretString::from(format!("refresh-{account}-{n}"))),
-                    lifetime: Some(DAY),
+                    lifetime: Some(
+                        self.lifetimes
+                            .lock()
+                            .unwrap()
+                            .get(account)
+                            .copied()
+                            .unwrap_or(DAY),
+                    ),
                 }
             }
             GrantType::Refresh => Issued::Extended {
@@ -412,9 +424,14 @@ async fn an_invalidation_during_a_refresh_wins() {
     let r = broker.invalidate("fleet-a", "").await.unwrap();
     assert!(r.invalidated());
     assert_ne!(r.token.fingerprint(), old.fingerprint());
-    let _ = refreshing.await.unwrap();
+    // The superseded refresh's caller is not handed the invalidated token: it looks again and
+    // gets the new one (extended by a refresh to meet its two days).
+    let got = refreshing.await.unwrap().unwrap();
+    assert_eq!(got.fingerprint(), r.token.fingerprint());
+    assert!(got.valid_for(Instant::now(), 2 * DAY));
     let now = broker.get_token("fleet-a", Duration::ZERO).await.unwrap();
     assert_eq!(now.fingerprint(), r.token.fingerprint());
+    assert_eq!(bace.calls("fleet-a", GrantType::Password).len(), 2);
     broker.shutdown().await;
 }
 
@@ -439,4 +456,78 @@ async fn shutdown_ends_waiting_fetches() {
         BrokerError::ShuttingDown
     );
     refresher.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn very_long_lifetimes_do_not_stop_the_refresher() {
+    let bace = Arc::new(Scripted::default());
+    bace.lifetimes
+        .lock()
+        .unwrap()
+        .insert("forever".into(), Duration::from_secs(10 * 365 * 86_400));
+    let (broker, bace) = start_with(&["forever", "daily"], "", bace).await;
+    // Both accounts keep being served and refreshed for days: the 10-year token's timer did
+    // not take the refresher down (DelayQueue refuses deadlines beyond ~2 years).
+    tokio::time::sleep(3 * DAY).await;
+    assert_eq!(bace.calls("daily", GrantType::Refresh).len(), 1);
+    assert!(bace.calls("forever", GrantType::Refresh).is_empty());
+    assert!(broker.get_token("forever", Duration::ZERO).await.is_ok());
+    assert!(broker.get_token("daily", Duration::ZERO).await.is_ok());
+    broker.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_invalidation_during_the_first_login_joins_it() {
+    let bace = Arc::new(Scripted::default());
+    bace.script(
+        "fleet-a",
+        GrantType::Password,
+        [Answer::Delay(Duration::from_secs(2))],
+    );
+    let (broker, refresher) = Broker::new(&config(&["fleet-a"], ""), bace.clone(), Metrics::new());
+    tokio::spawn(refresher.run());
+    let b = broker.clone();
+    let first = tokio::spawn(async move { b.get_token("fleet-a", Duration::ZERO).await });
+    while bace.total() == 0 {
+        tokio::task::yield_now().await;
+    }
+    let r = broker.invalidate("fleet-a", "").await.unwrap();
+    assert!(r.invalidated());
+    assert_eq!(
+        r.token.fingerprint(),
+        first.await.unwrap().unwrap().fingerprint()
+    );
+    assert_eq!(
+        bace.calls("fleet-a", GrantType::Password).len(),
+        1,
+        "one login, not two"
+    );
+    broker.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hanging_refresh_endpoint_leaves_time_for_the_login_fallback() {
+    let bace = Arc::new(Scripted::default());
+    bace.script(
+        "fleet-a",
+        GrantType::Refresh,
+        std::iter::repeat_n(Answer::Hang, 100_000),
+    );
+    let (broker, bace) = start_with(&["fleet-a"], "upstream:\n  timeout: 10s", bace).await;
+    let token = broker.get_token("fleet-a", Duration::ZERO).await.unwrap();
+    // Every refresh hangs until its deadline. Callers arriving through the token's last
+    // servable moment and after are always served: the last refresh attempt comes early
+    // enough, and the one callers wait for leaves the login half of its budget.
+    tokio::time::sleep_until(token.expires_at() - Duration::from_secs(60)).await;
+    for _ in 0..120 {
+        let t = broker.get_token("fleet-a", Duration::ZERO).await.unwrap();
+        assert!(t.valid_for(Instant::now(), MARGIN));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert_eq!(
+        bace.calls("fleet-a", GrantType::Password).len(),
+        2,
+        "one fallback login"
+    );
+    broker.shutdown().await;
 }
