@@ -160,6 +160,7 @@ pub async fn serve_with(
     // Wait for the abort, so a warm-up ending right now cannot flip readiness back on.
     let _ = warm_up.await;
     set_ready(&health, false).await;
+    broker.drain();
     let _ = drain_tx.send(());
     match tokio::time::timeout(config.shutdown_grace, &mut server).await {
         Ok(result) => result.context("server task")?.context("gRPC server")?,

@@ -85,6 +85,20 @@ pub enum BrokerError {
     ShuttingDown,
 }
 
+impl BrokerError {
+    /// A short class for status views and metrics.
+    pub fn class(&self) -> &'static str {
+        match self {
+            BrokerError::InvalidAccountName(_) => "invalid account name",
+            BrokerError::UnknownAccount(_) => "unknown account",
+            BrokerError::ValidityOutOfRange { .. } => "min_validity out of range",
+            BrokerError::CredentialsRejected { .. } => "credentials rejected",
+            BrokerError::Unavailable { reason, .. } => reason,
+            BrokerError::ShuttingDown => "shutting down",
+        }
+    }
+}
+
 /// The result of [`Broker::invalidate`].
 #[derive(Debug, Clone)]
 pub struct Invalidated {
@@ -108,6 +122,8 @@ pub enum InvalidateOutcome {
     Invalidated,
     /// The reported token is not the current one: it was already replaced.
     AlreadyReplaced,
+    /// BACE accepts the reported token (checked at `upstream.verify_url`): kept.
+    TokenValid,
     /// The current token was reported within the invalidate cooldown: kept.
     Cooldown,
 }
@@ -118,20 +134,119 @@ impl InvalidateOutcome {
         match self {
             InvalidateOutcome::Invalidated => "invalidated",
             InvalidateOutcome::AlreadyReplaced => "already_replaced",
+            InvalidateOutcome::TokenValid => "token_valid",
             InvalidateOutcome::Cooldown => "cooldown",
         }
     }
 }
 
-/// An account's state, for metrics and status views.
+/// An account's health, for ListAccounts, `status` and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccountState {
+    /// A valid token; the last fetch succeeded.
+    Ready,
+    /// A fetch is in progress.
+    Refreshing,
+    /// A valid token, but refreshing it fails.
+    Degraded,
+    /// No valid token.
+    Failing,
+    /// BACE rejected the credentials.
+    Rejected,
+}
+
+impl AccountState {
+    /// Every state, for gauges.
+    pub const ALL: [AccountState; 5] = [
+        AccountState::Ready,
+        AccountState::Refreshing,
+        AccountState::Degraded,
+        AccountState::Failing,
+        AccountState::Rejected,
+    ];
+
+    /// Lower-case name, for metrics and tables.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccountState::Ready => "ready",
+            AccountState::Refreshing => "refreshing",
+            AccountState::Degraded => "degraded",
+            AccountState::Failing => "failing",
+            AccountState::Rejected => "rejected",
+        }
+    }
+}
+
+/// What an operator needs to know about one account. Never a secret or a token.
 #[derive(Debug, Clone)]
-pub struct AccountSnapshot {
+pub struct AccountStatus {
     /// The account.
     pub account: AccountName,
-    /// Whether the current token is served (valid beyond the expiry margin).
-    pub valid: bool,
+    /// Its state.
+    pub state: AccountState,
     /// When the current token expires, if there is one.
     pub expires_at: Option<SystemTime>,
+    /// When the next refresh or retry is planned, if one is.
+    pub next_refresh_at: Option<SystemTime>,
+    /// How long callers stay served if BACE stays down from now.
+    pub survives_outage_for: Duration,
+    /// Failed fetches since the last success.
+    pub consecutive_failures: u32,
+    /// A short class of the last failure, if the last fetch failed.
+    pub last_error: Option<&'static str>,
+    /// When the last fetch succeeded.
+    pub last_success_at: Option<SystemTime>,
+    /// WatchToken streams open on the account.
+    pub watchers: usize,
+}
+
+/// A watcher of one account's token: yields the current valid token, then each new token or
+/// new expiry; never an expired token. Holds a `watch` receiver, so thousands of watchers cost
+/// a few hundred bytes each and no upstream call. Follows the account across reloads that
+/// change its credentials.
+pub struct TokenWatch {
+    broker: Broker,
+    slot: Arc<Slot>,
+    receiver: watch::Receiver<Option<Arc<Token>>>,
+    /// What was yielded last (token and expiry), to yield changes only.
+    last: Option<(Fingerprint, Instant)>,
+}
+
+impl TokenWatch {
+    /// The next token to hand out. `None` when the broker stops; an error when the account
+    /// was removed from the configuration.
+    pub async fn next(&mut self) -> Option<Result<Arc<Token>, BrokerError>> {
+        let stop = self.broker.inner.draining.clone();
+        let margin = self.broker.inner.policy.refresh.expiry_margin;
+        loop {
+            if self.slot.retired.load(Ordering::Acquire) {
+                // A reload replaced or removed the account: follow it, or end.
+                match self.broker.inner.slot(self.slot.account.name.as_str()) {
+                    Ok(slot) => {
+                        self.receiver = slot.watch.subscribe();
+                        self.slot = slot;
+                    }
+                    Err(error) => return Some(Err(error)),
+                }
+            }
+            let current = self.receiver.borrow_and_update().clone();
+            if let Some(token) = current.filter(|t| t.valid_for(Instant::now(), margin)) {
+                let seen = Some((token.fingerprint(), token.expires_at()));
+                if self.last != seen {
+                    self.last = seen;
+                    return Some(Ok(token));
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return None,
+                changed = self.receiver.changed() => {
+                    if changed.is_err() {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// What [`Broker::apply`] did, by account.
@@ -174,6 +289,8 @@ pub struct Policy {
     pub invalidate_cooldown: Duration,
     /// Accounts fetched at once during warm-up.
     pub warmup_concurrency: usize,
+    /// Where a reported token is checked before it is invalidated, if anywhere.
+    pub verify_url: Option<reqwest::Url>,
 }
 
 impl Policy {
@@ -184,6 +301,7 @@ impl Policy {
             upstream_timeout: config.upstream.timeout,
             invalidate_cooldown: config.invalidate_cooldown,
             warmup_concurrency: config.warmup_concurrency,
+            verify_url: config.upstream.verify_url.clone(),
         }
     }
 }
@@ -204,6 +322,8 @@ struct Inner {
     /// Fetch tasks; waited for on shutdown.
     tasks: TaskTracker,
     stop: CancellationToken,
+    /// Cancelled when shutdown begins: watch streams end so the server can drain.
+    draining: CancellationToken,
 }
 
 /// One account: its configuration, its current token and its fetch state.
@@ -213,6 +333,10 @@ struct Slot {
     account: Arc<AccountConfig>,
     /// The token served to callers; `None` before the first login and after an invalidation.
     current: ArcSwapOption<Token>,
+    /// The same token, for watchers (changed together with `current`).
+    watch: watch::Sender<Option<Arc<Token>>>,
+    /// Set when a reload replaced or removed this slot.
+    retired: std::sync::atomic::AtomicBool,
     state: Mutex<SlotState>,
 }
 
@@ -239,6 +363,8 @@ struct SlotState {
     refresh_declined: Option<Fingerprint>,
     /// When the slot is next due for a refresh or retry (the refresher may wake earlier).
     next_due: Option<Instant>,
+    /// When the last fetch succeeded.
+    last_success_at: Option<SystemTime>,
 }
 
 /// What a fetch hands its waiters.
@@ -282,6 +408,8 @@ enum FetchKind {
     Refresh(Arc<Token>),
     /// Password grant.
     Login,
+    /// Ask `upstream.verify_url` whether BACE accepts this token; a password grant if not.
+    Verify(Arc<Token>, reqwest::Url),
 }
 
 enum Acquired {
@@ -314,6 +442,7 @@ impl Broker {
                 schedule,
                 tasks: TaskTracker::new(),
                 stop: stop.clone(),
+                draining: stop.child_token(),
             }),
         };
         let refresher = Refresher {
@@ -382,13 +511,20 @@ impl Broker {
     ) -> Result<Invalidated, BrokerError> {
         let slot = self.inner.slot(account)?;
         let reported = (!access_token.is_empty()).then(|| Fingerprint::of(access_token));
+        let before = slot.current.load_full().map(|t| t.fingerprint());
         let outcome = match self.inner.invalidate(&slot, reported)? {
             Ok(flight) => match flight.wait().await {
                 Landed::Done(result) => {
-                    return Ok(Invalidated {
-                        outcome: InvalidateOutcome::Invalidated,
-                        token: result?,
-                    });
+                    let token = result?;
+                    // A verified token comes back unchanged: BACE accepts it.
+                    let outcome = if self.inner.policy.verify_url.is_some()
+                        && before == Some(token.fingerprint())
+                    {
+                        InvalidateOutcome::TokenValid
+                    } else {
+                        InvalidateOutcome::Invalidated
+                    };
+                    return Ok(Invalidated { outcome, token });
                 }
                 // Replaced by a later login: that one's token is the answer.
                 Landed::Superseded => InvalidateOutcome::Invalidated,
@@ -458,10 +594,11 @@ impl Broker {
     pub fn apply(&self, config: &Config) -> Reloaded {
         let inner = &self.inner;
         let mut report = Reloaded::default();
-        inner.accounts.retain(|name, _| {
+        inner.accounts.retain(|name, slot| {
             let keep = config.accounts.contains_key(name);
             if !keep {
                 report.removed.push(name.clone());
+                slot.retire();
             }
             keep
         });
@@ -476,9 +613,12 @@ impl Broker {
                 None => report.added.push(name.clone()),
             }
             if same != Some(true) {
-                inner
+                let old = inner
                     .accounts
                     .insert(name.clone(), Arc::new(Slot::new(account.clone())));
+                if let Some(old) = old {
+                    old.retire();
+                }
                 let broker = self.clone();
                 let name = name.clone();
                 inner.tasks.spawn(async move {
@@ -494,25 +634,47 @@ impl Broker {
         self.inner.accounts.get(name).map(|e| e.key().clone())
     }
 
-    /// Every account's token state, sorted by account.
-    pub fn snapshot(&self) -> Vec<AccountSnapshot> {
-        let now = Instant::now();
-        let margin = self.inner.policy.refresh.expiry_margin;
-        let mut accounts: Vec<AccountSnapshot> = self
+    /// Every account's status, sorted by account.
+    pub fn status(&self) -> Vec<AccountStatus> {
+        let slots: Vec<Arc<Slot>> = self
             .inner
             .accounts
             .iter()
-            .map(|entry| {
-                let token = entry.value().current.load_full();
-                AccountSnapshot {
-                    account: entry.key().clone(),
-                    valid: token.as_ref().is_some_and(|t| t.valid_for(now, margin)),
-                    expires_at: token.map(|t| t.expires_at_wall()),
-                }
-            })
+            .map(|e| e.value().clone())
             .collect();
+        let margin = self.inner.policy.refresh.expiry_margin;
+        let mut accounts: Vec<AccountStatus> = slots.iter().map(|s| s.status(margin)).collect();
         accounts.sort_by(|a, b| a.account.cmp(&b.account));
         accounts
+    }
+
+    /// Watches `account`'s token (see [`TokenWatch`]). When the account holds no valid token,
+    /// a fetch is started (or joined) so the watcher need not wait for the next retry.
+    pub fn watch(&self, account: &str) -> Result<TokenWatch, BrokerError> {
+        let slot = self.inner.slot(account)?;
+        let receiver = slot.watch.subscribe();
+        if slot
+            .servable(Instant::now(), self.inner.policy.refresh.expiry_margin)
+            .is_none()
+        {
+            let broker = self.clone();
+            let name = slot.account.name.clone();
+            self.inner.tasks.spawn(async move {
+                let _ = broker.get_token(name.as_str(), Duration::ZERO).await;
+            });
+        }
+        Ok(TokenWatch {
+            broker: self.clone(),
+            slot,
+            receiver,
+            last: None,
+        })
+    }
+
+    /// Ends every [`TokenWatch`] (the first step of a shutdown: streams must end for the
+    /// server to drain). Fetches and refreshes go on until [`Broker::shutdown`].
+    pub fn drain(&self) {
+        self.inner.draining.cancel();
     }
 
     /// The metrics this broker records.
@@ -636,10 +798,19 @@ impl Inner {
             debug!(account = %slot.account.name, "invalidation within cooldown; keeping the current token");
             return Ok(Err(InvalidateOutcome::Cooldown));
         }
+        if let (Some(url), Some(token)) = (&self.policy.verify_url, &current) {
+            // Keep serving the token until BACE says whether it is bad (BACE also answers 401
+            // for endpoints the account may not use).
+            info!(account = %slot.account.name, fingerprint = %token.fingerprint(), "token reported by a caller; verifying it");
+            state.replaced = Some(token.fingerprint());
+            state.last_forced_at = Some(now);
+            let kind = FetchKind::Verify(token.clone(), url.clone());
+            return Ok(Ok(self.start_flight(slot, &mut state, kind, true, true)));
+        }
         if let Some(token) = current {
             info!(account = %slot.account.name, fingerprint = %token.fingerprint(), "token invalidated by a caller; logging in again");
             state.replaced = Some(token.fingerprint());
-            slot.current.store(None);
+            slot.set_current(None);
         }
         // Rejected credentials: no login before their backoff ends (the token is dropped all
         // the same: BACE refused it). A transient backoff does not hold back a forced login:
@@ -735,6 +906,39 @@ impl Inner {
     ) -> Fetched {
         let account = &slot.account;
         let mut declined = None;
+        if let FetchKind::Verify(token, url) = &kind {
+            let verdict = timeout_at(deadline, self.upstream.verify(url, token))
+                .await
+                .unwrap_or(Err(UpstreamError::Timeout));
+            let outcome = match &verdict {
+                Ok(true) => "ok",
+                Ok(false) => "rejected",
+                Err(e) => e.class(),
+            };
+            self.metrics
+                .upstream_requests
+                .get_or_create(&UpstreamLabels {
+                    account: AccountLabel::Known(account.name.clone()),
+                    grant: GrantType::Verify.as_str(),
+                    outcome,
+                })
+                .inc();
+            match verdict {
+                Ok(true) => {
+                    info!(fingerprint = %token.fingerprint(), "BACE accepts the reported token: the caller's 401 was a permission problem; token kept");
+                    return Fetched {
+                        grant: GrantType::Verify,
+                        result: Ok(token.clone()),
+                        refresh_declined: None,
+                    };
+                }
+                Ok(false) => {
+                    info!(fingerprint = %token.fingerprint(), "BACE refuses the reported token; logging in again")
+                }
+                Err(error) => warn!(%error, "cannot verify the reported token; logging in again"),
+            }
+            slot.set_current(None);
+        }
         if let FetchKind::Refresh(token) = kind {
             // When callers wait, leave the login fallback half of the budget.
             let refresh_deadline = if urgent {
@@ -970,7 +1174,60 @@ impl Slot {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             account: Arc::new(account),
             current: ArcSwapOption::empty(),
+            watch: watch::Sender::new(None),
+            retired: std::sync::atomic::AtomicBool::new(false),
             state: Mutex::new(SlotState::default()),
+        }
+    }
+
+    /// Marks the slot as no longer the account's (a reload replaced or removed it) and wakes
+    /// its watchers so they move on.
+    fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+        self.watch.send_modify(|_| {});
+    }
+
+    /// Replaces the current token, for readers and watchers.
+    fn set_current(&self, token: Option<Arc<Token>>) {
+        self.current.store(token.clone());
+        self.watch.send_replace(token);
+    }
+
+    fn status(&self, margin: Duration) -> AccountStatus {
+        let (now, now_wall) = (Instant::now(), SystemTime::now());
+        let to_wall = |at: Instant| now_wall + at.saturating_duration_since(now);
+        let state = self.lock();
+        let token = self.current.load_full();
+        let servable_until = token
+            .as_ref()
+            .and_then(|t| t.expires_at().checked_sub(margin));
+        let survives =
+            servable_until.map_or(Duration::ZERO, |at| at.saturating_duration_since(now));
+        let rejected = matches!(
+            state.last_error,
+            Some(BrokerError::CredentialsRejected { .. })
+        );
+        let kind = if state.flight.is_some() {
+            AccountState::Refreshing
+        } else if rejected {
+            AccountState::Rejected
+        } else if survives.is_zero() {
+            AccountState::Failing
+        } else if state.failures > 0 {
+            AccountState::Degraded
+        } else {
+            AccountState::Ready
+        };
+        AccountStatus {
+            account: self.account.name.clone(),
+            state: kind,
+            expires_at: token.map(|t| t.expires_at_wall()),
+            next_refresh_at: state.next_due.filter(|at| *at > now).map(to_wall),
+            survives_outage_for: survives,
+            consecutive_failures: state.failures + state.rejections,
+            last_error: state.last_error.as_ref().map(BrokerError::class),
+            last_success_at: state.last_success_at,
+            watchers: self.watch.receiver_count(),
         }
     }
 
@@ -1036,7 +1293,8 @@ impl Slot {
                     waiters = joined + 1,
                     "token obtained"
                 );
-                self.current.store(Some(token.clone()));
+                self.set_current(Some(token.clone()));
+                state.last_success_at = Some(SystemTime::now());
                 state.failures = 0;
                 state.rejections = 0;
                 state.retry_at = None;

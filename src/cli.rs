@@ -76,6 +76,12 @@ pub enum Command {
         #[arg(long, env = "BACE_BROKER_ADDR", default_value = DEFAULT_ADDR)]
         addr: String,
     },
+    /// Print the state of every account of a running broker.
+    Status {
+        /// Broker address.
+        #[arg(long, env = "BACE_BROKER_ADDR", default_value = DEFAULT_ADDR)]
+        addr: String,
+    },
     /// Validate a config file and the secret files it names.
     CheckConfig {
         /// Config file (YAML).
@@ -113,6 +119,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 token,
                 addr,
             } => invalidate(&addr, account, token).await,
+            Command::Status { addr } => status(&addr).await,
             Command::CheckConfig { config } => check_config(&config),
         }
     });
@@ -247,4 +254,86 @@ async fn invalidate(addr: &str, account: String, token: Option<String>) -> Resul
         }
     );
     print_token(response.token, false)
+}
+
+async fn status(addr: &str) -> Result<(), String> {
+    let mut client = connect(addr).await?;
+    let accounts = client
+        .list_accounts(proto::ListAccountsRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .accounts;
+    print!("{}", status_table(&accounts, std::time::SystemTime::now()));
+    Ok(())
+}
+
+/// Renders account statuses as an aligned table; times relative to `now`.
+pub fn status_table(accounts: &[proto::AccountStatus], now: std::time::SystemTime) -> String {
+    let until = |t: &Option<prost_types::Timestamp>| match (*t).map(std::time::SystemTime::try_from)
+    {
+        Some(Ok(at)) => match at.duration_since(now) {
+            Ok(d) => format!("in {}", short(d)),
+            Err(e) => format!("{} ago", short(e.duration())),
+        },
+        _ => "-".to_owned(),
+    };
+    let mut rows = vec![[
+        "ACCOUNT".to_owned(),
+        "STATE".to_owned(),
+        "EXPIRES".to_owned(),
+        "NEXT REFRESH".to_owned(),
+        "SURVIVES OUTAGE".to_owned(),
+        "FAILURES".to_owned(),
+        "LAST SUCCESS".to_owned(),
+        "LAST ERROR".to_owned(),
+    ]];
+    for a in accounts {
+        let state = proto::AccountState::try_from(a.state)
+            .map(|s| {
+                s.as_str_name()
+                    .trim_start_matches("ACCOUNT_STATE_")
+                    .to_owned()
+            })
+            .unwrap_or_else(|_| a.state.to_string());
+        let survives = a
+            .survives_outage_for
+            .and_then(|d| Duration::try_from(d).ok())
+            .map_or("-".to_owned(), short);
+        rows.push([
+            a.account.clone(),
+            state,
+            until(&a.expires_at),
+            until(&a.next_refresh_at),
+            survives,
+            a.consecutive_failures.to_string(),
+            until(&a.last_success_at),
+            if a.last_error.is_empty() {
+                "-".to_owned()
+            } else {
+                a.last_error.clone()
+            },
+        ]);
+    }
+    let widths: Vec<usize> = (0..8)
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in &rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// A duration rounded to whole seconds (minutes above an hour), humantime style.
+fn short(d: Duration) -> String {
+    let secs = d.as_secs();
+    let rounded = if secs >= 3600 { secs - secs % 60 } else { secs };
+    humantime::format_duration(Duration::from_secs(rounded)).to_string()
 }

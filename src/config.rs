@@ -84,6 +84,8 @@ pub struct UpstreamConfig {
     pub timeout: Duration,
     /// Zone of the `expires` string in BACE's refresh answer.
     pub expires_timezone: Tz,
+    /// A cheap authenticated BACE endpoint where Invalidate checks a reported token first.
+    pub verify_url: Option<Url>,
 }
 
 /// Refresh and retry policy.
@@ -298,6 +300,8 @@ struct RawUpstream {
     timeout: Duration,
     #[serde(default = "default_timezone")]
     expires_timezone: String,
+    #[serde(default)]
+    verify_url: Option<String>,
 }
 
 impl RawUpstream {
@@ -312,6 +316,7 @@ impl Default for RawUpstream {
             token_url: default_token_url(),
             timeout: Self::timeout(),
             expires_timezone: default_timezone(),
+            verify_url: None,
         }
     }
 }
@@ -392,6 +397,10 @@ impl RawConfig {
         };
         let token_url =
             parse_url(&self.upstream.token_url).map_err(|p| field("upstream.token_url", p))?;
+        let verify_url = match self.upstream.verify_url.as_deref() {
+            None | Some("") => None,
+            Some(url) => Some(parse_url(url).map_err(|p| field("upstream.verify_url", p))?),
+        };
         if self.upstream.timeout.is_zero() {
             return Err(field("upstream.timeout", "must be more than 0s".into()));
         }
@@ -472,6 +481,7 @@ impl RawConfig {
                 token_url,
                 timeout: self.upstream.timeout,
                 expires_timezone,
+                verify_url,
             },
             refresh: RefreshConfig {
                 lifetime_fraction: r.lifetime_fraction,

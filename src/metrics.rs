@@ -24,7 +24,10 @@ use prometheus_client::{
 };
 use tokio::net::TcpListener;
 
-use crate::{broker::Broker, token::AccountName};
+use crate::{
+    broker::{AccountState, AccountStatus, Broker},
+    token::AccountName,
+};
 
 /// An account label: a configured account, or `(unknown)` for names no account has.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -86,6 +89,15 @@ pub struct GrantLabels {
 pub struct AccountLabels {
     /// The account.
     pub account: AccountLabel,
+}
+
+/// `{account, state}`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct StateLabels {
+    /// The account.
+    pub account: AccountLabel,
+    /// The state name.
+    pub state: &'static str,
 }
 
 /// `{outcome}`.
@@ -186,7 +198,10 @@ impl fmt::Debug for AccountGauges {
 
 impl Collector for AccountGauges {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
-        let accounts = self.0.snapshot();
+        let accounts = self.0.status();
+        let label = |a: &AccountStatus| AccountLabels {
+            account: AccountLabel::Known(a.account.clone()),
+        };
         {
             let mut valid = encoder.encode_descriptor(
                 "bace_broker_token_valid",
@@ -195,28 +210,63 @@ impl Collector for AccountGauges {
                 MetricType::Gauge,
             )?;
             for a in &accounts {
-                let labels = AccountLabels {
-                    account: AccountLabel::Known(a.account.clone()),
-                };
-                ConstGauge::new(i64::from(a.valid)).encode(valid.encode_family(&labels)?)?;
+                let served = !a.survives_outage_for.is_zero();
+                ConstGauge::new(i64::from(served)).encode(valid.encode_family(&label(a))?)?;
             }
         }
-        let mut expiry = encoder.encode_descriptor(
-            "bace_broker_token_expiry_timestamp_seconds",
-            "When the account's current token expires (Unix time); absent without a token",
+        {
+            let mut expiry = encoder.encode_descriptor(
+                "bace_broker_token_expiry_timestamp_seconds",
+                "When the account's current token expires (Unix time); absent without a token",
+                None,
+                MetricType::Gauge,
+            )?;
+            for a in &accounts {
+                let Some(at) = a.expires_at else { continue };
+                let seconds = at
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or(0.0);
+                ConstGauge::new(seconds).encode(expiry.encode_family(&label(a))?)?;
+            }
+        }
+        {
+            let mut survives = encoder.encode_descriptor(
+                "bace_broker_survives_outage_seconds",
+                "How long callers stay served if BACE stays down from now",
+                None,
+                MetricType::Gauge,
+            )?;
+            for a in &accounts {
+                ConstGauge::new(a.survives_outage_for.as_secs_f64())
+                    .encode(survives.encode_family(&label(a))?)?;
+            }
+        }
+        {
+            let mut watchers = encoder.encode_descriptor(
+                "bace_broker_watchers",
+                "WatchToken streams open on the account",
+                None,
+                MetricType::Gauge,
+            )?;
+            for a in &accounts {
+                ConstGauge::new(a.watchers as i64).encode(watchers.encode_family(&label(a))?)?;
+            }
+        }
+        let mut state = encoder.encode_descriptor(
+            "bace_broker_account_state",
+            "1 for the account's current state (ready, refreshing, degraded, failing, rejected)",
             None,
             MetricType::Gauge,
         )?;
         for a in &accounts {
-            let Some(at) = a.expires_at else { continue };
-            let seconds = at
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map(|d| d.as_secs_f64())
-                .unwrap_or(0.0);
-            let labels = AccountLabels {
-                account: AccountLabel::Known(a.account.clone()),
-            };
-            ConstGauge::new(seconds).encode(expiry.encode_family(&labels)?)?;
+            for s in AccountState::ALL {
+                let labels = StateLabels {
+                    account: AccountLabel::Known(a.account.clone()),
+                    state: s.as_str(),
+                };
+                ConstGauge::new(i64::from(a.state == s)).encode(state.encode_family(&labels)?)?;
+            }
         }
         Ok(())
     }

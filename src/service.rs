@@ -9,8 +9,11 @@ use tokio::time::Duration;
 use tonic::{Code, Request, Response, Status};
 use tracing::debug;
 
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
 use crate::{
-    broker::{Broker, BrokerError},
+    broker::{AccountState, AccountStatus, Broker, BrokerError, InvalidateOutcome},
     metrics::{AccountLabel, CallLabels, OutcomeLabels},
     proto::{self, token_broker_service_server::TokenBrokerService},
     token::Token,
@@ -168,7 +171,81 @@ impl TokenBrokerService for TokenBrokerApi {
         Ok(Response::new(proto::InvalidateResponse {
             invalidated: answer.invalidated(),
             token: Some(token_to_proto(&answer.token)),
+            outcome: outcome_to_proto(answer.outcome) as i32,
         }))
+    }
+
+    type WatchTokenStream = ReceiverStream<Result<proto::WatchTokenResponse, Status>>;
+
+    async fn watch_token(
+        &self,
+        request: Request<proto::WatchTokenRequest>,
+    ) -> Result<Response<Self::WatchTokenStream>, Status> {
+        let account = request.into_inner().account;
+        let mut watch = self.broker.watch(&account).inspect_err(|e| {
+            log_failure("WatchToken", &account, &Status::from(e.clone()));
+        })?;
+        // One small task per watcher moves tokens from the broker's watch channel to the
+        // stream; it ends when the caller goes away, the broker stops or the account is removed.
+        let (tx, rx) = mpsc::channel(2);
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    next = watch.next() => next,
+                    () = tx.closed() => return,
+                };
+                let message = match next {
+                    Some(Ok(token)) => Ok(proto::WatchTokenResponse {
+                        token: Some(token_to_proto(&token)),
+                    }),
+                    Some(Err(error)) => Err(Status::from(error)),
+                    None => return,
+                };
+                let last = message.is_err();
+                if tx.send(message).await.is_err() || last {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn list_accounts(
+        &self,
+        _request: Request<proto::ListAccountsRequest>,
+    ) -> Result<Response<proto::ListAccountsResponse>, Status> {
+        let accounts = self.broker.status().iter().map(status_to_proto).collect();
+        Ok(Response::new(proto::ListAccountsResponse { accounts }))
+    }
+}
+
+fn outcome_to_proto(outcome: InvalidateOutcome) -> proto::InvalidateOutcome {
+    match outcome {
+        InvalidateOutcome::Invalidated => proto::InvalidateOutcome::Invalidated,
+        InvalidateOutcome::AlreadyReplaced => proto::InvalidateOutcome::AlreadyReplaced,
+        InvalidateOutcome::TokenValid => proto::InvalidateOutcome::TokenValid,
+        InvalidateOutcome::Cooldown => proto::InvalidateOutcome::Cooldown,
+    }
+}
+
+/// The wire form of an account's status.
+pub fn status_to_proto(s: &AccountStatus) -> proto::AccountStatus {
+    let state = match s.state {
+        AccountState::Ready => proto::AccountState::Ready,
+        AccountState::Refreshing => proto::AccountState::Refreshing,
+        AccountState::Degraded => proto::AccountState::Degraded,
+        AccountState::Failing => proto::AccountState::Failing,
+        AccountState::Rejected => proto::AccountState::Rejected,
+    };
+    proto::AccountStatus {
+        account: s.account.to_string(),
+        state: state as i32,
+        expires_at: s.expires_at.map(prost_types::Timestamp::from),
+        next_refresh_at: s.next_refresh_at.map(prost_types::Timestamp::from),
+        survives_outage_for: prost_types::Duration::try_from(s.survives_outage_for).ok(),
+        consecutive_failures: s.consecutive_failures,
+        last_error: s.last_error.unwrap_or_default().to_owned(),
+        last_success_at: s.last_success_at.map(prost_types::Timestamp::from),
     }
 }
 

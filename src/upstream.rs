@@ -19,13 +19,15 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// A boxed, sendable future (keeps [`Upstream`] object-safe).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// Which grant a request used.
+/// Which request to BACE: a grant of the token endpoint, or a token check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GrantType {
     /// `grant_type=password`: a new token from the account's credentials.
     Password,
     /// `grant_type=refresh_token`: extends (or replaces) the current token.
     Refresh,
+    /// `GET upstream.verify_url` with the token: does BACE accept it?
+    Verify,
 }
 
 impl GrantType {
@@ -34,6 +36,7 @@ impl GrantType {
         match self {
             GrantType::Password => "password",
             GrantType::Refresh => "refresh_token",
+            GrantType::Verify => "verify",
         }
     }
 }
@@ -123,6 +126,17 @@ pub trait Upstream: Send + Sync + 'static {
         account: &'a AccountConfig,
         token: &'a Token,
     ) -> BoxFuture<'a, Result<Issued, UpstreamError>>;
+
+    /// Whether BACE accepts `token` at `url` (an authenticated GET): `Ok(true)` for 2xx,
+    /// `Ok(false)` for 401/403. The default cannot tell and says no.
+    fn verify<'a>(
+        &'a self,
+        url: &'a Url,
+        token: &'a Token,
+    ) -> BoxFuture<'a, Result<bool, UpstreamError>> {
+        let _ = (url, token);
+        Box::pin(async { Ok(false) })
+    }
 }
 
 /// [`Upstream`] over HTTP(S) with reqwest and rustls.
@@ -232,6 +246,28 @@ impl Upstream for HttpUpstream {
                 Some(token.access().expose_secret()),
             )
             .await
+        })
+    }
+
+    fn verify<'a>(
+        &'a self,
+        url: &'a Url,
+        token: &'a Token,
+    ) -> BoxFuture<'a, Result<bool, UpstreamError>> {
+        Box::pin(async move {
+            let response = self
+                .client
+                .get(url.clone())
+                .header(header::ACCEPT, "application/json")
+                .bearer_auth(token.access().expose_secret())
+                .send()
+                .await
+                .map_err(transport_error)?;
+            match response.status().as_u16() {
+                200..=299 => Ok(true),
+                401 | 403 => Ok(false),
+                status => Err(UpstreamError::Status { status }),
+            }
         })
     }
 }

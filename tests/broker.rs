@@ -108,6 +108,7 @@ impl Scripted {
             GrantType::Refresh => Issued::Extended {
                 expires: Some(SystemTime::now() + 14 * DAY),
             },
+            GrantType::Verify => unreachable!("the broker verifies through Upstream::verify"),
         })
     }
 }
