@@ -214,7 +214,7 @@ def test_stubs_generate(pb):
     pb2, pb2_grpc = pb
     svc = pb2.DESCRIPTOR.services_by_name["TokenBrokerService"]
     assert svc.full_name == SERVICE
-    assert {m.name for m in svc.methods} == {"GetToken", "Invalidate"}
+    assert {m.name for m in svc.methods} == {"GetToken", "Invalidate", "WatchToken", "ListAccounts"}
     assert hasattr(pb2_grpc, "TokenBrokerServiceStub")
 
 
@@ -263,17 +263,20 @@ def test_invalidate_sequence(pb, stub):
 
     first = _invalidate(pb, stub, account, old)
     assert first.invalidated is True
+    assert first.outcome == pb[0].INVALIDATE_OUTCOME_INVALIDATED
     assert first.token.account == account
     new = first.token.access_token
     assert new and new != old
 
     stale = _invalidate(pb, stub, account, old)
     assert stale.invalidated is False
+    assert stale.outcome == pb[0].INVALIDATE_OUTCOME_ALREADY_REPLACED
     assert stale.token.access_token == new
 
     # Within the default 10 s invalidate cooldown: no new login, current token back.
     cooled = _invalidate(pb, stub, account, new)
     assert cooled.invalidated is False
+    assert cooled.outcome == pb[0].INVALIDATE_OUTCOME_COOLDOWN
     assert cooled.token.access_token == new
 
 
@@ -284,7 +287,7 @@ def test_reflection_v1alpha_lists_service(channel):
     fdp = db.FindFileContainingSymbol(SERVICE)
     assert fdp.package == "bace.tokenbroker.v1"
     (svc,) = [s for s in fdp.service if s.name == "TokenBrokerService"]
-    assert {m.name for m in svc.method} == {"GetToken", "Invalidate"}
+    assert {m.name for m in svc.method} == {"GetToken", "Invalidate", "WatchToken", "ListAccounts"}
 
 
 def test_reflection_v1_lists_service(channel):
@@ -304,3 +307,29 @@ def test_reflection_v1_lists_service(channel):
     assert len(responses) == 1
     names = [s.name for s in responses[0].list_services_response.service]
     assert SERVICE in names
+
+
+def test_watch_token_sends_the_current_token(pb, stub):
+    """A server stream: the first message is the current valid token."""
+    pb2, _ = pb
+    current = _get_token(pb, stub, "demo-fleet-a").token
+    stream = stub.WatchToken(pb2.WatchTokenRequest(account="demo-fleet-a"), timeout=RPC_TIMEOUT_S)
+    first = next(iter(stream))
+    stream.cancel()
+    assert first.token.account == "demo-fleet-a"
+    assert first.token.authorization == "Bearer " + first.token.access_token
+    assert first.token.expires_at.ToSeconds() >= current.expires_at.ToSeconds()
+
+
+def test_list_accounts(pb, stub):
+    """Every demo account is listed with a state, and never a token."""
+    pb2, _ = pb
+    resp = stub.ListAccounts(pb2.ListAccountsRequest(), timeout=RPC_TIMEOUT_S)
+    names = [a.account for a in resp.accounts]
+    assert names == sorted(names)
+    assert {"demo-fleet-a", "demo-fleet-b", "demo-fleet-c"} <= set(names)
+    a = next(a for a in resp.accounts if a.account == "demo-fleet-a")
+    assert a.state in (pb2.ACCOUNT_STATE_READY, pb2.ACCOUNT_STATE_REFRESHING)
+    assert a.HasField("expires_at") and a.HasField("last_success_at")
+    token = _get_token(pb, stub, "demo-fleet-a").token.access_token
+    assert token not in str(resp)
