@@ -16,12 +16,14 @@ use tonic_health::server::HealthReporter;
 use tracing::{info, warn};
 
 use crate::{
+    auth::Authorizer,
     broker::Broker,
     config::Config,
     metrics::{self, Metrics},
     proto::{self, token_broker_service_server::TokenBrokerServiceServer},
     reload::Reloader,
     service::TokenBrokerApi,
+    tls::{self, TlsAcceptor},
     upstream::{HttpUpstream, Upstream},
 };
 
@@ -40,6 +42,8 @@ pub struct Listeners {
     pub grpc: TcpListener,
     /// The metrics endpoint's, if on.
     pub metrics: Option<TcpListener>,
+    /// The plaintext health-only server's (with TLS on).
+    pub health: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -56,7 +60,18 @@ impl Listeners {
             ),
             None => None,
         };
-        Ok(Self { grpc, metrics })
+        let health =
+            match config.tls {
+                Some(_) => Some(TcpListener::bind(config.health_listen).await.with_context(
+                    || format!("cannot listen on {} (health_listen)", config.health_listen),
+                )?),
+                None => None,
+            };
+        Ok(Self {
+            grpc,
+            metrics,
+            health,
+        })
     }
 }
 
@@ -109,13 +124,49 @@ pub async fn serve_with(
         }
         None => None,
     };
-    let reloader = Reloader::new(config.clone(), broker.clone())
-        .map(|reloader| tokio::spawn(reloader.run(stopping.clone())));
+    let acceptor = config
+        .tls
+        .as_ref()
+        .map(TlsAcceptor::new)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let authorizer = config
+        .auth
+        .clone()
+        .map(Authorizer::new)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    if authorizer.is_none() {
+        warn!(
+            "no `auth` configured: any caller that reaches the port may fetch every account's token"
+        );
+    }
+    let health_server = match listeners.health {
+        Some(health_listener) => {
+            info!(addr = %health_listener.local_addr()?, "plaintext health service listening (for probes)");
+            let stop = stopping.clone();
+            let server = tonic::transport::Server::builder()
+                .add_service(health_service.clone())
+                .serve_with_incoming_shutdown(
+                    TcpListenerStream::new(health_listener),
+                    async move { stop.cancelled().await },
+                );
+            Some(tokio::spawn(server))
+        }
+        None => None,
+    };
+    let reloader = Reloader::new(
+        config.clone(),
+        broker.clone(),
+        acceptor.clone(),
+        authorizer.clone(),
+    )
+    .map(|reloader| tokio::spawn(reloader.run(stopping.clone())));
     let mut refresher = tokio::spawn(refresher.run());
     let warm_up = tokio::spawn(warm_up(broker.clone(), health.clone()));
 
     let (drain_tx, drain_rx) = oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         // h2 answers a burst of small buffered DATA frames beyond half the connection window
         // with GOAWAY (flood protection). A large window and a bound on concurrent streams
@@ -127,12 +178,20 @@ pub async fn serve_with(
         .add_service(reflection_v1alpha)
         .add_service(TokenBrokerServiceServer::new(TokenBrokerApi::new(
             broker.clone(),
-        )))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-            let _ = drain_rx.await;
-        });
-    let mut server = tokio::spawn(server);
-    info!(%addr, accounts = config.accounts.len(), "broker listening");
+            authorizer,
+        )));
+    let drained = async {
+        let _ = drain_rx.await;
+    };
+    let mut server = match acceptor {
+        Some(acceptor) => tokio::spawn(
+            router.serve_with_incoming_shutdown(tls::incoming(listener, acceptor), drained),
+        ),
+        None => tokio::spawn(
+            router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), drained),
+        ),
+    };
+    info!(%addr, tls = config.tls.is_some(), accounts = config.accounts.len(), "broker listening");
 
     let failure = tokio::select! {
         result = &mut server => Some(match result {
@@ -173,6 +232,9 @@ pub async fn serve_with(
     let _ = refresher.await;
     stopping.cancel();
     if let Some(task) = metrics_server {
+        let _ = task.await;
+    }
+    if let Some(task) = health_server {
         let _ = task.await;
     }
     if let Some(task) = reloader {

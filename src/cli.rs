@@ -3,7 +3,7 @@
 
 use std::{io::Read, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use tracing_subscriber::{EnvFilter, fmt};
 
 use crate::{
@@ -55,9 +55,9 @@ pub enum Command {
     Get {
         /// The account.
         account: String,
-        /// Broker address.
-        #[arg(long, env = "BACE_BROKER_ADDR", default_value = DEFAULT_ADDR)]
-        addr: String,
+        /// How to reach the broker.
+        #[command(flatten)]
+        conn: Connection,
         /// Print an `Authorization: Bearer ...` header line instead of the bare token.
         #[arg(long)]
         header: bool,
@@ -72,15 +72,15 @@ pub enum Command {
         /// The refused token (`-` reads it from stdin; omitted: whatever token is current).
         #[arg(long)]
         token: Option<String>,
-        /// Broker address.
-        #[arg(long, env = "BACE_BROKER_ADDR", default_value = DEFAULT_ADDR)]
-        addr: String,
+        /// How to reach the broker.
+        #[command(flatten)]
+        conn: Connection,
     },
     /// Print the state of every account of a running broker.
     Status {
-        /// Broker address.
-        #[arg(long, env = "BACE_BROKER_ADDR", default_value = DEFAULT_ADDR)]
-        addr: String,
+        /// How to reach the broker.
+        #[command(flatten)]
+        conn: Connection,
     },
     /// Validate a config file and the secret files it names.
     CheckConfig {
@@ -110,16 +110,16 @@ pub fn run(cli: Cli) -> ExitCode {
             } => serve(config, listen, demo).await,
             Command::Get {
                 account,
-                addr,
+                conn,
                 header,
                 min_validity,
-            } => get(&addr, account, header, min_validity).await,
+            } => get(&conn, account, header, min_validity).await,
             Command::Invalidate {
                 account,
                 token,
-                addr,
-            } => invalidate(&addr, account, token).await,
-            Command::Status { addr } => status(&addr).await,
+                conn,
+            } => invalidate(&conn, account, token).await,
+            Command::Status { conn } => status(&conn).await,
             Command::CheckConfig { config } => check_config(&config),
         }
     });
@@ -179,18 +179,91 @@ fn check_config(path: &std::path::Path) -> Result<(), String> {
     Ok(())
 }
 
-async fn connect(
-    addr: &str,
-) -> Result<TokenBrokerServiceClient<tonic::transport::Channel>, String> {
-    let endpoint = tonic::transport::Endpoint::from_shared(addr.to_owned())
+/// How the client commands reach the broker.
+#[derive(Debug, Args)]
+pub struct Connection {
+    /// Broker address (`https://` for TLS).
+    #[arg(long, env = "BACE_BROKER_ADDR", default_value = DEFAULT_ADDR)]
+    pub addr: String,
+    /// CA certificate (PEM) to verify the broker's certificate with (TLS).
+    #[arg(long, env = "BACE_BROKER_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mTLS; needs `--key-file`.
+    #[arg(long, env = "BACE_BROKER_CERT_FILE", requires = "key_file")]
+    pub cert_file: Option<PathBuf>,
+    /// Client private key (PEM) for mTLS.
+    #[arg(long, env = "BACE_BROKER_KEY_FILE", requires = "cert_file")]
+    pub key_file: Option<PathBuf>,
+    /// File holding a bearer token (e.g. a projected Kubernetes service-account token), sent
+    /// as `authorization: Bearer <token>`.
+    #[arg(long, env = "BACE_BROKER_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+/// Adds the caller's bearer token to every request.
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Client = TokenBrokerServiceClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
+>;
+
+async fn connect(conn: &Connection) -> Result<Client, String> {
+    let addr = &conn.addr;
+    let read = |path: &PathBuf| {
+        std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+    };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(addr.to_owned())
         .map_err(|e| format!("invalid address {addr:?}: {e}"))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(30));
+    if addr.starts_with("https://") || conn.ca_file.is_some() || conn.cert_file.is_some() {
+        let mut tls = tonic::transport::ClientTlsConfig::new().with_enabled_roots();
+        if let Some(ca) = &conn.ca_file {
+            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?));
+        }
+        if let (Some(cert), Some(key)) = (&conn.cert_file, &conn.key_file) {
+            tls = tls.identity(tonic::transport::Identity::from_pem(
+                read(cert)?,
+                read(key)?,
+            ));
+        }
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| format!("TLS setup: {e}"))?;
+    }
+    let bearer = match &conn.token_file {
+        Some(path) => {
+            let token = read(path)?;
+            let value = format!("Bearer {}", token.trim())
+                .parse()
+                .map_err(|_| format!("{} does not hold a usable token", path.display()))?;
+            Some(value)
+        }
+        None => None,
+    };
     let channel = endpoint
         .connect()
         .await
         .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
-    Ok(TokenBrokerServiceClient::new(channel))
+    Ok(TokenBrokerServiceClient::with_interceptor(
+        channel,
+        Bearer(bearer),
+    ))
 }
 
 fn status_error(status: tonic::Status) -> String {
@@ -208,12 +281,12 @@ fn print_token(token: Option<proto::Token>, header: bool) -> Result<(), String> 
 }
 
 async fn get(
-    addr: &str,
+    conn: &Connection,
     account: String,
     header: bool,
     min_validity: Option<Duration>,
 ) -> Result<(), String> {
-    let mut client = connect(addr).await?;
+    let mut client = connect(conn).await?;
     let request = proto::GetTokenRequest {
         account,
         min_validity: min_validity
@@ -224,7 +297,11 @@ async fn get(
     print_token(response.into_inner().token, header)
 }
 
-async fn invalidate(addr: &str, account: String, token: Option<String>) -> Result<(), String> {
+async fn invalidate(
+    conn: &Connection,
+    account: String,
+    token: Option<String>,
+) -> Result<(), String> {
     let access_token = match token.as_deref() {
         Some("-") => {
             let mut text = String::new();
@@ -236,7 +313,7 @@ async fn invalidate(addr: &str, account: String, token: Option<String>) -> Resul
         Some(t) => t.to_owned(),
         None => String::new(),
     };
-    let mut client = connect(addr).await?;
+    let mut client = connect(conn).await?;
     let response = client
         .invalidate(proto::InvalidateRequest {
             account,
@@ -256,8 +333,8 @@ async fn invalidate(addr: &str, account: String, token: Option<String>) -> Resul
     print_token(response.token, false)
 }
 
-async fn status(addr: &str) -> Result<(), String> {
-    let mut client = connect(addr).await?;
+async fn status(conn: &Connection) -> Result<(), String> {
+    let mut client = connect(conn).await?;
     let accounts = client
         .list_accounts(proto::ListAccountsRequest {})
         .await

@@ -16,7 +16,11 @@ use reqwest::Url;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer};
 
-use crate::token::AccountName;
+use crate::{
+    auth::{AuthConfig, RawAuth},
+    tls::{RawTls, TlsConfig},
+    token::AccountName,
+};
 
 /// A validated broker configuration.
 #[derive(Debug, Clone)]
@@ -25,6 +29,13 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Address of the Prometheus endpoint (`GET /metrics`); `None` turns it off.
     pub metrics_listen: Option<SocketAddr>,
+    /// Plaintext health-only address, served when `tls` is on (Kubernetes' gRPC probes do
+    /// not speak TLS).
+    pub health_listen: SocketAddr,
+    /// Server TLS (and client certificates), if on.
+    pub tls: Option<TlsConfig>,
+    /// Caller identity and per-account authorization, if on.
+    pub auth: Option<AuthConfig>,
     /// How BACE is reached.
     pub upstream: UpstreamConfig,
     /// When and how tokens are refreshed and failures retried.
@@ -67,6 +78,12 @@ impl Config {
             a.invalidate_cooldown == b.invalidate_cooldown,
         );
         check("shutdown_grace", a.shutdown_grace == b.shutdown_grace);
+        check("health_listen", a.health_listen == b.health_listen);
+        check("tls (turned on or off)", a.tls.is_some() == b.tls.is_some());
+        check(
+            "auth (turned on or off)",
+            a.auth.is_some() == b.auth.is_some(),
+        );
         check(
             "warmup_concurrency",
             a.warmup_concurrency == b.warmup_concurrency,
@@ -246,6 +263,9 @@ impl ConfigError {
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 50051))
 }
+fn default_health_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 50052))
+}
 fn default_metrics_listen() -> Option<String> {
     Some("0.0.0.0:9090".into())
 }
@@ -266,6 +286,12 @@ struct RawConfig {
     listen: SocketAddr,
     #[serde(default = "default_metrics_listen")]
     metrics_listen: Option<String>,
+    #[serde(default = "default_health_listen")]
+    health_listen: SocketAddr,
+    #[serde(default)]
+    tls: Option<RawTls>,
+    #[serde(default)]
+    auth: Option<RawAuth>,
     #[serde(default)]
     upstream: RawUpstream,
     #[serde(default)]
@@ -459,11 +485,26 @@ impl RawConfig {
                 )
             })?),
         };
+        let tls = self
+            .tls
+            .map(RawTls::validate)
+            .transpose()
+            .map_err(|problem| field("tls", problem))?;
+        let auth = self
+            .auth
+            .map(RawAuth::validate)
+            .transpose()
+            .map_err(|problem| field("auth", problem))?;
         if self.accounts.is_empty() {
             return Err(field("accounts", "at least one account is required".into()));
         }
         let mut accounts = BTreeMap::new();
-        let mut secret_files = Vec::new();
+        let mut secret_files: Vec<PathBuf> = tls
+            .iter()
+            .flat_map(|t| t.files())
+            .chain(auth.iter().flat_map(|a| a.files()))
+            .map(Path::to_path_buf)
+            .collect();
         for (name, raw) in self.accounts {
             secret_files.extend(
                 raw.client_secret_file
@@ -477,6 +518,9 @@ impl RawConfig {
         Ok(Config {
             listen: self.listen,
             metrics_listen,
+            health_listen: self.health_listen,
+            tls,
+            auth,
             upstream: UpstreamConfig {
                 token_url,
                 timeout: self.upstream.timeout,

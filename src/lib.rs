@@ -9,6 +9,9 @@
 //! - [`upstream`]: the only module that speaks HTTP to BACE; the [`upstream::Upstream`] trait.
 //! - [`broker`]: per-account token state, single flight, refresh schedule, invalidation.
 //!   Knows nothing of gRPC.
+//! - [`tls`]: server TLS with live certificate rotation; the mTLS accept stream.
+//! - [`auth`]: caller identity (client-certificate SAN, Kubernetes service-account token) and
+//!   the per-account allow list.
 //! - [`service`]: the gRPC adapter; the one place where errors become `tonic::Status`.
 //! - [`metrics`]: Prometheus counters, per-account gauges and the `/metrics` endpoint.
 //! - [`reload`]: live reload on SIGHUP and on changes of the config and secret files.
@@ -19,6 +22,7 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod auth;
 pub mod broker;
 pub mod cli;
 pub mod config;
@@ -28,6 +32,7 @@ pub mod metrics;
 pub mod policy;
 pub mod reload;
 pub mod service;
+pub mod tls;
 pub mod token;
 pub mod upstream;
 

@@ -100,6 +100,13 @@ pub struct StateLabels {
     pub state: &'static str,
 }
 
+/// `{reason}`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Why (`no identity`, `expired token`, ..., `not allowed`).
+    pub reason: &'static str,
+}
+
 /// `{outcome}`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ReloadLabels {
@@ -123,6 +130,8 @@ pub struct Metrics {
     pub singleflight_waiters: Family<AccountLabels, Counter>,
     /// Config reloads by outcome.
     pub config_reloads: Family<ReloadLabels, Counter>,
+    /// Calls refused for want of an identity or permission, by reason.
+    pub auth_denied: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -146,6 +155,7 @@ impl Metrics {
             upstream_duration: Family::new_with_constructor(duration_histogram),
             singleflight_waiters: Family::default(),
             config_reloads: Family::default(),
+            auth_denied: Family::default(),
         }
     }
 
@@ -181,6 +191,11 @@ impl Metrics {
             "bace_broker_config_reloads",
             "Config reloads by outcome",
             self.config_reloads.clone(),
+        );
+        r.register(
+            "bace_broker_auth_denied",
+            "Calls refused for want of an identity or permission, by reason",
+            self.auth_denied.clone(),
         );
         r.register_collector(Box::new(AccountGauges(broker)));
         r

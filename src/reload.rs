@@ -17,7 +17,9 @@ use tokio::{sync::mpsc, time::Duration};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::{broker::Broker, config::Config, metrics::ReloadLabels};
+use crate::{
+    auth::Authorizer, broker::Broker, config::Config, metrics::ReloadLabels, tls::TlsAcceptor,
+};
 
 /// Events closer together than this are one change.
 pub const DEBOUNCE: Duration = Duration::from_millis(200);
@@ -25,6 +27,10 @@ pub const DEBOUNCE: Duration = Duration::from_millis(200);
 /// Watches and applies configuration changes for one broker.
 pub struct Reloader {
     broker: Broker,
+    /// The TLS acceptor to hand rotated certificates to, when TLS is on.
+    tls: Option<TlsAcceptor>,
+    /// The authorizer to hand a new allow list and keys to, when auth is on.
+    auth: Option<Authorizer>,
     /// The config the process started with: keys outside `accounts` stay as they were.
     startup: Config,
     path: PathBuf,
@@ -34,11 +40,18 @@ pub struct Reloader {
 
 impl Reloader {
     /// A reloader for `config` (which must come from [`Config::load`]; `None` otherwise).
-    pub fn new(config: Config, broker: Broker) -> Option<Self> {
+    pub fn new(
+        config: Config,
+        broker: Broker,
+        tls: Option<TlsAcceptor>,
+        auth: Option<Authorizer>,
+    ) -> Option<Self> {
         let path = config.path.clone()?;
         let files = watched_files(&config);
         Some(Self {
             broker,
+            tls,
+            auth,
             startup: config,
             path,
             files,
@@ -109,6 +122,22 @@ impl Reloader {
                 return;
             }
         };
+        // Certificates, keys and the allow list first: a failure there rejects the reload
+        // before any account changes.
+        if let (Some(acceptor), Some(tls)) = (&self.tls, &config.tls)
+            && let Err(error) = acceptor.reload(tls)
+        {
+            warn!(%error, "config reload rejected (tls); the running config stays");
+            count("rejected");
+            return;
+        }
+        if let (Some(authorizer), Some(auth)) = (&self.auth, &config.auth)
+            && let Err(error) = authorizer.reload(auth.clone())
+        {
+            warn!(%error, "config reload rejected (auth); the running config stays");
+            count("rejected");
+            return;
+        }
         let restart = self.startup.restart_only_changes(&config);
         if !restart.is_empty() {
             warn!(keys = ?restart, "these settings changed but apply only after a restart");

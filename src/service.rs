@@ -7,15 +7,17 @@ use std::sync::Arc;
 use secrecy::ExposeSecret;
 use tokio::time::Duration;
 use tonic::{Code, Request, Response, Status};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::{
+    auth::{Authorizer, Denied},
     broker::{AccountState, AccountStatus, Broker, BrokerError, InvalidateOutcome},
-    metrics::{AccountLabel, CallLabels, OutcomeLabels},
+    metrics::{AccountLabel, CallLabels, OutcomeLabels, ReasonLabels},
     proto::{self, token_broker_service_server::TokenBrokerService},
+    tls::TlsConnInfo,
     token::Token,
 };
 
@@ -23,12 +25,85 @@ use crate::{
 #[derive(Clone)]
 pub struct TokenBrokerApi {
     broker: Broker,
+    auth: Option<Authorizer>,
 }
 
 impl TokenBrokerApi {
-    /// Serves `broker` (and records calls in its metrics).
-    pub fn new(broker: Broker) -> Self {
-        Self { broker }
+    /// Serves `broker` (and records calls in its metrics); with `auth`, every call needs an
+    /// identity allowed the account it names.
+    pub fn new(broker: Broker, auth: Option<Authorizer>) -> Self {
+        Self { broker, auth }
+    }
+
+    /// Checks the caller of `request` (when auth is on): its identity, and, with `account`,
+    /// that it may use that account. The check comes before any account lookup, so callers
+    /// cannot learn which accounts exist. Returns the identity.
+    async fn admit<T>(
+        &self,
+        rpc: &'static str,
+        request: &Request<T>,
+        account: Option<&str>,
+    ) -> Result<Option<String>, Status> {
+        let Some(auth) = &self.auth else {
+            return Ok(None);
+        };
+        let certs = request
+            .extensions()
+            .get::<TlsConnInfo>()
+            .and_then(|info| info.peer_certs.clone());
+        let authorization = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        let identity = auth
+            .authenticate(authorization, certs.as_deref().map(Vec::as_slice))
+            .await
+            .map_err(|denied| self.deny(rpc, None, account, denied))?;
+        if let Some(account) = account
+            && !auth.authorize(&identity, account)
+        {
+            return Err(self.deny(
+                rpc,
+                Some(&identity),
+                Some(account),
+                Denied::PermissionDenied,
+            ));
+        }
+        Ok(Some(identity))
+    }
+
+    fn deny(
+        &self,
+        rpc: &'static str,
+        caller: Option<&str>,
+        account: Option<&str>,
+        denied: Denied,
+    ) -> Status {
+        let account: Option<String> =
+            account.map(|a| a.chars().take(crate::token::MAX_ACCOUNT_NAME_LEN).collect());
+        warn!(
+            rpc,
+            caller,
+            ?account,
+            reason = denied.reason(),
+            "call denied"
+        );
+        self.broker
+            .metrics()
+            .auth_denied
+            .get_or_create(&ReasonLabels {
+                reason: denied.reason(),
+            })
+            .inc();
+        match denied {
+            Denied::Unauthenticated(reason) => {
+                Status::unauthenticated(format!("unauthenticated: {reason}"))
+            }
+            Denied::PermissionDenied => Status::permission_denied(match account {
+                Some(a) => format!("caller may not use account {a:?}"),
+                None => "caller may not use this account".to_owned(),
+            }),
+        }
     }
 
     /// The metrics label of a requested account: configured ones by name, others lumped.
@@ -116,6 +191,8 @@ impl TokenBrokerService for TokenBrokerApi {
         &self,
         request: Request<proto::GetTokenRequest>,
     ) -> Result<Response<proto::GetTokenResponse>, Status> {
+        self.admit("GetToken", &request, Some(&request.get_ref().account))
+            .await?;
         let request = request.into_inner();
         let result: Result<Arc<Token>, Status> = async {
             let min = min_validity(request.min_validity)?;
@@ -147,6 +224,8 @@ impl TokenBrokerService for TokenBrokerApi {
         &self,
         request: Request<proto::InvalidateRequest>,
     ) -> Result<Response<proto::InvalidateResponse>, Status> {
+        self.admit("Invalidate", &request, Some(&request.get_ref().account))
+            .await?;
         let request = request.into_inner();
         let result = self
             .broker
@@ -181,6 +260,8 @@ impl TokenBrokerService for TokenBrokerApi {
         &self,
         request: Request<proto::WatchTokenRequest>,
     ) -> Result<Response<Self::WatchTokenStream>, Status> {
+        self.admit("WatchToken", &request, Some(&request.get_ref().account))
+            .await?;
         let account = request.into_inner().account;
         let mut watch = self.broker.watch(&account).inspect_err(|e| {
             log_failure("WatchToken", &account, &Status::from(e.clone()));
@@ -212,9 +293,20 @@ impl TokenBrokerService for TokenBrokerApi {
 
     async fn list_accounts(
         &self,
-        _request: Request<proto::ListAccountsRequest>,
+        request: Request<proto::ListAccountsRequest>,
     ) -> Result<Response<proto::ListAccountsResponse>, Status> {
-        let accounts = self.broker.status().iter().map(status_to_proto).collect();
+        let identity = self.admit("ListAccounts", &request, None).await?;
+        let visible = |account: &str| match (&self.auth, &identity) {
+            (Some(auth), Some(id)) => auth.authorize(id, account),
+            _ => true,
+        };
+        let accounts = self
+            .broker
+            .status()
+            .iter()
+            .filter(|s| visible(s.account.as_str()))
+            .map(status_to_proto)
+            .collect();
         Ok(Response::new(proto::ListAccountsResponse { accounts }))
     }
 }

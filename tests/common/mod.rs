@@ -85,6 +85,7 @@ impl Broker {
         let listeners = app::Listeners {
             grpc,
             metrics: Some(metrics),
+            health: None,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(app::serve(config, listeners, async {

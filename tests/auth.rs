@@ -1,0 +1,990 @@
+//! Caller identity with real components: mTLS through `tls::incoming` with certificates made
+//! here (rcgen), a tonic server and client; Kubernetes service-account tokens signed here and
+//! checked against a JWKS served by a loopback fake that counts its requests. Real time,
+//! loopback only, no fixed sleeps.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use axum::{
+    Json, Router,
+    extract::State,
+    http::{HeaderMap, StatusCode},
+    routing::get,
+};
+use bace_token_broker::{
+    auth::{Authorizer, Denied, RawAuth},
+    tls::{self, RawTls, TlsAcceptor, TlsConfig, TlsConnInfo},
+};
+use jsonwebtoken::{Algorithm, EncodingKey, Header, jwk::Jwk};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use serde_json::{Value, json};
+use tokio::{
+    io::AsyncWriteExt,
+    net::{TcpListener, TcpStream},
+    sync::oneshot,
+    task::JoinSet,
+};
+use tokio_rustls::{
+    TlsConnector,
+    rustls::{
+        ClientConfig, RootCertStore,
+        crypto::aws_lc_rs,
+        pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject},
+    },
+};
+use tonic::{
+    Code, Request, Status,
+    service::interceptor::InterceptedService,
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+};
+use tonic_health::{
+    pb::{HealthCheckRequest, health_client::HealthClient},
+    server::HealthReporter,
+};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+const HANG_GUARD: Duration = Duration::from_secs(20);
+const SPIFFE_ID: &str = "spiffe://cluster.local/ns/ingest/sa/worker";
+
+async fn guard<F: std::future::Future>(f: F) -> F::Output {
+    tokio::time::timeout(HANG_GUARD, f)
+        .await
+        .expect("hang guard")
+}
+
+// === Certificates ===
+
+struct Ca {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+struct Leaf {
+    cert_pem: String,
+    key_pem: String,
+    der: CertificateDer<'static>,
+}
+
+impl Ca {
+    fn new(name: &str) -> Self {
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        Self { issuer }
+    }
+
+    fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    fn leaf(&self, sans: Vec<SanType>, usage: ExtendedKeyUsagePurpose, serial: u64) -> Leaf {
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = sans;
+        params.serial_number = Some(SerialNumber::from(serial));
+        params.extended_key_usages = vec![usage];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &*self.issuer).unwrap();
+        Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().clone(),
+        }
+    }
+
+    fn server(&self, serial: u64) -> Leaf {
+        self.leaf(
+            vec![dns("localhost"), SanType::IpAddress([127, 0, 0, 1].into())],
+            ExtendedKeyUsagePurpose::ServerAuth,
+            serial,
+        )
+    }
+
+    fn client(&self, sans: Vec<SanType>) -> Leaf {
+        self.leaf(sans, ExtendedKeyUsagePurpose::ClientAuth, 100)
+    }
+}
+
+fn dns(name: &str) -> SanType {
+    SanType::DnsName(name.to_string().try_into().unwrap())
+}
+
+fn uri(uri: &str) -> SanType {
+    SanType::URI(uri.to_string().try_into().unwrap())
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Writes `server` (and the client CA) to fixed names in `dir` and validates the config.
+fn tls_files(dir: &Path, server: &Leaf, client_ca: Option<&Ca>) -> TlsConfig {
+    RawTls {
+        cert_file: write(dir, "tls.crt", &server.cert_pem),
+        key_file: write(dir, "tls.key", &server.key_pem),
+        client_ca_file: client_ca.map(|ca| write(dir, "ca.crt", &ca.pem())),
+    }
+    .validate()
+    .unwrap()
+}
+
+// === A TLS server and clients ===
+
+/// tonic's health service behind `tls::incoming`, with an interceptor that records each
+/// request's [`TlsConnInfo`] and refuses requests without a certificate identity.
+struct TestServer {
+    addr: SocketAddr,
+    acceptor: TlsAcceptor,
+    seen: Arc<Mutex<Vec<TlsConnInfo>>>,
+    _health: HealthReporter,
+    _stop: oneshot::Sender<()>,
+}
+
+impl TestServer {
+    async fn start(config: &TlsConfig) -> Self {
+        let acceptor = TlsAcceptor::new(config).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        let service = InterceptedService::new(health_service, move |request: Request<()>| {
+            let info = request
+                .extensions()
+                .get::<TlsConnInfo>()
+                .cloned()
+                .ok_or_else(|| Status::internal("no TlsConnInfo"))?;
+            let known = info.peer_identity().is_some();
+            record.lock().unwrap().push(info);
+            if known {
+                Ok(request)
+            } else {
+                Err(Status::unauthenticated("no identity"))
+            }
+        });
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(tls::incoming(listener, acceptor.clone()), async {
+                    let _ = stopped.await;
+                }),
+        );
+        Self {
+            addr,
+            acceptor,
+            seen,
+            _health: health,
+            _stop: stop,
+        }
+    }
+
+    fn last_seen(&self) -> TlsConnInfo {
+        self.seen
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("a request")
+    }
+
+    fn requests_seen(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+}
+
+#[derive(Debug)]
+enum Failure {
+    /// No connection (TLS refused by either side); the text is for failure messages.
+    Transport(#[allow(dead_code)] String),
+    /// Connected, and the call failed with this code.
+    Status(Code),
+}
+
+async fn connect(
+    addr: SocketAddr,
+    trust: &Ca,
+    identity: Option<&Leaf>,
+) -> Result<HealthClient<Channel>, Failure> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(trust.pem()))
+        .domain_name("localhost");
+    if let Some(leaf) = identity {
+        tls = tls.identity(Identity::from_pem(&leaf.cert_pem, &leaf.key_pem));
+    }
+    let channel = Endpoint::from_shared(format!("https://127.0.0.1:{}", addr.port()))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .map_err(|e| Failure::Transport(format!("{e:?}")))?;
+    Ok(HealthClient::new(channel))
+}
+
+async fn check(client: &mut HealthClient<Channel>) -> Result<(), Failure> {
+    match client.check(HealthCheckRequest::default()).await {
+        Ok(_) => Ok(()),
+        // TLS 1.3: a refused client certificate surfaces on the first call.
+        Err(status) if status.code() == Code::Unavailable || status.code() == Code::Unknown => {
+            Err(Failure::Transport(format!("{status:?}")))
+        }
+        Err(status) => Err(Failure::Status(status.code())),
+    }
+}
+
+/// A new connection and one health check on it.
+async fn call(addr: SocketAddr, trust: &Ca, identity: Option<&Leaf>) -> Result<(), Failure> {
+    guard(async {
+        let mut client = connect(addr, trust, identity).await?;
+        check(&mut client).await
+    })
+    .await
+}
+
+/// The leaf certificate the server presents to a new connection (raw rustls client).
+async fn served_certificate(
+    addr: SocketAddr,
+    trust: &[&Ca],
+    identity: &Leaf,
+) -> CertificateDer<'static> {
+    let mut roots = RootCertStore::empty();
+    for ca in trust {
+        roots.add(ca.issuer.der().clone()).unwrap();
+    }
+    let config = ClientConfig::builder_with_provider(Arc::new(aws_lc_rs::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            vec![identity.der.clone()],
+            PrivateKeyDer::from_pem_slice(identity.key_pem.as_bytes()).unwrap(),
+        )
+        .unwrap();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let tls = guard(
+        TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from("localhost").unwrap(), tcp),
+    )
+    .await
+    .unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].clone()
+}
+
+fn issuer_of(cert: &CertificateDer<'_>) -> String {
+    X509Certificate::from_der(cert)
+        .unwrap()
+        .1
+        .issuer()
+        .to_string()
+}
+
+// === mTLS ===
+
+#[tokio::test]
+async fn client_certificates_name_the_caller() {
+    let (server_ca, clients) = (Ca::new("server-ca"), Ca::new("clients-ca"));
+    let dir = tempfile::tempdir().unwrap();
+    let server =
+        TestServer::start(&tls_files(dir.path(), &server_ca.server(1), Some(&clients))).await;
+    let auth = authorizer(&format!(
+        "allow:\n  - caller: {SPIFFE_ID}\n    accounts: [fleet-a]\n  - caller: exporter.reports.svc\n    accounts: ['*']\n"
+    ));
+
+    // A DNS SAN listed first does not win over the URI SAN.
+    let spiffe = clients.client(vec![dns("worker.ingest.svc"), uri(SPIFFE_ID)]);
+    call(server.addr, &server_ca, Some(&spiffe)).await.unwrap();
+    let info = server.last_seen();
+    assert!(info.remote_addr.ip().is_loopback());
+    assert_eq!(info.peer_identity().as_deref(), Some(SPIFFE_ID));
+    let certs = info.peer_certs.clone().unwrap();
+    // A verified certificate wins over whatever bearer value comes with it.
+    let identity = auth
+        .authenticate(Some("Bearer not-a-jwt"), Some(&certs))
+        .await
+        .unwrap();
+    assert_eq!(identity, SPIFFE_ID);
+    assert!(auth.authorize(&identity, "fleet-a"));
+    assert!(!auth.authorize(&identity, "fleet-b"));
+
+    let exporter = clients.client(vec![dns("exporter.reports.svc")]);
+    call(server.addr, &server_ca, Some(&exporter))
+        .await
+        .unwrap();
+    let certs = server.last_seen().peer_certs.unwrap();
+    let identity = auth.authenticate(None, Some(&certs)).await.unwrap();
+    assert_eq!(identity, "exporter.reports.svc");
+    assert!(auth.authorize(&identity, "fleet-a") && auth.authorize(&identity, "anything"));
+
+    // A certificate with neither a URI nor a DNS SAN names nobody.
+    let ip_only = clients.client(vec![SanType::IpAddress([10, 0, 0, 1].into())]);
+    match call(server.addr, &server_ca, Some(&ip_only)).await {
+        Err(Failure::Status(Code::Unauthenticated)) => {}
+        other => panic!("{other:?}"),
+    }
+    let certs = server.last_seen().peer_certs.unwrap();
+    assert_eq!(tls::peer_identity(&certs), None);
+    assert_eq!(
+        auth.authenticate(None, Some(&certs)).await,
+        Err(Denied::NO_IDENTITY)
+    );
+}
+
+#[tokio::test]
+async fn wrong_ca_and_missing_client_certificate_are_refused() {
+    let (server_ca, clients, rogue_ca) = (
+        Ca::new("server-ca"),
+        Ca::new("clients-ca"),
+        Ca::new("rogue-ca"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let server =
+        TestServer::start(&tls_files(dir.path(), &server_ca.server(1), Some(&clients))).await;
+    let good = clients.client(vec![uri(SPIFFE_ID)]);
+    let rogue = rogue_ca.client(vec![uri(SPIFFE_ID)]);
+
+    for (case, trust, identity) in [
+        ("client cert from another CA", &server_ca, Some(&rogue)),
+        ("no client cert", &server_ca, None),
+        ("server cert from an untrusted CA", &rogue_ca, Some(&good)),
+    ] {
+        match call(server.addr, trust, identity).await {
+            Err(Failure::Transport(_)) => {}
+            other => panic!("{case}: {other:?}"),
+        }
+    }
+    assert_eq!(
+        server.requests_seen(),
+        0,
+        "no refused client got a request in"
+    );
+    call(server.addr, &server_ca, Some(&good)).await.unwrap();
+    assert_eq!(server.requests_seen(), 1);
+}
+
+#[tokio::test]
+async fn without_a_client_ca_no_certificate_is_asked_for() {
+    let (server_ca, clients) = (Ca::new("server-ca"), Ca::new("clients-ca"));
+    let dir = tempfile::tempdir().unwrap();
+    let config = tls_files(dir.path(), &server_ca.server(1), None);
+    let server = TestServer::start(&config).await;
+    assert!(!server.acceptor.requires_client_cert());
+    let good = clients.client(vec![uri(SPIFFE_ID)]);
+    for identity in [None, Some(&good)] {
+        match call(server.addr, &server_ca, identity).await {
+            Err(Failure::Status(Code::Unauthenticated)) => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(server.last_seen().peer_certs.is_none());
+    }
+}
+
+#[tokio::test]
+async fn a_silent_client_does_not_hold_up_the_others() {
+    let (server_ca, clients) = (Ca::new("server-ca"), Ca::new("clients-ca"));
+    let dir = tempfile::tempdir().unwrap();
+    let server =
+        TestServer::start(&tls_files(dir.path(), &server_ca.server(1), Some(&clients))).await;
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(TcpStream::connect(server.addr).await.unwrap());
+    }
+    // Half a ClientHello record header, then nothing.
+    let mut half = TcpStream::connect(server.addr).await.unwrap();
+    half.write_all(&[0x16, 0x03, 0x01, 0x02]).await.unwrap();
+    silent.push(half);
+
+    // Well within the handshake timeout: only concurrent handshakes make this.
+    let good = clients.client(vec![uri(SPIFFE_ID)]);
+    let budget = tls::HANDSHAKE_TIMEOUT / 2;
+    tokio::time::timeout(budget, call(server.addr, &server_ca, Some(&good)))
+        .await
+        .expect("a good client waited for silent ones")
+        .unwrap();
+    drop(silent);
+}
+
+#[tokio::test]
+async fn rotation_serves_new_connections_and_keeps_old_ones() {
+    let (ca1, ca2) = (Ca::new("server-ca-1"), Ca::new("server-ca-2"));
+    let (clients1, clients2) = (Ca::new("clients-ca-1"), Ca::new("clients-ca-2"));
+    let dir = tempfile::tempdir().unwrap();
+    let first = ca1.server(1);
+    let config = tls_files(dir.path(), &first, Some(&clients1));
+    let server = TestServer::start(&config).await;
+    let client1 = clients1.client(vec![uri(SPIFFE_ID)]);
+    let client2 = clients2.client(vec![uri(SPIFFE_ID)]);
+
+    let mut old = guard(connect(server.addr, &ca1, Some(&client1)))
+        .await
+        .unwrap();
+    guard(check(&mut old)).await.unwrap();
+    let old_remote = server.last_seen().remote_addr;
+    let served = served_certificate(server.addr, &[&ca1, &ca2], &client1).await;
+    assert_eq!(served, first.der);
+
+    // The server certificate rotates to one from another CA.
+    let second = ca2.server(2);
+    assert_eq!(tls_files(dir.path(), &second, Some(&clients1)), config);
+    server.acceptor.reload(&config).unwrap();
+    let served = served_certificate(server.addr, &[&ca1, &ca2], &client1).await;
+    assert_eq!(served, second.der);
+    assert!(
+        issuer_of(&served).contains("server-ca-2"),
+        "{}",
+        issuer_of(&served)
+    );
+    assert!(matches!(
+        call(server.addr, &ca1, Some(&client1)).await,
+        Err(Failure::Transport(_))
+    ));
+    call(server.addr, &ca2, Some(&client1)).await.unwrap();
+    guard(check(&mut old)).await.unwrap();
+    assert_eq!(
+        server.last_seen().remote_addr,
+        old_remote,
+        "the old connection still serves"
+    );
+
+    // The client CA rotates.
+    tls_files(dir.path(), &second, Some(&clients2));
+    server.acceptor.reload(&config).unwrap();
+    assert!(matches!(
+        call(server.addr, &ca2, Some(&client1)).await,
+        Err(Failure::Transport(_))
+    ));
+    call(server.addr, &ca2, Some(&client2)).await.unwrap();
+    guard(check(&mut old)).await.unwrap();
+    assert_eq!(server.last_seen().remote_addr, old_remote);
+
+    // A failed reload changes nothing.
+    std::fs::write(&config.key_file, first.key_pem.as_bytes()).unwrap();
+    let error = server.acceptor.reload(&config).unwrap_err();
+    assert!(error.contains("tls.key_file"), "{error}");
+    let served = served_certificate(server.addr, &[&ca2], &client2).await;
+    assert_eq!(served, second.der);
+}
+
+#[test]
+fn tls_config_errors_name_the_field() {
+    let ca = Ca::new("ca");
+    let (a, b) = (ca.server(1), ca.server(2));
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let raw = |cert: &Path, key: &Path, client_ca: Option<&Path>| RawTls {
+        cert_file: cert.to_owned(),
+        key_file: key.to_owned(),
+        client_ca_file: client_ca.map(Path::to_owned),
+    };
+    let (cert, key) = (
+        write(d, "a.crt", &a.cert_pem),
+        write(d, "a.key", &a.key_pem),
+    );
+    let other_key = write(d, "b.key", &b.key_pem);
+    let garbage = write(d, "garbage", "not PEM at all\n");
+    let missing = d.join("missing.crt");
+    let cases: Vec<(RawTls, &[&str])> = vec![
+        (raw(&missing, &key, None), &["tls.cert_file", "missing.crt"]),
+        (
+            raw(&garbage, &key, None),
+            &["tls.cert_file", "no PEM certificate"],
+        ),
+        (raw(&cert, &garbage, None), &["tls.key_file", "garbage"]),
+        (
+            raw(&cert, &other_key, None),
+            &["tls.key_file", "does not fit"],
+        ),
+        (raw(&cert, &key, Some(&garbage)), &["tls.client_ca_file"]),
+        (
+            raw(&cert, &key, Some(&missing)),
+            &["tls.client_ca_file", "missing.crt"],
+        ),
+    ];
+    for (raw, wants) in cases {
+        let msg = raw.clone().validate().unwrap_err();
+        for want in wants {
+            assert!(msg.contains(want), "{raw:?}: {msg:?} lacks {want:?}");
+        }
+    }
+    let ok = raw(&cert, &key, Some(&write(d, "ca.crt", &ca.pem())))
+        .validate()
+        .unwrap();
+    assert_eq!(ok.files().count(), 3);
+    let yaml = "cert_file: /a\nkey_file: /b\nca_file: /c\n";
+    let msg = serde_norway::from_str::<RawTls>(yaml)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("unknown field `ca_file`"), "{msg}");
+}
+
+// === Kubernetes service-account tokens ===
+
+const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+const AUDIENCE: &str = "bace-token-broker";
+
+struct SigningKey {
+    kid: String,
+    alg: Algorithm,
+    key: EncodingKey,
+    jwk: Value,
+}
+
+impl SigningKey {
+    fn es256(kid: &str) -> Self {
+        let pair = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        Self::new(
+            kid,
+            Algorithm::ES256,
+            EncodingKey::from_ec_der(pair.serialized_der()),
+        )
+    }
+
+    fn rs256(kid: &str) -> Self {
+        let pair = KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
+        let key = EncodingKey::from_rsa_pem(pair.serialize_pem().as_bytes()).unwrap();
+        Self::new(kid, Algorithm::RS256, key)
+    }
+
+    fn new(kid: &str, alg: Algorithm, key: EncodingKey) -> Self {
+        let mut jwk = Jwk::from_encoding_key(&key, alg).unwrap();
+        jwk.common.key_id = Some(kid.to_owned());
+        Self {
+            kid: kid.to_owned(),
+            alg,
+            key,
+            jwk: serde_json::to_value(jwk).unwrap(),
+        }
+    }
+
+    fn sign(&self, claims: &Value) -> String {
+        let mut header = Header::new(self.alg);
+        header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(&header, claims, &self.key).unwrap()
+    }
+
+    fn bearer(&self, claims: &Value) -> String {
+        format!("Bearer {}", self.sign(claims))
+    }
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// Claims shaped like a projected service-account token's.
+fn claims(namespace: &str, name: &str) -> Value {
+    let now = now();
+    json!({
+        "iss": ISSUER,
+        "aud": [AUDIENCE],
+        "sub": format!("system:serviceaccount:{namespace}:{name}"),
+        "iat": now,
+        "nbf": now,
+        "exp": now + 600,
+        "kubernetes.io": {
+            "namespace": namespace,
+            "pod": {"name": "p-1", "uid": "0b6a"},
+            "serviceaccount": {"name": name, "uid": "9f3c"},
+        },
+    })
+}
+
+fn with(mut claims: Value, key: &str, value: Value) -> Value {
+    claims[key] = value;
+    claims
+}
+
+fn without(mut claims: Value, key: &str) -> Value {
+    claims.as_object_mut().unwrap().remove(key);
+    claims
+}
+
+/// A JWKS endpoint on loopback that counts requests and can be slowed down.
+#[derive(Clone, Default)]
+struct JwksFake {
+    keys: Arc<Mutex<Vec<Value>>>,
+    requests: Arc<AtomicUsize>,
+    authorization: Arc<Mutex<Option<String>>>,
+    delay: Arc<Mutex<Duration>>,
+    /// Answer 503 instead of the keys.
+    down: Arc<AtomicBool>,
+}
+
+impl JwksFake {
+    async fn start(keys: &[&SigningKey]) -> (Self, String) {
+        async fn jwks(
+            State(fake): State<JwksFake>,
+            headers: HeaderMap,
+        ) -> Result<Json<Value>, StatusCode> {
+            fake.requests.fetch_add(1, Ordering::SeqCst);
+            *fake.authorization.lock().unwrap() = headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let delay = *fake.delay.lock().unwrap();
+            tokio::time::sleep(delay).await;
+            if fake.down.load(Ordering::SeqCst) {
+                return Err(StatusCode::SERVICE_UNAVAILABLE);
+            }
+            let keys = fake.keys.lock().unwrap().clone();
+            Ok(Json(json!({ "keys": keys })))
+        }
+        let fake = Self::default();
+        fake.publish(keys);
+        let app = Router::new()
+            .route("/openid/v1/jwks", get(jwks))
+            .with_state(fake.clone());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (fake, format!("http://{addr}/openid/v1/jwks"))
+    }
+
+    fn publish(&self, keys: &[&SigningKey]) {
+        *self.keys.lock().unwrap() = keys.iter().map(|k| k.jwk.clone()).collect();
+    }
+
+    fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+fn authorizer(yaml: &str) -> Authorizer {
+    let raw: RawAuth = serde_norway::from_str(yaml).unwrap();
+    Authorizer::new(raw.validate().unwrap()).unwrap()
+}
+
+fn url_authorizer(url: &str) -> Authorizer {
+    authorizer(&format!(
+        "kubernetes:\n  issuer: {ISSUER}\n  jwks_url: {url}\nallow: []\n"
+    ))
+}
+
+#[tokio::test]
+async fn valid_tokens_name_the_service_account() {
+    let (es, rs) = (SigningKey::es256("es"), SigningKey::rs256("rs"));
+    let (fake, url) = JwksFake::start(&[&es, &rs]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = write(dir.path(), "token", "broker-own-token\n");
+    let auth = authorizer(&format!(
+        "kubernetes:\n  issuer: {ISSUER}\n  jwks_url: {url}\n  audience: {AUDIENCE}\n  bearer_token_file: {}\n",
+        token_file.display()
+    ));
+    let identity = "system:serviceaccount:reports:exporter";
+    for key in [&es, &rs] {
+        let bearer = key.bearer(&claims("reports", "exporter"));
+        assert_eq!(
+            guard(auth.authenticate(Some(&bearer), None))
+                .await
+                .as_deref(),
+            Ok(identity)
+        );
+    }
+    // `sub` alone names the account too, and `aud` may be a plain string.
+    let sub_only = with(
+        without(claims("reports", "exporter"), "kubernetes.io"),
+        "aud",
+        json!(AUDIENCE),
+    );
+    assert_eq!(
+        auth.authenticate(Some(&es.bearer(&sub_only)), None)
+            .await
+            .as_deref(),
+        Ok(identity)
+    );
+    // Within the leeway.
+    let base = claims("reports", "exporter");
+    for (claim, value) in [("exp", now() - 10), ("nbf", now() + 10)] {
+        let bearer = es.bearer(&with(base.clone(), claim, json!(value)));
+        assert!(
+            auth.authenticate(Some(&bearer), None).await.is_ok(),
+            "{claim}"
+        );
+    }
+    assert_eq!(fake.requests(), 1, "one fetch serves every known kid");
+    assert_eq!(
+        fake.authorization.lock().unwrap().as_deref(),
+        Some("Bearer broker-own-token")
+    );
+}
+
+#[tokio::test]
+async fn invalid_tokens_are_refused_with_their_reason() {
+    let key = SigningKey::es256("k1");
+    let impostor = SigningKey::es256("k1");
+    let (fake, url) = JwksFake::start(&[&key]).await;
+    let auth = url_authorizer(&url);
+    let base = claims("ns", "name");
+    let tampered = {
+        let good = key.sign(&base);
+        let other = key.sign(&claims("ns", "admin"));
+        let (g, o): (Vec<&str>, Vec<&str>) =
+            (good.split('.').collect(), other.split('.').collect());
+        format!("Bearer {}.{}.{}", g[0], o[1], g[2])
+    };
+    let hmac = {
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some("k1".into());
+        let token =
+            jsonwebtoken::encode(&header, &base, &EncodingKey::from_secret(b"guess").unwrap())
+                .unwrap();
+        format!("Bearer {token}")
+    };
+    let cases: Vec<(&str, String, Denied)> = vec![
+        (
+            "expired",
+            key.bearer(&with(base.clone(), "exp", json!(now() - 120))),
+            Denied::EXPIRED_TOKEN,
+        ),
+        (
+            "not yet valid",
+            key.bearer(&with(base.clone(), "nbf", json!(now() + 120))),
+            Denied::TOKEN_NOT_YET_VALID,
+        ),
+        (
+            "wrong audience",
+            key.bearer(&with(
+                base.clone(),
+                "aud",
+                json!(["https://kubernetes.default.svc"]),
+            )),
+            Denied::WRONG_AUDIENCE,
+        ),
+        (
+            "no audience",
+            key.bearer(&without(base.clone(), "aud")),
+            Denied::WRONG_AUDIENCE,
+        ),
+        (
+            "wrong issuer",
+            key.bearer(&with(base.clone(), "iss", json!("https://elsewhere"))),
+            Denied::WRONG_ISSUER,
+        ),
+        (
+            "no expiry",
+            key.bearer(&without(base.clone(), "exp")),
+            Denied::MALFORMED_TOKEN,
+        ),
+        (
+            "signed by another key",
+            impostor.bearer(&base),
+            Denied::BAD_SIGNATURE,
+        ),
+        ("tampered payload", tampered, Denied::BAD_SIGNATURE),
+        (
+            "HMAC with the kid of an EC key",
+            hmac,
+            Denied::BAD_SIGNATURE,
+        ),
+        (
+            "not a service account",
+            key.bearer(&with(
+                without(base.clone(), "kubernetes.io"),
+                "sub",
+                json!("alice"),
+            )),
+            Denied::NOT_A_SERVICE_ACCOUNT,
+        ),
+        (
+            "not a JWT",
+            "Bearer not.a.jwt".into(),
+            Denied::MALFORMED_TOKEN,
+        ),
+        (
+            "not bearer",
+            "Basic dXNlcjpwdw==".into(),
+            Denied::MALFORMED_TOKEN,
+        ),
+    ];
+    for (case, bearer, want) in cases {
+        let got = guard(auth.authenticate(Some(&bearer), None)).await;
+        assert_eq!(got, Err(want), "{case}");
+        // The reason is all a denial carries: no part of the token.
+        let shown = format!("{:?} {}", got, got.as_ref().unwrap_err());
+        assert!(!shown.contains(&bearer[7..]), "{case}: {shown}");
+    }
+    assert_eq!(
+        auth.authenticate(None, None).await,
+        Err(Denied::NO_IDENTITY)
+    );
+    assert_eq!(fake.requests(), 1, "only known kids were used");
+}
+
+#[tokio::test]
+async fn unknown_kid_refetches_once_within_the_limits() {
+    let [a, b, c, d] = ["a", "b", "c", "d"].map(SigningKey::es256);
+    let (fake, url) = JwksFake::start(&[&a]).await;
+    let auth = url_authorizer(&url);
+    let base = claims("ns", "name");
+    let authenticate = |key: &SigningKey| {
+        let bearer = key.bearer(&base);
+        let auth = auth.clone();
+        async move { guard(auth.authenticate(Some(&bearer), None)).await }
+    };
+
+    assert!(authenticate(&a).await.is_ok());
+    assert_eq!(fake.requests(), 1, "first use fetches");
+
+    // A kid nobody published: one refetch, then refused; again within the window: no fetch
+    // (although the overall budget would allow one).
+    assert_eq!(authenticate(&c).await, Err(Denied::UNKNOWN_KEY));
+    assert_eq!(fake.requests(), 2);
+    assert_eq!(authenticate(&c).await, Err(Denied::UNKNOWN_KEY));
+    assert_eq!(fake.requests(), 2);
+
+    // A key published after the last fetch: one refetch, then valid.
+    fake.publish(&[&a, &b]);
+    assert!(authenticate(&b).await.is_ok());
+    assert_eq!(fake.requests(), 3);
+    assert!(authenticate(&b).await.is_ok());
+    assert_eq!(fake.requests(), 3);
+
+    // Another new kid: the overall budget of the window is spent, so no fetch.
+    fake.publish(&[&a, &b, &c, &d]);
+    assert_eq!(authenticate(&d).await, Err(Denied::UNKNOWN_KEY));
+    assert_eq!(fake.requests(), 3);
+    assert!(authenticate(&a).await.is_ok());
+    assert_eq!(fake.requests(), 3);
+}
+
+#[tokio::test]
+async fn keys_unavailable_until_the_jwks_answers() {
+    let a = SigningKey::es256("a");
+    let (fake, url) = JwksFake::start(&[&a]).await;
+    fake.down.store(true, Ordering::SeqCst);
+    let auth = url_authorizer(&url);
+    let bearer = a.bearer(&claims("ns", "name"));
+    assert_eq!(
+        guard(auth.authenticate(Some(&bearer), None)).await,
+        Err(Denied::KEYS_UNAVAILABLE)
+    );
+    assert_eq!(fake.requests(), 1);
+    fake.down.store(false, Ordering::SeqCst);
+    assert!(guard(auth.authenticate(Some(&bearer), None)).await.is_ok());
+    assert_eq!(fake.requests(), 2);
+}
+
+#[tokio::test]
+async fn concurrent_callers_share_one_fetch_that_survives_them() {
+    let (a, b) = (SigningKey::es256("a"), SigningKey::es256("b"));
+    let (fake, url) = JwksFake::start(&[&a]).await;
+    *fake.delay.lock().unwrap() = Duration::from_millis(200);
+    let auth = url_authorizer(&url);
+    let base = claims("ns", "name");
+
+    // A caller that gives up during the first fetch does not cancel it.
+    let bearer = a.bearer(&base);
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(20),
+        auth.authenticate(Some(&bearer), None),
+    )
+    .await;
+    assert!(gave_up.is_err());
+
+    let all_at_once = |key: &SigningKey| {
+        let mut tasks = JoinSet::new();
+        for _ in 0..50 {
+            let (auth, bearer) = (auth.clone(), key.bearer(&base));
+            tasks.spawn(async move { auth.authenticate(Some(&bearer), None).await });
+        }
+        guard(tasks.join_all())
+    };
+    for result in all_at_once(&a).await {
+        assert_eq!(result.as_deref(), Ok("system:serviceaccount:ns:name"));
+    }
+    assert_eq!(fake.requests(), 1);
+
+    fake.publish(&[&a, &b]);
+    for result in all_at_once(&b).await {
+        assert!(result.is_ok(), "{result:?}");
+    }
+    assert_eq!(fake.requests(), 2);
+}
+
+#[tokio::test]
+async fn jwks_file_and_allow_list_reload() {
+    let (a, b) = (SigningKey::es256("a"), SigningKey::rs256("b"));
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = |keys: &[&SigningKey]| {
+        let keys: Vec<Value> = keys.iter().map(|k| k.jwk.clone()).collect();
+        write(
+            dir.path(),
+            "jwks.json",
+            &json!({ "keys": keys }).to_string(),
+        )
+    };
+    let path = jwks(&[&a]);
+    let yaml = |worker_accounts: &str| {
+        format!(
+            "kubernetes:\n  issuer: {ISSUER}\n  jwks_file: {}\nallow:\n  - caller: system:serviceaccount:reports:exporter\n    accounts: ['*']\n  - caller: system:serviceaccount:ingest:worker\n    accounts: {worker_accounts}\n",
+            path.display()
+        )
+    };
+    let config = |yaml: &str| serde_norway::from_str::<RawAuth>(yaml).unwrap().validate();
+    let auth = Authorizer::new(config(&yaml("[fleet-a]")).unwrap()).unwrap();
+    let exporter = claims("reports", "exporter");
+    let worker = claims("ingest", "worker");
+
+    let id = auth
+        .authenticate(Some(&a.bearer(&exporter)), None)
+        .await
+        .unwrap();
+    assert!(auth.authorize(&id, "fleet-a") && auth.authorize(&id, "fleet-b"));
+    let id = auth
+        .authenticate(Some(&a.bearer(&worker)), None)
+        .await
+        .unwrap();
+    assert_eq!(id, "system:serviceaccount:ingest:worker");
+    assert!(auth.authorize(&id, "fleet-a"));
+    assert!(!auth.authorize(&id, "fleet-b"));
+    assert!(!auth.authorize("system:serviceaccount:ingest:other", "fleet-a"));
+    assert_eq!(
+        auth.authenticate(Some(&b.bearer(&worker)), None).await,
+        Err(Denied::UNKNOWN_KEY)
+    );
+
+    // New keys on disk and a new allow list.
+    jwks(&[&b]);
+    auth.reload(config(&yaml("[fleet-b]")).unwrap()).unwrap();
+    assert_eq!(
+        auth.authenticate(Some(&a.bearer(&worker)), None).await,
+        Err(Denied::UNKNOWN_KEY)
+    );
+    let id = auth
+        .authenticate(Some(&b.bearer(&worker)), None)
+        .await
+        .unwrap();
+    assert!(!auth.authorize(&id, "fleet-a"));
+    assert!(auth.authorize(&id, "fleet-b"));
+
+    // A broken file is refused at validation and the authorizer keeps what it has.
+    std::fs::write(&path, "{\"keys\": []}").unwrap();
+    let error = config(&yaml("[fleet-b]")).unwrap_err();
+    assert!(error.contains("auth.kubernetes.jwks_file"), "{error}");
+    assert!(
+        auth.authenticate(Some(&b.bearer(&worker)), None)
+            .await
+            .is_ok()
+    );
+}

@@ -1,0 +1,130 @@
+//! Test certificates (rcgen) and Kubernetes-style service-account tokens (jsonwebtoken).
+#![allow(dead_code, unreachable_pub)]
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header, jwk::Jwk};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use serde_json::{Value, json};
+
+/// A certificate authority.
+pub struct Ca {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+/// A certificate and its key, PEM.
+pub struct Leaf {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl Ca {
+    pub fn new(name: &str) -> Self {
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        Self { issuer }
+    }
+
+    pub fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    fn leaf(&self, sans: Vec<SanType>, usage: ExtendedKeyUsagePurpose, serial: u64) -> Leaf {
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = sans;
+        params.serial_number = Some(SerialNumber::from(serial));
+        params.extended_key_usages = vec![usage];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &*self.issuer).unwrap();
+        Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
+    /// A server certificate for `localhost` and 127.0.0.1.
+    pub fn server(&self, serial: u64) -> Leaf {
+        self.leaf(
+            vec![dns("localhost"), SanType::IpAddress([127, 0, 0, 1].into())],
+            ExtendedKeyUsagePurpose::ServerAuth,
+            serial,
+        )
+    }
+
+    /// A client certificate with a URI SAN (e.g. a SPIFFE ID).
+    pub fn client_uri(&self, uri: &str) -> Leaf {
+        let san = SanType::URI(uri.to_string().try_into().unwrap());
+        self.leaf(vec![san], ExtendedKeyUsagePurpose::ClientAuth, 100)
+    }
+}
+
+fn dns(name: &str) -> SanType {
+    SanType::DnsName(name.to_string().try_into().unwrap())
+}
+
+pub const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+pub const AUDIENCE: &str = "bace-token-broker";
+
+/// An ES256 signing key and its JWK.
+pub struct SigningKey {
+    kid: String,
+    key: EncodingKey,
+    jwk: Value,
+}
+
+impl SigningKey {
+    pub fn es256(kid: &str) -> Self {
+        let pair = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let key = EncodingKey::from_ec_der(pair.serialized_der());
+        let mut jwk = Jwk::from_encoding_key(&key, Algorithm::ES256).unwrap();
+        jwk.common.key_id = Some(kid.to_owned());
+        Self {
+            kid: kid.to_owned(),
+            key,
+            jwk: serde_json::to_value(jwk).unwrap(),
+        }
+    }
+
+    /// A JWKS document holding this key.
+    pub fn jwks(&self) -> String {
+        json!({ "keys": [self.jwk] }).to_string()
+    }
+
+    /// `Bearer <signed claims>`.
+    pub fn bearer(&self, claims: &Value) -> String {
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some(self.kid.clone());
+        format!(
+            "Bearer {}",
+            jsonwebtoken::encode(&header, claims, &self.key).unwrap()
+        )
+    }
+}
+
+/// Claims of a projected service-account token for `namespace/name`, valid for 10 minutes.
+pub fn sa_claims(namespace: &str, name: &str) -> Value {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    json!({
+        "iss": ISSUER,
+        "aud": [AUDIENCE],
+        "sub": format!("system:serviceaccount:{namespace}:{name}"),
+        "iat": now,
+        "nbf": now,
+        "exp": now + 600,
+        "kubernetes.io": {"namespace": namespace, "serviceaccount": {"name": name, "uid": "1"}},
+    })
+}
