@@ -19,15 +19,16 @@ use axum::{
     http::{HeaderMap, StatusCode},
     routing::get,
 };
+#[path = "common/pki.rs"]
+mod pki;
+
 use bace_token_broker::{
     auth::{Authorizer, Denied, RawAuth},
     tls::{self, RawTls, TlsAcceptor, TlsConfig, TlsConnInfo},
 };
 use jsonwebtoken::{Algorithm, EncodingKey, Header, jwk::Jwk};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SanType, SerialNumber,
-};
+use pki::{Ca, Leaf, dns, uri};
+use rcgen::{KeyPair, SanType};
 use serde_json::{Value, json};
 use tokio::{
     io::AsyncWriteExt,
@@ -63,71 +64,7 @@ async fn guard<F: std::future::Future>(f: F) -> F::Output {
         .expect("hang guard")
 }
 
-// === Certificates ===
-
-struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-struct Leaf {
-    cert_pem: String,
-    key_pem: String,
-    der: CertificateDer<'static>,
-}
-
-impl Ca {
-    fn new(name: &str) -> Self {
-        let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-        Self { issuer }
-    }
-
-    fn pem(&self) -> String {
-        self.issuer.pem()
-    }
-
-    fn leaf(&self, sans: Vec<SanType>, usage: ExtendedKeyUsagePurpose, serial: u64) -> Leaf {
-        let mut params = CertificateParams::default();
-        params.subject_alt_names = sans;
-        params.serial_number = Some(SerialNumber::from(serial));
-        params.extended_key_usages = vec![usage];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &*self.issuer).unwrap();
-        Leaf {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            der: cert.der().clone(),
-        }
-    }
-
-    fn server(&self, serial: u64) -> Leaf {
-        self.leaf(
-            vec![dns("localhost"), SanType::IpAddress([127, 0, 0, 1].into())],
-            ExtendedKeyUsagePurpose::ServerAuth,
-            serial,
-        )
-    }
-
-    fn client(&self, sans: Vec<SanType>) -> Leaf {
-        self.leaf(sans, ExtendedKeyUsagePurpose::ClientAuth, 100)
-    }
-}
-
-fn dns(name: &str) -> SanType {
-    SanType::DnsName(name.to_string().try_into().unwrap())
-}
-
-fn uri(uri: &str) -> SanType {
-    SanType::URI(uri.to_string().try_into().unwrap())
-}
+// === Certificates: tests/common/pki.rs ===
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);

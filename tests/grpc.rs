@@ -10,16 +10,10 @@ use bace_token_broker::{
     fake::{ErrorShape, Grant, RefreshStyle, Step},
     proto,
 };
-use common::{Broker, HANG_GUARD, config_yaml, fake, fake_account, get, get_min, user};
+use common::{Broker, config_yaml, fake, fake_account, get, get_min, guard, user};
 use tokio::task::JoinSet;
 use tonic::Code;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
-
-async fn guard<F: std::future::Future>(f: F) -> F::Output {
-    tokio::time::timeout(HANG_GUARD, f)
-        .await
-        .expect("hang guard")
-}
 
 /// Polls GetToken until the broker serves a token other than `old` (after an upstream call
 /// the test saw arrive at the fake, so the wait is bounded by that call's completion).

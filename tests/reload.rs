@@ -7,14 +7,8 @@ mod common;
 use std::{path::Path, time::Duration};
 
 use bace_token_broker::{config::Config, fake::Grant};
-use common::{Broker, HANG_GUARD, fake, fake_account, user};
+use common::{Broker, fake, fake_account, guard, user};
 use tonic::Code;
-
-async fn guard<F: std::future::Future>(f: F) -> F::Output {
-    tokio::time::timeout(HANG_GUARD, f)
-        .await
-        .expect("hang guard")
-}
 
 /// A config directory with a Kubernetes-style secret volume per account.
 struct Files {

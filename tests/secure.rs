@@ -8,7 +8,7 @@ mod pki;
 use std::{net::SocketAddr, time::Duration};
 
 use bace_token_broker::{app, config::Config, proto};
-use common::{HANG_GUARD, config_yaml, fake, user};
+use common::{config_yaml, fake, guard, user};
 use pki::{Ca, Leaf, SigningKey, sa_claims};
 use tokio::sync::oneshot;
 use tonic::{
@@ -21,12 +21,6 @@ use tonic_health::pb::{
 
 const WORKER: &str = "spiffe://cluster.local/ns/ingest/sa/worker";
 const STRANGER: &str = "spiffe://cluster.local/ns/other/sa/x";
-
-async fn guard<F: std::future::Future>(f: F) -> F::Output {
-    tokio::time::timeout(HANG_GUARD, f)
-        .await
-        .expect("hang guard")
-}
 
 struct Secure {
     grpc: SocketAddr,

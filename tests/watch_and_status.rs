@@ -9,15 +9,9 @@ use bace_token_broker::{
     fake::{ErrorShape, Grant, Step},
     proto,
 };
-use common::{Broker, HANG_GUARD, config_yaml, fake, fake_account, user};
+use common::{Broker, config_yaml, fake, fake_account, guard, user};
 use tokio::task::JoinSet;
 use tonic::Code;
-
-async fn guard<F: std::future::Future>(f: F) -> F::Output {
-    tokio::time::timeout(HANG_GUARD, f)
-        .await
-        .expect("hang guard")
-}
 
 async fn watch(broker: &Broker, account: &str) -> tonic::Streaming<proto::WatchTokenResponse> {
     broker

@@ -19,6 +19,13 @@ use tonic_health::pb::{
 /// Guard against hangs only (never a timing assertion).
 pub const HANG_GUARD: Duration = Duration::from_secs(60);
 
+/// Awaits `f`, failing the test if it hangs past [`HANG_GUARD`].
+pub async fn guard<F: std::future::Future>(f: F) -> F::Output {
+    tokio::time::timeout(HANG_GUARD, f)
+        .await
+        .expect("hang guard")
+}
+
 /// The fake BACE user of a test account.
 pub fn user(account: &str) -> String {
     format!("{account}@example.com")

@@ -9,16 +9,18 @@ use rcgen::{
     KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use serde_json::{Value, json};
+use tokio_rustls::rustls::pki_types::CertificateDer;
 
 /// A certificate authority.
 pub struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
+    pub issuer: CertifiedIssuer<'static, KeyPair>,
 }
 
-/// A certificate and its key, PEM.
+/// A certificate and its key.
 pub struct Leaf {
     pub cert_pem: String,
     pub key_pem: String,
+    pub der: CertificateDer<'static>,
 }
 
 impl Ca {
@@ -50,6 +52,7 @@ impl Ca {
         Leaf {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
+            der: cert.der().clone(),
         }
     }
 
@@ -62,15 +65,23 @@ impl Ca {
         )
     }
 
+    /// A client certificate with these SANs.
+    pub fn client(&self, sans: Vec<SanType>) -> Leaf {
+        self.leaf(sans, ExtendedKeyUsagePurpose::ClientAuth, 100)
+    }
+
     /// A client certificate with a URI SAN (e.g. a SPIFFE ID).
-    pub fn client_uri(&self, uri: &str) -> Leaf {
-        let san = SanType::URI(uri.to_string().try_into().unwrap());
-        self.leaf(vec![san], ExtendedKeyUsagePurpose::ClientAuth, 100)
+    pub fn client_uri(&self, name: &str) -> Leaf {
+        self.client(vec![uri(name)])
     }
 }
 
-fn dns(name: &str) -> SanType {
+pub fn dns(name: &str) -> SanType {
     SanType::DnsName(name.to_string().try_into().unwrap())
+}
+
+pub fn uri(uri: &str) -> SanType {
+    SanType::URI(uri.to_string().try_into().unwrap())
 }
 
 pub const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
