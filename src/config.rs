@@ -495,6 +495,15 @@ impl RawConfig {
             .map(RawAuth::validate)
             .transpose()
             .map_err(|problem| field("auth", problem))?;
+        if let Some(auth) = &auth {
+            let client_certs = tls.as_ref().is_some_and(|t| t.client_ca_file.is_some());
+            if auth.kubernetes.is_none() && !client_certs {
+                return Err(field(
+                    "auth",
+                    "no caller could ever be identified: configure auth.kubernetes or tls.client_ca_file".into(),
+                ));
+            }
+        }
         if self.accounts.is_empty() {
             return Err(field("accounts", "at least one account is required".into()));
         }
@@ -809,6 +818,10 @@ accounts:
             (
                 "metrics_listen: nine\naccounts: {}",
                 &["metrics_listen", "nine"],
+            ),
+            (
+                "auth:\n  allow: [{caller: \"spiffe://x/y\", accounts: [a]}]\naccounts: {}",
+                &["\"auth\"", "no caller could ever be identified"],
             ),
         ];
         for (text, wants) in cases {
