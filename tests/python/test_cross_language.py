@@ -1,7 +1,7 @@
 """Cross-language contract test: a Python grpcio client against the real broker binary.
 
-The Python stubs are generated from `proto/` at test time (grpc_tools.protoc), so this test
-also proves the proto compiles outside the Rust build. The broker runs as a subprocess in demo
+The Python stubs are generated from `proto/` at test time (grpc_tools.protoc, the `pb` fixture
+of conftest.py), so this test also proves the proto compiles outside the Rust build. The broker runs as a subprocess in demo
 mode (`serve --demo`), which serves the demo accounts `demo-fleet-a` and `demo-fleet-b` from
 an in-process fake BACE, on a free loopback port.
 
@@ -13,18 +13,12 @@ Environment:
 from __future__ import annotations
 
 import datetime as dt
-import importlib
-import importlib.resources
-import os
-import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import grpc
 import pytest
+import testkit
 from google.protobuf import duration_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
@@ -33,65 +27,15 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-PROTO_ROOT = REPO_ROOT / "proto"
-PROTO_FILE = PROTO_ROOT / "bace" / "tokenbroker" / "v1" / "token_broker.proto"
 SERVICE = "bace.tokenbroker.v1.TokenBrokerService"
 
 READY_TIMEOUT_S = 60.0
-POLL_INTERVAL_S = 0.1
 SHUTDOWN_TIMEOUT_S = 15.0
 # Deadline on every RPC so a misbehaving broker fails the test instead of hanging it.
 RPC_TIMEOUT_S = 10.0
 
 
-def _broker_bin() -> Path:
-    if env := os.environ.get("BROKER_BIN"):
-        return Path(env)
-    target = Path(os.environ.get("CARGO_TARGET_DIR", REPO_ROOT / "target"))
-    if not target.is_absolute():
-        target = REPO_ROOT / target
-    return target / "debug" / "bace-token-broker"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # === fixtures ===
-
-
-@pytest.fixture(scope="module")
-def pb(tmp_path_factory):
-    """Generates the Python stubs into a tmp dir and returns (pb2, pb2_grpc)."""
-    from grpc_tools import protoc
-
-    out = tmp_path_factory.mktemp("stubs")
-    wkt = importlib.resources.files("grpc_tools") / "_proto"
-    args = [
-        "grpc_tools.protoc",
-        f"-I{PROTO_ROOT}",
-        f"-I{wkt}",
-        f"--python_out={out}",
-        f"--pyi_out={out}",
-        f"--grpc_python_out={out}",
-        str(PROTO_FILE),
-    ]
-    rc = protoc.main(args)
-    assert rc == 0, f"grpc_tools.protoc failed with {rc}: {args}"
-    pkg = out
-    for part in ("bace", "tokenbroker", "v1"):
-        pkg = pkg / part
-        (pkg / "__init__.py").touch()
-    sys.path.insert(0, str(out))
-    try:
-        importlib.invalidate_caches()
-        pb2 = importlib.import_module("bace.tokenbroker.v1.token_broker_pb2")
-        pb2_grpc = importlib.import_module("bace.tokenbroker.v1.token_broker_pb2_grpc")
-        yield pb2, pb2_grpc
-    finally:
-        sys.path.remove(str(out))
 
 
 @pytest.fixture(scope="module")
@@ -100,11 +44,11 @@ def broker(tmp_path_factory):
 
     Teardown sends SIGTERM and requires a clean exit (code 0) within SHUTDOWN_TIMEOUT_S.
     """
-    binary = _broker_bin()
+    binary = testkit.broker_bin()
     if not binary.is_file():
         pytest.fail(f"broker binary not found at {binary}; run `cargo build --bins` first")
 
-    addr = f"127.0.0.1:{_free_port()}"
+    addr = f"127.0.0.1:{testkit.free_port()}"
     log_path = tmp_path_factory.mktemp("broker") / "broker.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
@@ -119,7 +63,11 @@ def broker(tmp_path_factory):
         return log_path.read_text(errors="replace")
 
     try:
-        _wait_ready(proc, addr, log_text)
+        testkit.wait_serving(proc, addr, log_text, timeout=READY_TIMEOUT_S)
+    except testkit.BrokerNotReady as e:
+        proc.kill()
+        proc.wait()
+        pytest.fail(str(e))
     except BaseException:
         proc.kill()
         proc.wait()
@@ -127,49 +75,12 @@ def broker(tmp_path_factory):
 
     yield addr
 
-    proc.send_signal(signal.SIGTERM)
-    try:
-        code = proc.wait(timeout=SHUTDOWN_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    code = testkit.stop(proc, SHUTDOWN_TIMEOUT_S)
+    if code is None:
         pytest.fail(
             f"broker did not exit within {SHUTDOWN_TIMEOUT_S:.0f} s of SIGTERM; log:\n{log_text()}"
         )
     assert code == 0, f"broker exited with {code} after SIGTERM; log:\n{log_text()}"
-
-
-def _wait_ready(proc: subprocess.Popen, addr: str, log_text) -> None:
-    """Polls grpc.health.v1.Health/Check for SERVICE until SERVING."""
-    # Short reconnect backoff and a private subchannel pool: otherwise grpc-core backs off
-    # for seconds after the first refused connection and the 100 ms polling is moot.
-    options = [
-        ("grpc.use_local_subchannel_pool", 1),
-        ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.min_reconnect_backoff_ms", 100),
-        ("grpc.max_reconnect_backoff_ms", 100),
-    ]
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    last = "no answer yet"
-    with grpc.insecure_channel(addr, options=options) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while True:
-            code = proc.poll()
-            if code is not None:
-                pytest.fail(f"broker exited with {code} before becoming ready; log:\n{log_text()}")
-            try:
-                resp = health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=1.0)
-                if resp.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-                last = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
-            except grpc.RpcError as e:
-                last = f"{e.code().name}: {e.details()}"
-            if time.monotonic() >= deadline:
-                pytest.fail(
-                    f"broker not SERVING {SERVICE} within {READY_TIMEOUT_S:.0f} s "
-                    f"(last: {last}); log:\n{log_text()}"
-                )
-            time.sleep(POLL_INTERVAL_S)
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,9 @@ errors); the ServiceMonitor is a CRD, so its fields are asserted by hand instead
 
 The cases are the chart defaults plus one account, and the values files under
 `tests/helm/values/`. The broker binary (`BROKER_BIN`, default target/debug/bace-token-broker)
-runs `check-config` on each rendered config, with the mounted secret files created in a temp
-dir at the paths the config names.
+runs `check-config` on each rendered config, with the mounted files created in a temp dir at
+the paths the config names: account secrets, real PEMs for TLS (a CA, a server certificate and
+its key, made with `cryptography`), the cluster CA and a stand-in token for the JWKS fetch.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 import helm_python as helm
 import kubernetes_validate
 import pytest
+import testkit
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -34,6 +36,11 @@ RELEASE = "tb"
 NAMESPACE = "bace"
 FULLNAME = "tb-bace-token-broker"
 SECRETS_DIR = "/var/run/secrets/bace"
+TLS_DIR = "/var/run/secrets/bace-tls"
+KUBE_API_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+ISSUER_DISCOVERY_BINDING = f"{NAMESPACE}-{FULLNAME}-issuer-discovery"
+# Objects without a namespace.
+CLUSTER_SCOPED = {"ClusterRoleBinding"}
 CONFIG_PATH = "/etc/bace-token-broker/config.yaml"
 READINESS_SERVICE = "bace.tokenbroker.v1.TokenBrokerService"
 # What the broker runs as: distroless `nonroot` (the Dockerfile's USER).
@@ -50,15 +57,6 @@ ONE_ACCOUNT: dict[str, Any] = {
 }
 
 
-def _broker_bin() -> Path:
-    if env := os.environ.get("BROKER_BIN"):
-        return Path(env)
-    target = Path(os.environ.get("CARGO_TARGET_DIR", REPO_ROOT / "target"))
-    if not target.is_absolute():
-        target = REPO_ROOT / target
-    return target / "debug" / "bace-token-broker"
-
-
 def _load_values_file(name: str) -> dict[str, Any]:
     # Helm's own YAML reading, as `helm template -f FILE` would do it.
     return helm.values_from_yaml((VALUES_DIR / name).read_text())
@@ -72,6 +70,8 @@ EXPECTED_FILES = {
     "metrics-off",
     "networkpolicy-on",
     "servicemonitor-on",
+    "tls-mtls",
+    "auth-kubernetes",
 }
 
 
@@ -154,6 +154,20 @@ def humantime_seconds(text: str) -> float:
     return sum(int(n) * units[u] for n, u in parts)
 
 
+def tls_on(values: dict[str, Any]) -> bool:
+    return bool(values.get("tls", {}).get("existingSecret"))
+
+
+def kubernetes_auth_on(values: dict[str, Any]) -> bool:
+    return bool(values.get("auth", {}).get("kubernetes", {}).get("enabled"))
+
+
+def probe_port(values: dict[str, Any]) -> int:
+    """Where the probes and the helm test check health: the plaintext health port with TLS on."""
+    service = values.get("service", {})
+    return service.get("healthPort", 50052) if tls_on(values) else service.get("port", 50051)
+
+
 def inline_secrets(values: dict[str, Any]) -> list[str]:
     return [
         a[k]
@@ -232,7 +246,7 @@ def test_schema_matches_values(chart):
         f"values.yaml and values.schema.json disagree: only in values {set(defaults) - top}, "
         f"only in schema {top - set(defaults)}"
     )
-    for key in ("image", "service", "metrics", "serviceMonitor", "networkPolicy"):
+    for key in ("image", "service", "metrics", "serviceMonitor", "networkPolicy", "tls", "auth"):
         sub = schema["properties"][key]["properties"]
         assert set(defaults[key]) <= set(sub), (key, set(defaults[key]) - set(sub))
     for values in CASES.values():
@@ -262,7 +276,10 @@ def test_objects_valid_against_kubernetes_schemas(case):
             kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
         except kubernetes_validate.ValidationError as e:
             pytest.fail(f"{name}: {kind}/{obj_name} invalid for Kubernetes {KUBE_VERSION}: {e}")
-        assert obj["metadata"]["namespace"] == NAMESPACE
+        if kind in CLUSTER_SCOPED:
+            assert "namespace" not in obj["metadata"]
+        else:
+            assert obj["metadata"]["namespace"] == NAMESPACE
         labels = obj["metadata"]["labels"]
         assert labels["app.kubernetes.io/instance"] == RELEASE
         assert labels["app.kubernetes.io/name"] == "bace-token-broker"
@@ -280,13 +297,17 @@ def test_rendered_object_set(case):
         expected.append("PodDisruptionBudget")
     if values.get("serviceMonitor", {}).get("enabled"):
         expected.append("ServiceMonitor")
+    if kubernetes_auth_on(values):
+        expected.append("ClusterRoleBinding")
     assert r.kinds() == sorted(expected)
     assert "helm test" in r.notes and "port-forward" in r.notes
 
 
 def test_probes(case):
+    """Probes check gRPC health on the gRPC port, or with TLS on (probes do not speak TLS) on
+    the plaintext health port, the broker's health_listen."""
     _, values, r = case
-    port = values.get("service", {}).get("port", 50051)
+    port = probe_port(values)
     c = r.broker
     assert c["livenessProbe"]["grpc"] == {"port": port, "service": ""}
     assert c["startupProbe"]["grpc"] == {"port": port, "service": ""}
@@ -396,6 +417,21 @@ def test_no_secret_values_in_configmap_or_env(case):
         assert s not in config_text and s not in r.notes
 
 
+def test_tls_and_kube_api_volumes_only_when_on(case):
+    """The TLS Secret is mounted only with TLS on, the projected token only with
+    auth.kubernetes; the pod never automounts its API token."""
+    _, values, r = case
+    mounts = {m["name"]: m for m in r.broker["volumeMounts"]}
+    volumes = {v["name"]: v for v in r.pod_spec["volumes"]}
+    assert ("tls" in mounts, "tls" in volumes) == (tls_on(values),) * 2
+    on = kubernetes_auth_on(values)
+    assert ("kube-api-access" in mounts, "kube-api-access" in volumes) == (on, on)
+    assert r.pod_spec["automountServiceAccountToken"] is False
+    config = r.config
+    assert ("tls" in config) == tls_on(values)
+    assert ("auth" in config) == bool(on or values.get("auth", {}).get("allow"))
+
+
 def test_checksum_annotations(case):
     _, _, r = case
     ann = r.deployment["spec"]["template"]["metadata"]["annotations"]
@@ -416,15 +452,26 @@ def test_service_ports(case):
     assert container_ports["grpc"] == grpc["port"]
     config = r.config
     assert config["listen"] == f"0.0.0.0:{grpc['port']}"
+    expected = {"grpc"}
     if metrics_on:
         port = metrics.get("port", 9090)
-        assert set(ports) == {"grpc", "metrics"}
+        expected.add("metrics")
         assert ports["metrics"]["port"] == port and ports["metrics"]["targetPort"] == "metrics"
         assert container_ports["metrics"] == port
         assert config["metrics_listen"] == f"0.0.0.0:{port}"
     else:
-        assert set(ports) == {"grpc"} and set(container_ports) == {"grpc"}
         assert config["metrics_listen"] == "", "empty turns the broker's metrics listener off"
+    if tls_on(values):
+        # The plaintext health-only listener (health_listen), for the probes and helm test.
+        port = values.get("service", {}).get("healthPort", 50052)
+        expected.add("health")
+        assert ports["health"]["port"] == port and ports["health"]["targetPort"] == "health"
+        assert ports["health"]["appProtocol"] == "grpc"
+        assert container_ports["health"] == port
+        assert config["health_listen"] == f"0.0.0.0:{port}"
+    else:
+        assert "health_listen" not in config  # the broker serves it only with TLS on
+    assert set(ports) == expected and set(container_ports) == expected
     selector = svc["spec"]["selector"]
     pod_labels = r.deployment["spec"]["template"]["metadata"]["labels"]
     assert selector.items() <= pod_labels.items()
@@ -446,22 +493,35 @@ def test_helm_test_pod(case):
     assert pod["spec"]["restartPolicy"] == "Never"
     (c,) = pod["spec"]["containers"]
     assert c["image"] == "ghcr.io/grpc-ecosystem/grpc-health-probe:v0.4.53"
-    port = values.get("service", {}).get("port", 50051)
-    assert f"-addr={FULLNAME}:{port}" in c["args"]
+    assert not any(a.startswith("-tls") for a in c["args"]), "the probe port is plaintext"
+    assert f"-addr={FULLNAME}:{probe_port(values)}" in c["args"]
     assert f"-service={READINESS_SERVICE}" in c["args"]
 
 
-def test_broker_check_config_accepts_rendered_config(case, tmp_path):
-    """`bace-token-broker check-config` accepts the rendered config once the mounted secret
-    files exist (here under a temp dir standing in for /var/run/secrets/bace)."""
-    name, values, r = case
-    binary = _broker_bin()
+@pytest.fixture(scope="module")
+def pki():
+    """A CA and a server certificate from it, standing in for the TLS Secret."""
+    ca = testkit.CertificateAuthority()
+    server = ca.issue(FULLNAME, dns=[FULLNAME, f"{FULLNAME}.{NAMESPACE}.svc"], server=True)
+    return ca, server
+
+
+def check_config(values: dict[str, Any], r: Rendered, tmp_path: Path, pki) -> tuple[str, str]:
+    """Runs `bace-token-broker check-config` on the rendered config once the mounted files exist
+    (here under a temp dir standing in for /var/run/secrets): account secrets, the TLS Secret's
+    certificate, key and CA (real PEMs: the broker parses them and checks that the key matches
+    the certificate), and the cluster CA and token the JWKS is fetched with. Returns the
+    config text as checked and the broker's stdout; fails the test if it refuses the config."""
+    binary = testkit.broker_bin()
     if not binary.is_file():
         pytest.fail(f"broker binary not found at {binary}; run `cargo build --bins` first")
     root = tmp_path / "secrets"
     text = r.config_text
     assert SECRETS_DIR in text
-    text = text.replace(SECRETS_DIR + "/", f"{root}/")
+    mounted = {SECRETS_DIR: root / "bace", TLS_DIR: root / "bace-tls", KUBE_API_DIR: root / "sa"}
+    for directory, replacement in mounted.items():
+        text = text.replace(directory + "/", f"{replacement}/")
+    assert "/var/run/secrets/" not in text, text
     config = yaml.safe_load(text)
     for account, acc in config["accounts"].items():
         spec = values["accounts"][account]
@@ -472,6 +532,18 @@ def test_broker_check_config_accepts_rendered_config(case, tmp_path):
             # Kubernetes writes the Secret's bytes as they are; give a trailing newline as
             # `kubectl create secret --from-file` often does.
             path.write_text(spec.get(value_key, f"{account}-{value_key}-from-secret") + "\n")
+    ca, server = pki
+    if "tls" in config:
+        tls = config["tls"]
+        server.write(Path(tls["cert_file"]), Path(tls["key_file"]))
+        if "client_ca_file" in tls:
+            Path(tls["client_ca_file"]).write_bytes(ca.cert_pem)
+    kubernetes = config.get("auth", {}).get("kubernetes")
+    if kubernetes:
+        ca_file, token_file = Path(kubernetes["ca_file"]), Path(kubernetes["bearer_token_file"])
+        ca_file.parent.mkdir(parents=True, exist_ok=True)
+        ca_file.write_bytes(ca.cert_pem)  # kube-root-ca.crt's ca.crt
+        token_file.write_text("projected-service-account-token")
     config_file = tmp_path / "config.yaml"
     config_file.write_text(text)
     proc = subprocess.run(
@@ -480,8 +552,46 @@ def test_broker_check_config_accepts_rendered_config(case, tmp_path):
         text=True,
         timeout=60,
     )
-    assert proc.returncode == 0, f"{name}: check-config refused the rendered config:\n{proc.stderr}\n{text}"
-    assert f"{len(values['accounts'])} account(s)" in proc.stdout
+    assert proc.returncode == 0, f"check-config refused the rendered config:\n{proc.stderr}\n{text}"
+    return text, proc.stdout
+
+
+def test_broker_check_config_accepts_rendered_config(case, tmp_path, pki):
+    """`bace-token-broker check-config` accepts every case's rendered config."""
+    _, values, r = case
+    _, stdout = check_config(values, r, tmp_path, pki)
+    assert f"{len(values['accounts'])} account(s)" in stdout
+
+
+def test_broker_check_config_refuses_a_key_of_another_certificate(chart, tmp_path, pki):
+    """The check above is real: a TLS key that does not match the certificate is refused."""
+    binary = testkit.broker_bin()
+    if not binary.is_file():
+        pytest.fail(f"broker binary not found at {binary}; run `cargo build --bins` first")
+    values = CASES["tls-mtls"]
+    text = render(chart, values).config_text.replace(TLS_DIR + "/", f"{tmp_path}/")
+    config = yaml.safe_load(text)
+    for acc in config["accounts"].values():
+        for field in ("client_secret_file", "password_file"):
+            path = tmp_path / Path(acc[field]).relative_to("/")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("x\n")
+            text = text.replace(acc[field], str(path))
+    ca, server = pki
+    other = ca.issue("other", dns=["other"], server=True)
+    Path(config["tls"]["cert_file"]).write_bytes(server.cert_pem)
+    Path(config["tls"]["key_file"]).write_bytes(other.key_pem)
+    Path(config["tls"]["client_ca_file"]).write_bytes(ca.cert_pem)
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(text)
+    proc = subprocess.run(
+        [str(binary), "check-config", "--config", str(config_file)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0, proc.stdout
+    assert "tls.key_file" in proc.stderr, proc.stderr
 
 
 # === specific values ===
@@ -581,6 +691,165 @@ def test_termination_grace_period(chart, shutdown_grace, explicit, expected):
     assert render(chart, values).pod_spec["terminationGracePeriodSeconds"] == expected
 
 
+def test_tls_mtls(chart):
+    """tls.existingSecret + clientCA: the kubernetes.io/tls Secret (tls.crt, tls.key, ca.crt)
+    mounted read-only where the broker's tls section points; the allow list rendered as is."""
+    values = CASES["tls-mtls"]
+    r = render(chart, values)
+    config = r.config
+    assert config["tls"] == {
+        "cert_file": f"{TLS_DIR}/tls.crt",
+        "key_file": f"{TLS_DIR}/tls.key",
+        "client_ca_file": f"{TLS_DIR}/ca.crt",
+    }
+    assert config["health_listen"] == "0.0.0.0:50062"
+    assert config["auth"] == {"allow": values["auth"]["allow"]}, "no kubernetes section"
+    mounts = {m["name"]: m for m in r.broker["volumeMounts"]}
+    assert mounts["tls"] == {"name": "tls", "mountPath": TLS_DIR, "readOnly": True}
+    assert "subPath" not in mounts["tls"], "a subPath mount would never see a renewed Secret"
+    volumes = {v["name"]: v for v in r.pod_spec["volumes"]}
+    secret = volumes["tls"]["secret"]
+    assert secret["secretName"] == "bace-broker-tls"
+    assert secret["defaultMode"] == 0o440
+    assert {i["key"]: i["path"] for i in secret["items"]} == {
+        "tls.crt": "tls.crt",
+        "tls.key": "tls.key",
+        "ca.crt": "ca.crt",
+    }
+    for field in ("cert_file", "key_file", "client_ca_file"):
+        directory, filename = os.path.split(config["tls"][field])
+        assert directory == mounts["tls"]["mountPath"]
+        assert filename in {i["path"] for i in secret["items"]}
+    # Probes on the plaintext health port (checked for every case in test_probes).
+    ports = {p["name"]: p["containerPort"] for p in r.broker["ports"]}
+    assert r.broker["readinessProbe"]["grpc"]["port"] == ports["health"] == 50062
+    assert "client certificate required" in r.notes
+    assert "--cert-file" in r.notes and "https://" in r.notes
+
+
+def test_tls_without_client_ca(chart):
+    """Server TLS only: no client_ca_file, no ca.crt item (the Secret need not have one)."""
+    values = with_account(tls={"existingSecret": "broker-tls", "clientCA": False})
+    r = render(chart, values)
+    assert r.config["tls"] == {"cert_file": f"{TLS_DIR}/tls.crt", "key_file": f"{TLS_DIR}/tls.key"}
+    assert "auth" not in r.config
+    secret = {v["name"]: v for v in r.pod_spec["volumes"]}["tls"]["secret"]
+    assert [i["key"] for i in secret["items"]] == ["tls.crt", "tls.key"]
+    assert r.broker["livenessProbe"]["grpc"]["port"] == 50052
+    assert "No caller authentication" in r.notes
+
+
+def test_auth_kubernetes(chart):
+    """auth.kubernetes: the broker checks tokens against the in-cluster JWKS, which it fetches
+    with the cluster CA and a projected token of its own service account (not automounted),
+    bound to the issuer-discovery ClusterRole."""
+    values = CASES["auth-kubernetes"]
+    r = render(chart, values)
+    config = r.config
+    assert config["auth"] == {
+        "kubernetes": {
+            "issuer": "https://oidc.example.com/clusters/prod",
+            "jwks_url": "https://kubernetes.default.svc/openid/v1/jwks",
+            "audience": "bace-token-broker-prod",
+            "ca_file": f"{KUBE_API_DIR}/ca.crt",
+            "bearer_token_file": f"{KUBE_API_DIR}/token",
+        },
+        "allow": [
+            {"caller": "system:serviceaccount:reports:exporter", "accounts": ["*"]},
+            {"caller": "system:serviceaccount:ingest:worker", "accounts": ["fleet-a"]},
+        ],
+    }
+    assert "tls" not in config and "health_listen" not in config
+    mounts = {m["name"]: m for m in r.broker["volumeMounts"]}
+    assert mounts["kube-api-access"] == {
+        "name": "kube-api-access",
+        "mountPath": KUBE_API_DIR,
+        "readOnly": True,
+    }
+    projected = {v["name"]: v for v in r.pod_spec["volumes"]}["kube-api-access"]["projected"]
+    token_source, ca_source = projected["sources"]
+    # No audience: the API server's own, which /openid/v1/jwks accepts.
+    assert token_source == {"serviceAccountToken": {"path": "token", "expirationSeconds": 3600}}
+    assert ca_source == {
+        "configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}
+    }
+    assert r.pod_spec["automountServiceAccountToken"] is False
+    crb = r.get("ClusterRoleBinding", ISSUER_DISCOVERY_BINDING)
+    assert crb["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": "system:service-account-issuer-discovery",
+    }
+    assert crb["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}]
+    # Plaintext: probes on the gRPC port (test_probes).
+    assert r.broker["readinessProbe"]["grpc"]["port"] == 50051
+    # NOTES: how a client pod gets a token with the right audience, and sends it.
+    notes = r.notes
+    assert "serviceAccountToken:" in notes
+    assert "audience: bace-token-broker-prod" in notes
+    assert "expirationSeconds: 3600" in notes
+    assert "authorization: Bearer $(cat " in notes
+    assert "kubectl create token" in notes and "--audience bace-token-broker-prod" in notes
+
+
+def test_auth_kubernetes_defaults(chart):
+    values = with_account(
+        auth={
+            "kubernetes": {"enabled": True},
+            "allow": [{"caller": "system:serviceaccount:a:b", "accounts": ["fleet-a"]}],
+        }
+    )
+    k8s = render(chart, values).config["auth"]["kubernetes"]
+    assert k8s["issuer"] == "https://kubernetes.default.svc.cluster.local"
+    assert k8s["jwks_url"] == "https://kubernetes.default.svc/openid/v1/jwks"
+    assert k8s["audience"] == "bace-token-broker"
+
+
+def test_auth_off_by_default(chart):
+    r = render(chart, ONE_ACCOUNT)
+    assert "auth" not in r.config and "tls" not in r.config
+    assert ("ClusterRoleBinding", ISSUER_DISCOVERY_BINDING) not in r.objects
+
+
+def test_network_policy_with_tls_and_auth_kubernetes(chart):
+    """TLS on: only the helm test pod may reach the plaintext health port (probes come from
+    the node). auth.kubernetes: egress to 6443 too, where the API server behind
+    kubernetes.default.svc often listens."""
+    values = CASES["tls-mtls"]
+    r = render(chart, values)
+    np = r.get("NetworkPolicy")["spec"]
+    grpc_rule, metrics_rule, health_rule = np["ingress"]
+    assert grpc_rule["ports"] == [{"port": "grpc", "protocol": "TCP"}]
+    assert health_rule["ports"] == [{"port": "health", "protocol": "TCP"}]
+    (peer,) = health_rule["from"]
+    test_labels = r.get("Pod", f"{FULLNAME}-test-readiness")["metadata"]["labels"]
+    assert peer["podSelector"]["matchLabels"].items() <= test_labels.items()
+    egress_ports = sorted((p["port"], p["protocol"]) for rule in np["egress"] for p in rule["ports"])
+    assert egress_ports == [(53, "TCP"), (53, "UDP"), (443, "TCP")]
+
+    values = dict(CASES["auth-kubernetes"], networkPolicy=CASES["tls-mtls"]["networkPolicy"])
+    np = render(chart, values).get("NetworkPolicy")["spec"]
+    assert [rule["ports"][0]["port"] for rule in np["ingress"]] == ["grpc", "metrics"]
+    egress_ports = sorted((p["port"], p["protocol"]) for rule in np["egress"] for p in rule["ports"])
+    assert egress_ports == [(53, "TCP"), (53, "UDP"), (443, "TCP"), (6443, "TCP")]
+
+
+def test_tls_and_auth_kubernetes_together(chart, tmp_path, pki):
+    """Both identity sources at once: both mounts, both config sections, and the broker
+    accepts the config."""
+    values = dict(
+        CASES["auth-kubernetes"],
+        tls={"existingSecret": "broker-tls", "clientCA": True},
+    )
+    r = render(chart, values)
+    assert {"tls", "auth", "health_listen"} <= set(r.config)
+    assert set(r.config["auth"]) == {"kubernetes", "allow"}
+    names = {m["name"] for m in r.broker["volumeMounts"]}
+    assert {"tls", "kube-api-access"} <= names
+    assert "Client certificate" in r.notes and "Service-account token" in r.notes
+    check_config(values, r, tmp_path, pki)
+
+
 # === bad values fail with a clear message ===
 
 _ACCOUNT = ONE_ACCOUNT["accounts"]["fleet-a"]
@@ -653,6 +922,79 @@ BAD_VALUES = [
         "unreadable shutdown_grace",
         with_account(config={"shutdown_grace": "soon"}),
         'config.shutdown_grace: "soon" is not a duration',
+    ),
+    (
+        "chart-owned tls in config",
+        with_account(config={"tls": {"cert_file": "/x", "key_file": "/y"}}),
+        "config.tls is set by the chart (from tls.existingSecret/tls.clientCA)",
+    ),
+    (
+        "chart-owned auth in config",
+        with_account(config={"auth": {"allow": []}}),
+        "config.auth is set by the chart (from auth.kubernetes/auth.allow)",
+    ),
+    (
+        "chart-owned health_listen in config",
+        with_account(config={"health_listen": "0.0.0.0:1"}),
+        "config.health_listen is set by the chart (from service.healthPort)",
+    ),
+    (
+        "clientCA without a TLS Secret",
+        with_account(tls={"existingSecret": "", "clientCA": True}),
+        "tls.clientCA needs tls.existingSecret",
+    ),
+    (
+        "health port equal to the gRPC port",
+        with_account(
+            tls={"existingSecret": "t", "clientCA": False},
+            service={"type": "ClusterIP", "port": 50051, "healthPort": 50051},
+        ),
+        "service.healthPort must differ from service.port",
+    ),
+    (
+        "health port equal to the metrics port",
+        with_account(
+            tls={"existingSecret": "t", "clientCA": False},
+            service={"type": "ClusterIP", "port": 50051, "healthPort": 9090},
+        ),
+        "service.healthPort must differ from metrics.port",
+    ),
+    (
+        "auth.kubernetes without an allow list",
+        with_account(auth={"kubernetes": {"enabled": True}, "allow": []}),
+        "auth.allow: list at least one {caller, accounts}",
+    ),
+    (
+        "allow list without a way to identify callers",
+        with_account(auth={"allow": [{"caller": "spiffe://x/y", "accounts": ["*"]}]}),
+        "auth.allow needs a way to identify callers",
+    ),
+    (
+        "allow list with TLS but no client CA",
+        with_account(
+            tls={"existingSecret": "t", "clientCA": False},
+            auth={"allow": [{"caller": "spiffe://x/y", "accounts": ["*"]}]},
+        ),
+        "auth.allow needs a way to identify callers",
+    ),
+    (
+        "allow entry without accounts",
+        with_account(
+            auth={"kubernetes": {"enabled": True}, "allow": [{"caller": "system:serviceaccount:a:b", "accounts": []}]}
+        ),
+        "/auth/allow/0/accounts",
+    ),
+    (
+        "misspelt allow key",
+        with_account(
+            auth={"kubernetes": {"enabled": True}, "allow": [{"caller": "c", "account": ["x"]}]}
+        ),
+        "additional properties 'account' not allowed",
+    ),
+    (
+        "misspelt auth.kubernetes key",
+        with_account(auth={"kubernetes": {"enabled": True, "audiences": "x"}}),
+        "additional properties 'audiences' not allowed",
     ),
     (
         "unknown top-level value",

@@ -93,6 +93,40 @@ The broker image, tag defaulting to the chart's appVersion.
 {{/* Where the config file and the account secrets are mounted. */}}
 {{- define "bace-token-broker.configDir" -}}/etc/bace-token-broker{{- end }}
 {{- define "bace-token-broker.secretsDir" -}}/var/run/secrets/bace{{- end }}
+{{/* Where the TLS Secret (tls.crt, tls.key, ca.crt) is mounted. */}}
+{{- define "bace-token-broker.tlsDir" -}}/var/run/secrets/bace-tls{{- end }}
+{{/*
+Where the projected service-account token and cluster CA the broker fetches the JWKS with are
+mounted (the usual place: the pod does not automount its token).
+*/}}
+{{- define "bace-token-broker.kubeApiDir" -}}/var/run/secrets/kubernetes.io/serviceaccount{{- end }}
+
+{{/* "true" when TLS is on (tls.existingSecret set), else empty. */}}
+{{- define "bace-token-broker.tlsEnabled" -}}
+{{- if .Values.tls.existingSecret }}true{{ end }}
+{{- end }}
+
+{{/* "true" when the broker's auth section is rendered (kubernetes tokens or an allow list). */}}
+{{- define "bace-token-broker.authEnabled" -}}
+{{- if or .Values.auth.kubernetes.enabled .Values.auth.allow }}true{{ end }}
+{{- end }}
+
+{{/*
+The port the probes (and the helm test) check health on: the plaintext health_listen port
+with TLS on, else the gRPC port.
+*/}}
+{{- define "bace-token-broker.probePort" -}}
+{{- if include "bace-token-broker.tlsEnabled" . }}
+{{- int .Values.service.healthPort }}
+{{- else }}
+{{- int .Values.service.port }}
+{{- end }}
+{{- end }}
+
+{{/* The ClusterRoleBinding to system:service-account-issuer-discovery (cluster-scoped). */}}
+{{- define "bace-token-broker.issuerDiscoveryBindingName" -}}
+{{- printf "%s-%s-issuer-discovery" .Release.Namespace (include "bace-token-broker.fullname" .) }}
+{{- end }}
 
 {{/* The readiness service name of the broker's gRPC health service. */}}
 {{- define "bace-token-broker.readinessService" -}}bace.tokenbroker.v1.TokenBrokerService{{- end }}
@@ -137,9 +171,30 @@ Returns nothing.
 {{- fail (printf "accounts.%s: inline credentials need both clientSecret and password" $name) }}
 {{- end }}
 {{- end }}
-{{- range $key := list "listen" "metrics_listen" "accounts" }}
+{{- $owned := dict "listen" "service.port" "metrics_listen" "metrics.enabled/metrics.port" "health_listen" "service.healthPort" "tls" "tls.existingSecret/tls.clientCA" "auth" "auth.kubernetes/auth.allow" "accounts" "accounts" }}
+{{- range $key := list "listen" "metrics_listen" "health_listen" "tls" "auth" "accounts" }}
 {{- if hasKey ($.Values.config | default dict) $key }}
-{{- fail (printf "config.%s is set by the chart (from %s); remove it from config" $key (get (dict "listen" "service.port" "metrics_listen" "metrics.enabled/metrics.port" "accounts" "accounts") $key)) }}
+{{- fail (printf "config.%s is set by the chart (from %s); remove it from config" $key (get $owned $key)) }}
+{{- end }}
+{{- end }}
+{{- $tlsOn := include "bace-token-broker.tlsEnabled" . }}
+{{- if and .Values.tls.clientCA (not $tlsOn) }}
+{{- fail "tls.clientCA needs tls.existingSecret (a Secret with tls.crt, tls.key and ca.crt)" }}
+{{- end }}
+{{- if $tlsOn }}
+{{- if eq (int .Values.service.healthPort) (int .Values.service.port) }}
+{{- fail "service.healthPort must differ from service.port" }}
+{{- end }}
+{{- if and .Values.metrics.enabled (eq (int .Values.service.healthPort) (int .Values.metrics.port)) }}
+{{- fail "service.healthPort must differ from metrics.port" }}
+{{- end }}
+{{- end }}
+{{- if include "bace-token-broker.authEnabled" . }}
+{{- if not .Values.auth.allow }}
+{{- fail "auth.allow: list at least one {caller, accounts} when auth.kubernetes.enabled (an empty list denies every caller)" }}
+{{- end }}
+{{- if not (or .Values.auth.kubernetes.enabled (and $tlsOn .Values.tls.clientCA)) }}
+{{- fail "auth.allow needs a way to identify callers: auth.kubernetes.enabled, or tls.existingSecret with tls.clientCA" }}
 {{- end }}
 {{- end }}
 {{- if and .Values.serviceMonitor.enabled (not .Values.metrics.enabled) }}
@@ -219,5 +274,33 @@ The broker's config file (YAML): config merged with the keys the chart owns.
 {{- $_ := set $accounts $name $acc }}
 {{- end }}
 {{- $_ := set $cfg "accounts" $accounts }}
+{{- if include "bace-token-broker.tlsEnabled" . }}
+{{- $dir := include "bace-token-broker.tlsDir" . }}
+{{- $tls := dict "cert_file" (printf "%s/tls.crt" $dir) "key_file" (printf "%s/tls.key" $dir) }}
+{{- if .Values.tls.clientCA }}
+{{- $_ := set $tls "client_ca_file" (printf "%s/ca.crt" $dir) }}
+{{- end }}
+{{- $_ := set $cfg "tls" $tls }}
+{{- $_ := set $cfg "health_listen" (printf "0.0.0.0:%d" (int .Values.service.healthPort)) }}
+{{- end }}
+{{- if include "bace-token-broker.authEnabled" . }}
+{{- $auth := dict }}
+{{- with .Values.auth.kubernetes }}
+{{- if .enabled }}
+{{- $dir := include "bace-token-broker.kubeApiDir" $ }}
+{{- $_ := set $auth "kubernetes" (dict "issuer" (toString .issuer) "jwks_url" (toString .jwksUrl) "audience" (toString .audience) "ca_file" (printf "%s/ca.crt" $dir) "bearer_token_file" (printf "%s/token" $dir)) }}
+{{- end }}
+{{- end }}
+{{- $allow := list }}
+{{- range .Values.auth.allow }}
+{{- $accounts := list }}
+{{- range .accounts }}
+{{- $accounts = append $accounts (toString .) }}
+{{- end }}
+{{- $allow = append $allow (dict "caller" (toString .caller) "accounts" $accounts) }}
+{{- end }}
+{{- $_ := set $auth "allow" $allow }}
+{{- $_ := set $cfg "auth" $auth }}
+{{- end }}
 {{- toYaml $cfg }}
 {{- end }}
