@@ -231,17 +231,27 @@ pub async fn serve_with(
     broker.shutdown().await;
     let _ = refresher.await;
     stopping.cancel();
-    if let Some(task) = metrics_server {
-        let _ = task.await;
-    }
-    if let Some(task) = health_server {
-        let _ = task.await;
-    }
-    if let Some(task) = reloader {
-        let _ = task.await;
-    }
+    // These end with `stopping`; a client holding a stream open (health Watch) must not keep
+    // the process alive.
+    finish(metrics_server).await;
+    finish(health_server).await;
+    finish(reloader).await;
     info!("stopped");
     Ok(())
+}
+
+/// Waits a moment for a side server told to stop, then aborts it (a client holding a health
+/// Watch stream open must not keep the process alive).
+async fn finish<T>(task: Option<tokio::task::JoinHandle<T>>) {
+    if let Some(task) = task {
+        let abort = task.abort_handle();
+        if tokio::time::timeout(std::time::Duration::from_secs(1), task)
+            .await
+            .is_err()
+        {
+            abort.abort();
+        }
+    }
 }
 
 async fn warm_up(broker: Broker, health: HealthReporter) {

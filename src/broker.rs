@@ -798,9 +798,21 @@ impl Inner {
             debug!(account = %slot.account.name, "invalidation within cooldown; keeping the current token");
             return Ok(Err(InvalidateOutcome::Cooldown));
         }
-        if let (Some(url), Some(token)) = (&self.policy.verify_url, &current) {
+        // Rejected credentials: no login before their backoff ends, verified or not.
+        if let Some(error @ BrokerError::CredentialsRejected { .. }) = state.backing_off(now) {
+            if let Some(token) = &current {
+                state.replaced = Some(token.fingerprint());
+                slot.set_current(None);
+            }
+            return Err(error);
+        }
+        let servable = current
+            .as_ref()
+            .filter(|t| t.valid_for(now, self.policy.refresh.expiry_margin));
+        if let (Some(url), Some(token)) = (&self.policy.verify_url, servable) {
             // Keep serving the token until BACE says whether it is bad (BACE also answers 401
-            // for endpoints the account may not use).
+            // for endpoints the account may not use). A token no longer servable is replaced
+            // without asking.
             info!(account = %slot.account.name, fingerprint = %token.fingerprint(), "token reported by a caller; verifying it");
             state.replaced = Some(token.fingerprint());
             state.last_forced_at = Some(now);
@@ -907,7 +919,10 @@ impl Inner {
         let account = &slot.account;
         let mut declined = None;
         if let FetchKind::Verify(token, url) = &kind {
-            let verdict = timeout_at(deadline, self.upstream.verify(url, token))
+            // Half the budget at most: the login that may follow needs the rest.
+            let now = Instant::now();
+            let verify_deadline = now + deadline.saturating_duration_since(now) / 2;
+            let verdict = timeout_at(verify_deadline, self.upstream.verify(url, token))
                 .await
                 .unwrap_or(Err(UpstreamError::Timeout));
             let outcome = match &verdict {
@@ -1277,6 +1292,14 @@ impl Slot {
             state.refresh_declined = fetched.refresh_declined;
         }
         let grant = fetched.grant.as_str();
+        if let (GrantType::Verify, Ok(token)) = (fetched.grant, &fetched.result) {
+            // BACE accepts the reported token: nothing about the account changed.
+            debug!(fingerprint = %token.fingerprint(), waiters = joined + 1, "reported token verified");
+            if let Some(next) = state.next_due {
+                self.plan(&mut state, inner, next);
+            }
+            return Landed::Done(Ok(token.clone()));
+        }
         match fetched.result {
             Ok(token) => {
                 let delay = policy::refresh_delay(

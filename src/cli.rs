@@ -231,7 +231,13 @@ async fn connect(conn: &Connection) -> Result<Client, String> {
         .map_err(|e| format!("invalid address {addr:?}: {e}"))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(30));
-    if addr.starts_with("https://") || conn.ca_file.is_some() || conn.cert_file.is_some() {
+    let tls_options = conn.ca_file.is_some() || conn.cert_file.is_some();
+    if tls_options && !addr.starts_with("https://") {
+        return Err(format!(
+            "--ca-file and --cert-file need an https:// address, not {addr:?}"
+        ));
+    }
+    if addr.starts_with("https://") {
         let mut tls = tonic::transport::ClientTlsConfig::new().with_enabled_roots();
         if let Some(ca) = &conn.ca_file {
             tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?));
@@ -322,12 +328,20 @@ async fn invalidate(
         .await
         .map_err(status_error)?
         .into_inner();
+    let outcome = proto::InvalidateOutcome::try_from(response.outcome)
+        .unwrap_or(proto::InvalidateOutcome::Unspecified);
     eprintln!(
         "{}",
-        if response.invalidated {
-            "invalidated: logged in again"
-        } else {
-            "not invalidated (already replaced, or within the cooldown): current token"
+        match outcome {
+            proto::InvalidateOutcome::Invalidated => "invalidated: logged in again",
+            proto::InvalidateOutcome::AlreadyReplaced =>
+                "not invalidated: that token was already replaced; current token",
+            proto::InvalidateOutcome::TokenValid =>
+                "not invalidated: BACE accepts the token (a 401 means a missing permission)",
+            proto::InvalidateOutcome::Cooldown =>
+                "not invalidated: invalidated moments ago (cooldown); current token",
+            proto::InvalidateOutcome::Unspecified if response.invalidated => "invalidated",
+            proto::InvalidateOutcome::Unspecified => "not invalidated; current token",
         }
     );
     print_token(response.token, false)

@@ -69,6 +69,10 @@ impl Config {
         check("metrics_listen", a.metrics_listen == b.metrics_listen);
         check("upstream.timeout", a.upstream.timeout == b.upstream.timeout);
         check(
+            "upstream.verify_url",
+            a.upstream.verify_url == b.upstream.verify_url,
+        );
+        check(
             "upstream.expires_timezone",
             a.upstream.expires_timezone == b.upstream.expires_timezone,
         );

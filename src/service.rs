@@ -260,9 +260,18 @@ impl TokenBrokerService for TokenBrokerApi {
         &self,
         request: Request<proto::WatchTokenRequest>,
     ) -> Result<Response<Self::WatchTokenStream>, Status> {
-        self.admit("WatchToken", &request, Some(&request.get_ref().account))
+        let identity = self
+            .admit("WatchToken", &request, Some(&request.get_ref().account))
             .await?;
         let account = request.into_inner().account;
+        // The allow list may change while the stream is open: check again before each send.
+        let still_allowed = {
+            let (auth, account) = (self.auth.clone(), account.clone());
+            move || match (&auth, &identity) {
+                (Some(auth), Some(id)) => auth.authorize(id, &account),
+                _ => true,
+            }
+        };
         let mut watch = self.broker.watch(&account).inspect_err(|e| {
             log_failure("WatchToken", &account, &Status::from(e.clone()));
         })?;
@@ -276,6 +285,9 @@ impl TokenBrokerService for TokenBrokerApi {
                     () = tx.closed() => return,
                 };
                 let message = match next {
+                    Some(Ok(_)) if !still_allowed() => Err(Status::permission_denied(
+                        "caller may no longer use this account",
+                    )),
                     Some(Ok(token)) => Ok(proto::WatchTokenResponse {
                         token: Some(token_to_proto(&token)),
                     }),

@@ -127,8 +127,8 @@ pub trait Upstream: Send + Sync + 'static {
         token: &'a Token,
     ) -> BoxFuture<'a, Result<Issued, UpstreamError>>;
 
-    /// Whether BACE accepts `token` at `url` (an authenticated GET): `Ok(true)` for 2xx,
-    /// `Ok(false)` for 401/403. The default cannot tell and says no.
+    /// Whether BACE accepts `token` at `url` (an authenticated GET): `Ok(true)` for 2xx and
+    /// 403 (authenticated, not permitted), `Ok(false)` for 401. The default cannot tell and says no.
     fn verify<'a>(
         &'a self,
         url: &'a Url,
@@ -264,8 +264,9 @@ impl Upstream for HttpUpstream {
                 .await
                 .map_err(transport_error)?;
             match response.status().as_u16() {
-                200..=299 => Ok(true),
-                401 | 403 => Ok(false),
+                // 403: the token authenticated, it merely lacks a permission.
+                200..=299 | 403 => Ok(true),
+                401 => Ok(false),
                 status => Err(UpstreamError::Status { status }),
             }
         })

@@ -382,3 +382,33 @@ async fn invalidate_verifies_the_token_first_when_a_verify_url_is_set() {
     assert_eq!(fake.calls(&user("fleet-a"), Grant::Password), 2);
     broker.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_verified_invalidation_respects_the_rejected_credentials_backoff() {
+    let fake = fake(&["fleet-a"]).await;
+    let extra = format!(
+        "upstream:\n  verify_url: \"{}\"\ninvalidate_cooldown: 0s",
+        fake.api_url()
+    );
+    let broker = Broker::ready(&config_yaml(&fake, &["fleet-a"], &extra)).await;
+    let token = broker.get("fleet-a").await.unwrap();
+    // The password changes at BACE and the token is revoked: the first report verifies (401),
+    // logs in and is rejected; later reports wait out the backoff without any login.
+    fake.set_password(&user("fleet-a"), "rotated");
+    fake.revoke(&token.access_token);
+    for _ in 0..5 {
+        let status = broker.invalidate("fleet-a", "").await.unwrap_err();
+        assert_eq!(status.code(), Code::FailedPrecondition);
+    }
+    assert_eq!(
+        fake.calls(&user("fleet-a"), Grant::Password),
+        2,
+        "one rejected login only"
+    );
+    let listed = list(&broker).await;
+    assert_eq!(
+        state_of(&listed, "fleet-a").state,
+        proto::AccountState::Rejected as i32
+    );
+    broker.stop().await.unwrap();
+}
