@@ -96,6 +96,11 @@ pub async fn serve_with(
     let listener = listeners.grpc;
     let addr: SocketAddr = listener.local_addr()?;
     let (broker, refresher) = Broker::new(&config, upstream, Metrics::new());
+    // The broker holds the accounts now; keep only the rest of the config (with 100,000
+    // accounts, each copy of them costs tens of megabytes).
+    let mut config = config;
+    let account_count = config.accounts.len();
+    config.accounts.clear();
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_service_status(READINESS_SERVICE, tonic_health::ServingStatus::NotServing)
@@ -191,7 +196,7 @@ pub async fn serve_with(
             router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), drained),
         ),
     };
-    info!(%addr, tls = config.tls.is_some(), accounts = config.accounts.len(), "broker listening");
+    info!(%addr, tls = config.tls.is_some(), accounts = account_count, "broker listening");
 
     let failure = tokio::select! {
         result = &mut server => Some(match result {
