@@ -10,7 +10,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use axum::{
@@ -27,7 +27,7 @@ use bace_token_broker::{
     tls::{self, RawTls, TlsAcceptor, TlsConfig, TlsConnInfo},
 };
 use jsonwebtoken::{Algorithm, EncodingKey, Header, jwk::Jwk};
-use pki::{Ca, Leaf, dns, uri};
+use pki::{Ca, Leaf, dns, now, sa_claims as claims, uri};
 use rcgen::{KeyPair, SanType};
 use serde_json::{Value, json};
 use tokio::{
@@ -474,8 +474,7 @@ fn tls_config_errors_name_the_field() {
 
 // === Kubernetes service-account tokens ===
 
-const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
-const AUDIENCE: &str = "bace-token-broker";
+use pki::{AUDIENCE, ISSUER};
 
 struct SigningKey {
     kid: String,
@@ -520,31 +519,6 @@ impl SigningKey {
     fn bearer(&self, claims: &Value) -> String {
         format!("Bearer {}", self.sign(claims))
     }
-}
-
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
-/// Claims shaped like a projected service-account token's.
-fn claims(namespace: &str, name: &str) -> Value {
-    let now = now();
-    json!({
-        "iss": ISSUER,
-        "aud": [AUDIENCE],
-        "sub": format!("system:serviceaccount:{namespace}:{name}"),
-        "iat": now,
-        "nbf": now,
-        "exp": now + 600,
-        "kubernetes.io": {
-            "namespace": namespace,
-            "pod": {"name": "p-1", "uid": "0b6a"},
-            "serviceaccount": {"name": name, "uid": "9f3c"},
-        },
-    })
 }
 
 fn with(mut claims: Value, key: &str, value: Value) -> Value {

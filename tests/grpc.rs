@@ -397,21 +397,7 @@ async fn invalidate_replaces_the_current_token_once_and_respects_the_cooldown() 
 
     // Fifty callers report the same token at once: one login, all get the new token.
     fake.hold();
-    let mut callers = JoinSet::new();
-    for _ in 0..50 {
-        let client = broker.client.clone();
-        let token = old.access_token.clone();
-        callers.spawn(async move {
-            let mut client = client;
-            client
-                .invalidate(proto::InvalidateRequest {
-                    account: "fleet-a".into(),
-                    access_token: token,
-                })
-                .await
-                .map(|r| r.into_inner())
-        });
-    }
+    let mut callers = broker.invalidations(50, "fleet-a", &old.access_token);
     guard(fake.wait_for_calls(&user("fleet-a"), Grant::Password, 2)).await;
     fake.release();
     let mut new_tokens = HashSet::new();

@@ -311,36 +311,27 @@ async fn list_accounts_reflects_each_state() {
     broker.stop().await.unwrap();
 }
 
-#[tokio::test]
-async fn invalidate_verifies_the_token_first_when_a_verify_url_is_set() {
+/// A broker for fleet-a that verifies reported tokens at the fake's API, with no cooldown.
+async fn with_verify_url() -> (bace_token_broker::fake::FakeBace, Broker) {
     let fake = fake(&["fleet-a"]).await;
     let extra = format!(
         "upstream:\n  verify_url: \"{}\"\ninvalidate_cooldown: 0s",
         fake.api_url()
     );
     let broker = Broker::ready(&config_yaml(&fake, &["fleet-a"], &extra)).await;
+    (fake, broker)
+}
+
+#[tokio::test]
+async fn invalidate_verifies_the_token_first_when_a_verify_url_is_set() {
+    let (fake, broker) = with_verify_url().await;
     let token = broker.get("fleet-a").await.unwrap();
 
     // BACE accepts the token: the caller's 401 was a permission problem. Twenty callers, one
     // check, no login.
-    let mut callers = JoinSet::new();
-    for _ in 0..20 {
-        let client = broker.client.clone();
-        let t = token.access_token.clone();
-        callers.spawn(async move {
-            let mut client = client;
-            client
-                .invalidate(proto::InvalidateRequest {
-                    account: "fleet-a".into(),
-                    access_token: t,
-                })
-                .await
-                .unwrap()
-                .into_inner()
-        });
-    }
+    let mut callers = broker.invalidations(20, "fleet-a", &token.access_token);
     while let Some(answer) = guard(callers.join_next()).await {
-        let answer = answer.unwrap();
+        let answer = answer.unwrap().unwrap();
         assert!(!answer.invalidated);
         assert_eq!(answer.outcome, proto::InvalidateOutcome::TokenValid as i32);
         assert_eq!(answer.token.unwrap().access_token, token.access_token);
@@ -385,12 +376,7 @@ async fn invalidate_verifies_the_token_first_when_a_verify_url_is_set() {
 
 #[tokio::test]
 async fn a_verified_invalidation_respects_the_rejected_credentials_backoff() {
-    let fake = fake(&["fleet-a"]).await;
-    let extra = format!(
-        "upstream:\n  verify_url: \"{}\"\ninvalidate_cooldown: 0s",
-        fake.api_url()
-    );
-    let broker = Broker::ready(&config_yaml(&fake, &["fleet-a"], &extra)).await;
+    let (fake, broker) = with_verify_url().await;
     let token = broker.get("fleet-a").await.unwrap();
     // The password changes at BACE and the token is revoked: the first report verifies (401),
     // logs in and is rejected; later reports wait out the backoff without any login.

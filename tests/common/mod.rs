@@ -186,6 +186,25 @@ impl Broker {
             .map(|r| r.into_inner())
     }
 
+    /// `n` concurrent Invalidate calls, each reporting `token` for `account`.
+    pub fn invalidations(
+        &self,
+        n: usize,
+        account: &str,
+        token: &str,
+    ) -> tokio::task::JoinSet<Result<proto::InvalidateResponse, tonic::Status>> {
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..n {
+            let mut client = self.client.clone();
+            let request = proto::InvalidateRequest {
+                account: account.into(),
+                access_token: token.into(),
+            };
+            calls.spawn(async move { client.invalidate(request).await.map(|r| r.into_inner()) });
+        }
+        calls
+    }
+
     /// Triggers shutdown and returns how the server ended.
     pub fn begin_stop(&mut self) {
         if let Some(stop) = self.stop.take() {

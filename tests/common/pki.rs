@@ -123,12 +123,17 @@ impl SigningKey {
     }
 }
 
-/// Claims of a projected service-account token for `namespace/name`, valid for 10 minutes.
-pub fn sa_claims(namespace: &str, name: &str) -> Value {
-    let now = SystemTime::now()
+/// Seconds since the Unix epoch.
+pub fn now() -> i64 {
+    SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
-        .as_secs() as i64;
+        .as_secs() as i64
+}
+
+/// Claims of a projected service-account token for `namespace/name`, valid for 10 minutes.
+pub fn sa_claims(namespace: &str, name: &str) -> Value {
+    let now = now();
     json!({
         "iss": ISSUER,
         "aud": [AUDIENCE],
@@ -136,6 +141,10 @@ pub fn sa_claims(namespace: &str, name: &str) -> Value {
         "iat": now,
         "nbf": now,
         "exp": now + 600,
-        "kubernetes.io": {"namespace": namespace, "serviceaccount": {"name": name, "uid": "1"}},
+        "kubernetes.io": {
+            "namespace": namespace,
+            "pod": {"name": "p-1", "uid": "0b6a"},
+            "serviceaccount": {"name": name, "uid": "9f3c"},
+        },
     })
 }
