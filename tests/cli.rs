@@ -454,6 +454,22 @@ const ACCOUNTS: [TestAccount; 2] = [
     },
 ];
 
+/// A fake BACE holding [`ACCOUNTS`].
+fn fake_with_accounts(rt: &tokio::runtime::Runtime) -> FakeBace {
+    let fake = rt
+        .block_on(FakeBace::start(FakeOptions::default()))
+        .expect("fake BACE");
+    for a in &ACCOUNTS {
+        fake.add_account(FakeAccount::new(
+            a.username,
+            a.password,
+            format!("cid-{}", a.name),
+            a.client_secret,
+        ));
+    }
+    fake
+}
+
 /// Writes a config for [`ACCOUNTS`] against `fake` (file secrets with a trailing newline);
 /// returns its path and the metrics port it names.
 fn write_config(dir: &Path, fake: &FakeBace) -> (PathBuf, u16) {
@@ -492,17 +508,7 @@ fn write_config(dir: &Path, fake: &FakeBace) -> (PathBuf, u16) {
 #[test]
 fn full_run_get_invalidate_sigterm_json_logs_and_no_secrets() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let fake = rt
-        .block_on(FakeBace::start(FakeOptions::default()))
-        .expect("fake BACE");
-    for a in &ACCOUNTS {
-        fake.add_account(FakeAccount::new(
-            a.username,
-            a.password,
-            format!("cid-{}", a.name),
-            a.client_secret,
-        ));
-    }
+    let fake = fake_with_accounts(&rt);
     let dir = tempfile::tempdir().expect("tempdir");
     let (config, _) = write_config(dir.path(), &fake);
     let mut server = Server::spawn(
@@ -649,17 +655,7 @@ fn serve_demo_serves_demo_accounts_and_stops_on_sigterm() {
 #[test]
 fn sighup_reloads_the_config() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let fake = rt
-        .block_on(FakeBace::start(FakeOptions::default()))
-        .expect("fake BACE");
-    for a in &ACCOUNTS {
-        fake.add_account(FakeAccount::new(
-            a.username,
-            a.password,
-            format!("cid-{}", a.name),
-            a.client_secret,
-        ));
-    }
+    let fake = fake_with_accounts(&rt);
     let dir = tempfile::tempdir().expect("tempdir");
     let (config, metrics_port) = write_config(dir.path(), &fake);
     let mut server = Server::spawn(
