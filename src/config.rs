@@ -489,7 +489,7 @@ impl RawConfig {
                 )
             })?),
         };
-        let tls = self
+        let mut tls = self
             .tls
             .map(RawTls::validate)
             .transpose()
@@ -499,6 +499,11 @@ impl RawConfig {
             .map(RawAuth::validate)
             .transpose()
             .map_err(|problem| field("auth", problem))?;
+        // Both ways of identifying callers on one port: with service-account tokens configured,
+        // a client certificate is optional (and verified when presented).
+        if let (Some(tls), Some(auth)) = (tls.as_mut(), &auth) {
+            tls.client_cert_optional = auth.kubernetes.is_some();
+        }
         if let Some(auth) = &auth {
             let client_certs = tls.as_ref().is_some_and(|t| t.client_ca_file.is_some());
             if auth.kubernetes.is_none() && !client_certs {

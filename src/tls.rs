@@ -83,6 +83,9 @@ pub struct TlsConfig {
     pub key_file: PathBuf,
     /// PEM file with the client CA certificates; `None`: no client certificates.
     pub client_ca_file: Option<PathBuf>,
+    /// Whether a client may connect without a certificate (set when callers may identify
+    /// themselves with a service-account token instead; not a YAML key).
+    pub client_cert_optional: bool,
 }
 
 impl RawTls {
@@ -93,6 +96,7 @@ impl RawTls {
             cert_file: self.cert_file,
             key_file: self.key_file,
             client_ca_file: self.client_ca_file,
+            client_cert_optional: false,
         };
         Material::load(&config, &provider())?;
         Ok(config)
@@ -118,6 +122,7 @@ struct Material {
     key: Arc<CertifiedKey>,
     /// The client CA certificates, as read (compared on reload).
     client_cas: Option<Vec<CertificateDer<'static>>>,
+    client_cert_optional: bool,
 }
 
 impl Material {
@@ -141,7 +146,7 @@ impl Material {
                 let cas = read_certs(path, "tls.client_ca_file")?;
                 // Build once now: a CA the verifier cannot use is a config error, not a
                 // handshake failure later.
-                client_verifier(&cas, provider)
+                client_verifier(&cas, provider, config.client_cert_optional)
                     .map_err(|e| format!("tls.client_ca_file: {}: {e}", path.display()))?;
                 Some(cas)
             }
@@ -150,6 +155,7 @@ impl Material {
         Ok(Self {
             key: Arc::new(key),
             client_cas,
+            client_cert_optional: config.client_cert_optional,
         })
     }
 }
@@ -175,6 +181,7 @@ fn read_certs(path: &Path, field: &str) -> Result<Vec<CertificateDer<'static>>, 
 fn client_verifier(
     cas: &[CertificateDer<'static>],
     provider: &Arc<CryptoProvider>,
+    optional: bool,
 ) -> Result<Arc<dyn tokio_rustls::rustls::server::danger::ClientCertVerifier>, String> {
     let mut roots = RootCertStore::empty();
     for ca in cas {
@@ -182,9 +189,15 @@ fn client_verifier(
             .add(ca.clone())
             .map_err(|e| format!("unusable CA certificate: {e}"))?;
     }
-    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .map_err(|e| e.to_string())
+    let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    // A certificate, when presented, is always verified; without one the caller must
+    // authenticate otherwise (the broker's auth layer refuses calls without an identity).
+    let builder = if optional {
+        builder.allow_unauthenticated()
+    } else {
+        builder
+    };
+    builder.build().map_err(|e| e.to_string())
 }
 
 // === impl TlsAcceptor ===
@@ -220,7 +233,12 @@ impl TlsAcceptor {
         let provider = provider();
         let material = Material::load(config, &provider)?;
         let resolver = Arc::new(CertResolver(ArcSwap::new(material.key)));
-        let server_config = server_config(&provider, &resolver, material.client_cas.as_deref())?;
+        let server_config = server_config(
+            &provider,
+            &resolver,
+            material.client_cas.as_deref(),
+            material.client_cert_optional,
+        )?;
         Ok(Self {
             inner: Arc::new(Inner {
                 provider,
@@ -245,6 +263,7 @@ impl TlsAcceptor {
                 &self.inner.provider,
                 &self.inner.resolver,
                 material.client_cas.as_deref(),
+                material.client_cert_optional,
             )?;
             self.inner.resolver.0.store(material.key);
             self.inner.config.store(Arc::new(server_config));
@@ -276,13 +295,15 @@ fn server_config(
     provider: &Arc<CryptoProvider>,
     resolver: &Arc<CertResolver>,
     client_cas: Option<&[CertificateDer<'static>]>,
+    client_cert_optional: bool,
 ) -> Result<ServerConfig, String> {
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS setup: {e}"))?;
     let builder = match client_cas {
         Some(cas) => builder.with_client_cert_verifier(
-            client_verifier(cas, provider).map_err(|e| format!("tls.client_ca_file: {e}"))?,
+            client_verifier(cas, provider, client_cert_optional)
+                .map_err(|e| format!("tls.client_ca_file: {e}"))?,
         ),
         None => builder.with_no_client_auth(),
     };

@@ -425,3 +425,53 @@ async fn allow_list_and_server_certificate_reload_live() {
     );
     broker.stop().await;
 }
+
+#[tokio::test]
+async fn certificates_and_service_account_tokens_work_together_on_one_port() {
+    let fake = fake(&["fleet-a"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("broker CA");
+    let server = ca.server(1);
+    let key = SigningKey::es256("k1");
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let extra = format!(
+        "tls:\n  cert_file: {}\n  key_file: {}\n  client_ca_file: {}\nauth:\n  kubernetes:\n    issuer: \"{}\"\n    jwks_file: {}\n  allow:\n    - caller: \"{WORKER}\"\n      accounts: [fleet-a]\n    - caller: system:serviceaccount:reports:exporter\n      accounts: [fleet-a]\n",
+        write("tls.crt", &server.cert_pem),
+        write("tls.key", &server.key_pem),
+        write("ca.crt", &ca.pem()),
+        pki::ISSUER,
+        write("jwks.json", &key.jwks()),
+    );
+    let broker = start(Config::parse(&config_yaml(&fake, &["fleet-a"], &extra)).unwrap()).await;
+    wait_ready(broker.health.unwrap()).await;
+    // A client certificate identifies the caller...
+    let mut with_cert = tls_client(broker.grpc, &ca, Some(&ca.client_uri(WORKER)))
+        .await
+        .unwrap();
+    assert!(with_cert.get_token(get("fleet-a")).await.is_ok());
+    // ...or, without one, a service-account token does; with neither: UNAUTHENTICATED.
+    let mut without_cert = tls_client(broker.grpc, &ca, None).await.unwrap();
+    let mut request = Request::new(get("fleet-a"));
+    let bearer = key.bearer(&sa_claims("reports", "exporter"));
+    request
+        .metadata_mut()
+        .insert("authorization", bearer.parse().unwrap());
+    assert!(without_cert.get_token(request).await.is_ok());
+    let status = without_cert.get_token(get("fleet-a")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    // A certificate from another CA is still refused in the handshake.
+    let rogue = Ca::new("rogue").client_uri(WORKER);
+    let refused = match tls_client(broker.grpc, &ca, Some(&rogue)).await {
+        Err(_) => true,
+        Ok(mut c) => c
+            .get_token(get("fleet-a"))
+            .await
+            .is_err_and(|s| s.code() != Code::Unauthenticated),
+    };
+    assert!(refused);
+    broker.stop().await;
+}
