@@ -223,7 +223,7 @@ impl TokenWatch {
                 // A reload replaced or removed the account: follow it, or end.
                 match self.broker.inner.slot(self.slot.account.name.as_str()) {
                     Ok(slot) => {
-                        self.receiver = slot.watch.subscribe();
+                        self.receiver = slot.subscribe();
                         self.slot = slot;
                     }
                     Err(error) => return Some(Err(error)),
@@ -333,8 +333,9 @@ struct Slot {
     account: Arc<AccountConfig>,
     /// The token served to callers; `None` before the first login and after an invalidation.
     current: ArcSwapOption<Token>,
-    /// The same token, for watchers (changed together with `current`).
-    watch: watch::Sender<Option<Arc<Token>>>,
+    /// The same token, for watchers (changed together with `current`). Created by the first
+    /// watcher: most accounts are never watched, and a channel costs ~400 bytes.
+    watch: std::sync::OnceLock<watch::Sender<Option<Arc<Token>>>>,
     /// Set when a reload replaced or removed this slot.
     retired: std::sync::atomic::AtomicBool,
     state: Mutex<SlotState>,
@@ -652,7 +653,7 @@ impl Broker {
     /// a fetch is started (or joined) so the watcher need not wait for the next retry.
     pub fn watch(&self, account: &str) -> Result<TokenWatch, BrokerError> {
         let slot = self.inner.slot(account)?;
-        let receiver = slot.watch.subscribe();
+        let receiver = slot.subscribe();
         if slot
             .servable(Instant::now(), self.inner.policy.refresh.expiry_margin)
             .is_none()
@@ -1189,7 +1190,7 @@ impl Slot {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             account: Arc::new(account),
             current: ArcSwapOption::empty(),
-            watch: watch::Sender::new(None),
+            watch: std::sync::OnceLock::new(),
             retired: std::sync::atomic::AtomicBool::new(false),
             state: Mutex::new(SlotState::default()),
         }
@@ -1199,13 +1200,39 @@ impl Slot {
     /// its watchers so they move on.
     fn retire(&self) {
         self.retired.store(true, Ordering::Release);
-        self.watch.send_modify(|_| {});
+        if let Some(watch) = self.watch.get() {
+            watch.send_modify(|_| {});
+        }
+    }
+
+    /// A receiver of the current token and its changes (creating the channel on first use).
+    fn subscribe(&self) -> watch::Receiver<Option<Arc<Token>>> {
+        let watch = self
+            .watch
+            .get_or_init(|| watch::Sender::new(self.current.load_full()));
+        // A token stored while the channel was being created may have missed it: catch up.
+        // (`set_current` stores first and then sends, so whichever runs last is right.)
+        watch.send_if_modified(|seen| {
+            let now = self.current.load_full();
+            let same = match (&*seen, &now) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            if !same {
+                *seen = now;
+            }
+            !same
+        });
+        watch.subscribe()
     }
 
     /// Replaces the current token, for readers and watchers.
     fn set_current(&self, token: Option<Arc<Token>>) {
         self.current.store(token.clone());
-        self.watch.send_replace(token);
+        if let Some(watch) = self.watch.get() {
+            watch.send_replace(token);
+        }
     }
 
     fn status(&self, margin: Duration) -> AccountStatus {
@@ -1242,7 +1269,7 @@ impl Slot {
             consecutive_failures: state.failures + state.rejections,
             last_error: state.last_error.as_ref().map(BrokerError::class),
             last_success_at: state.last_success_at,
-            watchers: self.watch.receiver_count(),
+            watchers: self.watch.get().map_or(0, |w| w.receiver_count()),
         }
     }
 

@@ -8,6 +8,7 @@ use std::{
     fmt,
     net::SocketAddr,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -133,8 +134,8 @@ pub struct AccountConfig {
     pub name: AccountName,
     /// What BACE needs for a login.
     pub credentials: Credentials,
-    /// This account's token endpoint.
-    pub token_url: Url,
+    /// This account's token endpoint (shared with every account that uses the default).
+    pub token_url: Arc<Url>,
 }
 
 /// An account's BACE credentials. `Debug` redacts the secrets.
@@ -523,6 +524,7 @@ impl RawConfig {
             .chain(auth.iter().flat_map(|a| a.files()))
             .map(Path::to_path_buf)
             .collect();
+        let shared_url = Arc::new(token_url.clone());
         for (name, raw) in self.accounts {
             secret_files.extend(
                 raw.client_secret_file
@@ -530,7 +532,7 @@ impl RawConfig {
                     .chain(&raw.password_file)
                     .cloned(),
             );
-            let account = raw.validate(&name, &token_url)?;
+            let account = raw.validate(&name, &shared_url)?;
             accounts.insert(account.name.clone(), account);
         }
         Ok(Config {
@@ -564,7 +566,7 @@ impl RawConfig {
 }
 
 impl RawAccount {
-    fn validate(self, name: &str, default_url: &Url) -> Result<AccountConfig, ConfigError> {
+    fn validate(self, name: &str, default_url: &Arc<Url>) -> Result<AccountConfig, ConfigError> {
         let err = |field: &'static str, problem: String| ConfigError::Account {
             path: None,
             account: name.to_owned(),
@@ -592,8 +594,8 @@ impl RawAccount {
         )
         .map_err(|(field, problem)| err(field, problem))?;
         let token_url = match self.token_url {
-            Some(url) => parse_url(&url).map_err(|p| err("token_url", p))?,
-            None => default_url.clone(),
+            Some(url) => Arc::new(parse_url(&url).map_err(|p| err("token_url", p))?),
+            None => Arc::clone(default_url),
         };
         Ok(AccountConfig {
             name: account,
@@ -695,7 +697,7 @@ accounts:
         let a = &c.accounts["fleet-a"];
         assert_eq!(a.credentials.client_id, "cid");
         assert_eq!(a.credentials.password.expose_secret(), "pw");
-        assert_eq!(a.token_url, c.upstream.token_url);
+        assert_eq!(*a.token_url, c.upstream.token_url);
     }
 
     #[test]
