@@ -580,15 +580,6 @@ impl Broker {
         report
     }
 
-    /// The configured account names.
-    pub fn accounts(&self) -> Vec<AccountName> {
-        self.inner
-            .accounts
-            .iter()
-            .map(|e| e.key().clone())
-            .collect()
-    }
-
     /// Applies a reloaded configuration's accounts: new accounts are added and warmed, removed
     /// ones dropped (their refresh stops), accounts whose credentials or token URL changed get
     /// a fresh slot and log in again; unchanged accounts keep their tokens untouched.

@@ -5,7 +5,7 @@
 //! Label values are bounded: accounts come from the config (unknown or malformed names asked
 //! for by callers are all counted as `(unknown)`), codes and outcomes are fixed sets.
 
-use std::{fmt, net::SocketAddr, sync::Arc, time::SystemTime};
+use std::{fmt, sync::Arc, time::SystemTime};
 
 use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
 use prometheus_client::{
@@ -314,9 +314,4 @@ async fn scrape(State(registry): State<Arc<Registry>>) -> impl IntoResponse {
             .into_response(),
         Err(_) => axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
-}
-
-/// The address a metrics endpoint listens on, for logs.
-pub fn describe(addr: Option<SocketAddr>) -> String {
-    addr.map_or_else(|| "off".to_owned(), |a| a.to_string())
 }
