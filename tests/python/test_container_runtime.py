@@ -21,7 +21,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -31,6 +30,8 @@ import grpc
 import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import testkit
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO_ROOT / "Dockerfile"
@@ -56,21 +57,6 @@ DISTROLESS_CC_LIBS = {
     "libssl.so.3",
     "libcrypto.so.3",
 }
-
-
-def _broker_bin() -> Path:
-    if env := os.environ.get("BROKER_BIN"):
-        return Path(env)
-    target = Path(os.environ.get("CARGO_TARGET_DIR", REPO_ROOT / "target"))
-    if not target.is_absolute():
-        target = REPO_ROOT / target
-    return target / "debug" / "bace-token-broker"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # === the Dockerfile ===
@@ -206,7 +192,7 @@ def test_dockerignore_lets_the_build_inputs_in(stages):
 
 
 def test_binary_links_only_what_distroless_cc_has():
-    binary = _broker_bin()
+    binary = testkit.broker_bin()
     if not binary.is_file():
         pytest.fail(f"broker binary not found at {binary}; run `cargo build --bins` first")
     out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=True).stdout
@@ -222,7 +208,7 @@ def image_root(chart_values):
     """A stand-in for the image: the binary at /usr/local/bin-like path inside a directory tree
     owned by root and read-only (0555) to everyone, like the chart's read-only root filesystem
     is to uid 65532. Made under /tmp since pytest's own tmp dirs are private to root."""
-    binary = _broker_bin()
+    binary = testkit.broker_bin()
     if not binary.is_file():
         pytest.fail(f"broker binary not found at {binary}; run `cargo build --bins` first")
     root = Path(tempfile.mkdtemp(prefix="bace-image-"))
@@ -259,7 +245,7 @@ def test_demo_serves_as_nonroot_from_a_read_only_directory(image_root, chart_val
     assert probe.returncode != 0, "the stand-in root must not be writable by the broker's user"
     assert "HOME" not in kwargs["env"]
 
-    addr = f"127.0.0.1:{_free_port()}"
+    addr = f"127.0.0.1:{testkit.free_port()}"
     log_path = tmp_path / "broker.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
