@@ -44,11 +44,7 @@ use tokio_rustls::{
         pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject},
     },
 };
-use tonic::{
-    Code, Request, Status,
-    service::interceptor::InterceptedService,
-    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
-};
+use tonic::{Code, Request, Status, service::interceptor::InterceptedService, transport::Channel};
 use tonic_health::{
     pb::{HealthCheckRequest, health_client::HealthClient},
     server::HealthReporter,
@@ -161,17 +157,7 @@ async fn connect(
     trust: &Ca,
     identity: Option<&Leaf>,
 ) -> Result<HealthClient<Channel>, Failure> {
-    let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(trust.pem()))
-        .domain_name("localhost");
-    if let Some(leaf) = identity {
-        tls = tls.identity(Identity::from_pem(&leaf.cert_pem, &leaf.key_pem));
-    }
-    let channel = Endpoint::from_shared(format!("https://127.0.0.1:{}", addr.port()))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
+    let channel = pki::tls_channel(addr, trust, identity)
         .await
         .map_err(|e| Failure::Transport(format!("{e:?}")))?;
     Ok(HealthClient::new(channel))

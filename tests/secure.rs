@@ -13,7 +13,7 @@ use pki::{Ca, Leaf, SigningKey, sa_claims};
 use tokio::sync::oneshot;
 use tonic::{
     Code, Request,
-    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+    transport::{Channel, Endpoint},
 };
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -87,18 +87,7 @@ async fn tls_client(
     proto::token_broker_service_client::TokenBrokerServiceClient<Channel>,
     tonic::transport::Error,
 > {
-    let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca.pem()))
-        .domain_name("localhost");
-    if let Some(leaf) = identity {
-        tls = tls.identity(Identity::from_pem(&leaf.cert_pem, &leaf.key_pem));
-    }
-    let channel = Endpoint::from_shared(format!("https://127.0.0.1:{}", addr.port()))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await?;
+    let channel = pki::tls_channel(addr, ca, identity).await?;
     Ok(proto::token_broker_service_client::TokenBrokerServiceClient::new(channel))
 }
 
@@ -224,16 +213,7 @@ async fn mtls_callers_get_only_the_accounts_they_are_allowed() {
         assert!(refused);
     }
     // Health and reflection need no identity on the TLS port either.
-    let channel = Endpoint::from_shared(format!("https://127.0.0.1:{}", broker.grpc.port()))
-        .unwrap()
-        .tls_config(
-            ClientTlsConfig::new()
-                .ca_certificate(Certificate::from_pem(ca.pem()))
-                .domain_name("localhost")
-                .identity(Identity::from_pem(&worker.cert_pem, &worker.key_pem)),
-        )
-        .unwrap()
-        .connect()
+    let channel = pki::tls_channel(broker.grpc, &ca, Some(&worker))
         .await
         .unwrap();
     assert!(

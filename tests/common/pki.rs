@@ -148,3 +148,24 @@ pub fn sa_claims(namespace: &str, name: &str) -> Value {
         },
     })
 }
+
+/// A TLS channel to `127.0.0.1:port` of `addr` (server name `localhost`) trusting `ca`, with
+/// `identity` as the client certificate when given. Connects now, so handshake refusals show.
+pub async fn tls_channel(
+    addr: std::net::SocketAddr,
+    ca: &Ca,
+    identity: Option<&Leaf>,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca.pem()))
+        .domain_name("localhost");
+    if let Some(leaf) = identity {
+        tls = tls.identity(Identity::from_pem(&leaf.cert_pem, &leaf.key_pem));
+    }
+    Endpoint::from_shared(format!("https://127.0.0.1:{}", addr.port()))
+        .expect("endpoint")
+        .tls_config(tls)?
+        .connect()
+        .await
+}

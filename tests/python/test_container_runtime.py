@@ -23,13 +23,10 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
-import grpc
 import pytest
 import yaml
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import testkit
 
@@ -296,35 +293,10 @@ def test_demo_serves_as_nonroot_from_a_read_only_directory(image_root, chart_val
 
 
 def _wait_ready(proc: subprocess.Popen, addr: str, log_path: Path) -> None:
-    options = [
-        ("grpc.use_local_subchannel_pool", 1),
-        ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.min_reconnect_backoff_ms", 100),
-        ("grpc.max_reconnect_backoff_ms", 100),
-    ]
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    last = "no answer yet"
-    with grpc.insecure_channel(addr, options=options) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while True:
-            code = proc.poll()
-            if code is not None:
-                pytest.fail(
-                    f"broker exited with {code} before becoming ready; log:\n"
-                    f"{log_path.read_text(errors='replace')}"
-                )
-            try:
-                resp = health.Check(
-                    health_pb2.HealthCheckRequest(service=READINESS_SERVICE), timeout=1.0
-                )
-                if resp.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-                last = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
-            except grpc.RpcError as e:
-                last = f"{e.code().name}: {e.details()}"
-            if time.monotonic() >= deadline:
-                pytest.fail(
-                    f"not SERVING {READINESS_SERVICE} within {READY_TIMEOUT_S:.0f} s "
-                    f"(last: {last}); log:\n{log_path.read_text(errors='replace')}"
-                )
-            time.sleep(0.1)
+    testkit.wait_serving(
+        proc,
+        addr,
+        lambda: log_path.read_text(errors="replace"),
+        service=READINESS_SERVICE,
+        timeout=READY_TIMEOUT_S,
+    )
