@@ -22,10 +22,11 @@
 //! step however many callers wait.
 
 use std::{
-    collections::HashMap,
+    cmp::Reverse,
+    collections::BinaryHeap,
     future::Future,
     sync::{
-        Arc, Mutex, MutexGuard,
+        Arc, Mutex, MutexGuard, Weak,
         atomic::{AtomicU64, Ordering},
     },
     time::SystemTime,
@@ -38,12 +39,12 @@ use tokio::{
     task::JoinSet,
     time::{Duration, Instant, timeout_at},
 };
-use tokio_util::{sync::CancellationToken, task::TaskTracker, time::DelayQueue};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
     config::{AccountConfig, Config, RefreshConfig},
-    metrics::{AccountLabel, AccountLabels, GrantLabels, Metrics, UpstreamLabels},
+    metrics::{AccountCounters, AccountCounts, AccountLabel, AccountLabels, GrantLabels, Metrics},
     policy,
     token::{AccountName, AccountNameError, Fingerprint, Token},
     upstream::{GrantType, Issued, Upstream, UpstreamError},
@@ -198,6 +199,8 @@ pub struct AccountStatus {
     pub last_success_at: Option<SystemTime>,
     /// WatchToken streams open on the account.
     pub watchers: usize,
+    /// Its success counts.
+    pub counts: AccountCounts,
 }
 
 /// A watcher of one account's token: yields the current valid token, then each new token or
@@ -219,7 +222,7 @@ impl TokenWatch {
         let stop = self.broker.inner.draining.clone();
         let margin = self.broker.inner.policy.refresh.expiry_margin;
         loop {
-            if self.slot.retired.load(Ordering::Acquire) {
+            if self.slot.is_retired() {
                 // A reload replaced or removed the account: follow it, or end.
                 match self.broker.inner.slot(self.slot.account.name.as_str()) {
                     Ok(slot) => {
@@ -318,7 +321,7 @@ struct Inner {
     policy: Policy,
     metrics: Metrics,
     /// Tells the [`Refresher`] when an account is next due.
-    schedule: mpsc::UnboundedSender<(SlotKey, Instant)>,
+    schedule: mpsc::UnboundedSender<Plan>,
     /// Fetch tasks; waited for on shutdown.
     tasks: TaskTracker,
     stop: CancellationToken,
@@ -328,9 +331,7 @@ struct Inner {
 
 /// One account: its configuration, its current token and its fetch state.
 struct Slot {
-    /// Unique per slot: a reload that changes an account's credentials makes a new slot.
-    id: u64,
-    account: Arc<AccountConfig>,
+    account: AccountConfig,
     /// The token served to callers; `None` before the first login and after an invalidation.
     current: ArcSwapOption<Token>,
     /// The same token, for watchers (changed together with `current`). Created by the first
@@ -338,6 +339,8 @@ struct Slot {
     watch: std::sync::OnceLock<watch::Sender<Option<Arc<Token>>>>,
     /// Set when a reload replaced or removed this slot.
     retired: std::sync::atomic::AtomicBool,
+    /// The account's success counts (carried over when a reload replaces the slot).
+    counters: AccountCounters,
     state: Mutex<SlotState>,
 }
 
@@ -348,14 +351,9 @@ struct SlotState {
     /// Bumped for every new flight; a flight whose generation is stale (an invalidation
     /// replaced it) does not install its token.
     generation: u64,
-    /// No new fetch before this instant (backoff), unless a forced re-login.
-    retry_at: Option<Instant>,
-    /// What callers get during the backoff when no valid token is cached.
-    last_error: Option<BrokerError>,
-    /// Consecutive transient failures.
-    failures: u32,
-    /// Consecutive credential rejections.
-    rejections: u32,
+    /// The run of failed fetches since the last success, if any. Boxed: with 100,000
+    /// accounts, most of them fine, each slot carries only this pointer.
+    failing: Option<Box<Failing>>,
     /// When the last forced re-login (Invalidate) started.
     last_forced_at: Option<Instant>,
     /// The token the last forced re-login replaced.
@@ -366,6 +364,19 @@ struct SlotState {
     next_due: Option<Instant>,
     /// When the last fetch succeeded.
     last_success_at: Option<SystemTime>,
+}
+
+/// An account's failed fetches since its last success, and the backoff they set.
+#[derive(Default)]
+struct Failing {
+    /// No new fetch before this instant (backoff), unless a forced re-login.
+    retry_at: Option<Instant>,
+    /// What callers get during the backoff when no valid token is cached.
+    last_error: Option<BrokerError>,
+    /// Consecutive transient failures.
+    failures: u32,
+    /// Consecutive credential rejections.
+    rejections: u32,
 }
 
 /// What a fetch hands its waiters.
@@ -448,15 +459,15 @@ impl Broker {
         };
         let refresher = Refresher {
             broker: broker.clone(),
-            due,
-            queue: DelayQueue::new(),
-            keys: HashMap::new(),
+            plans: due,
+            queue: BinaryHeap::new(),
             stop,
         };
         (broker, refresher)
     }
 
-    /// A valid token for `account`, valid for at least the expiry margin plus `min_validity`.
+    /// A valid token for `account`, valid for at least the expiry margin plus `min_validity`,
+    /// handed to a caller (counted as served, see [`AccountCounters`]).
     ///
     /// Answers from the cache when it can (no lock, no await); otherwise joins or starts the
     /// account's single fetch.
@@ -466,6 +477,27 @@ impl Broker {
         min_validity: Duration,
     ) -> Result<Arc<Token>, BrokerError> {
         let slot = self.inner.slot(account)?;
+        let token = self.obtain(&slot, min_validity).await?;
+        slot.counters.served();
+        Ok(token)
+    }
+
+    /// [`Broker::get_token`] for the broker's own needs (warm-up, reloads, watchers,
+    /// invalidations): not counted as served.
+    async fn obtain_named(
+        &self,
+        account: &str,
+        min_validity: Duration,
+    ) -> Result<Arc<Token>, BrokerError> {
+        let slot = self.inner.slot(account)?;
+        self.obtain(&slot, min_validity).await
+    }
+
+    async fn obtain(
+        &self,
+        slot: &Arc<Slot>,
+        min_validity: Duration,
+    ) -> Result<Arc<Token>, BrokerError> {
         let needed = self
             .inner
             .policy
@@ -481,7 +513,7 @@ impl Broker {
         // A fetch an invalidation supersedes is abandoned for the one that replaced it; an
         // invalidation storm cannot keep a caller here longer than a few fetches.
         for _ in 0..4 {
-            let token = match self.inner.acquire(&slot, needed)? {
+            let token = match self.inner.acquire(slot, needed)? {
                 Acquired::Ready(token) => return Ok(token),
                 Acquired::Wait(flight) => match flight.wait().await {
                     Landed::Done(result) => result?,
@@ -534,7 +566,7 @@ impl Broker {
         };
         Ok(Invalidated {
             outcome,
-            token: self.get_token(account, Duration::ZERO).await?,
+            token: self.obtain_named(account, Duration::ZERO).await?,
         })
     }
 
@@ -569,7 +601,7 @@ impl Broker {
             let broker = self.clone();
             running.spawn(async move {
                 broker
-                    .get_token(name.as_str(), Duration::ZERO)
+                    .obtain_named(name.as_str(), Duration::ZERO)
                     .await
                     .is_ok()
             });
@@ -598,7 +630,7 @@ impl Broker {
             let same = inner
                 .accounts
                 .get(name)
-                .map(|slot| *slot.account == *account);
+                .map(|slot| slot.account == *account);
             match same {
                 Some(true) => report.unchanged.push(name.clone()),
                 Some(false) => report.changed.push(name.clone()),
@@ -610,11 +642,14 @@ impl Broker {
                     .insert(name.clone(), Arc::new(Slot::new(account.clone())));
                 if let Some(old) = old {
                     old.retire();
+                    if let Some(new) = inner.accounts.get(name) {
+                        new.counters.carry_over(&old.counters);
+                    }
                 }
                 let broker = self.clone();
                 let name = name.clone();
                 inner.tasks.spawn(async move {
-                    let _ = broker.get_token(name.as_str(), Duration::ZERO).await;
+                    let _ = broker.obtain_named(name.as_str(), Duration::ZERO).await;
                 });
             }
         }
@@ -652,7 +687,7 @@ impl Broker {
             let broker = self.clone();
             let name = slot.account.name.clone();
             self.inner.tasks.spawn(async move {
-                let _ = broker.get_token(name.as_str(), Duration::ZERO).await;
+                let _ = broker.obtain_named(name.as_str(), Duration::ZERO).await;
             });
         }
         Ok(TokenWatch {
@@ -741,7 +776,7 @@ impl Inner {
     ) -> FetchKind {
         match current {
             Some(token)
-                if token.refresh_token().is_some()
+                if token.expose_refresh().is_some()
                     && now < token.expires_at()
                     && state.refresh_declined != Some(token.fingerprint()) =>
             {
@@ -922,14 +957,12 @@ impl Inner {
                 Ok(false) => "rejected",
                 Err(e) => e.class(),
             };
-            self.metrics
-                .upstream_requests
-                .get_or_create(&UpstreamLabels {
-                    account: AccountLabel::Known(account.name.clone()),
-                    grant: GrantType::Verify.as_str(),
-                    outcome,
-                })
-                .inc();
+            self.metrics.upstream_request(
+                &slot.counters,
+                &account.name,
+                GrantType::Verify,
+                outcome,
+            );
             match verdict {
                 Ok(true) => {
                     info!(fingerprint = %token.fingerprint(), "BACE accepts the reported token: the caller's 401 was a permission problem; token kept");
@@ -956,7 +989,7 @@ impl Inner {
             };
             let answer = self
                 .call(
-                    account,
+                    slot,
                     GrantType::Refresh,
                     refresh_deadline,
                     self.upstream.refresh(account, &token),
@@ -997,7 +1030,7 @@ impl Inner {
         }
         let result = self
             .call(
-                account,
+                slot,
                 GrantType::Password,
                 deadline,
                 self.upstream.login(account),
@@ -1014,7 +1047,7 @@ impl Inner {
     /// One upstream request, bounded by `deadline`, timed and counted.
     async fn call(
         &self,
-        account: &AccountConfig,
+        slot: &Slot,
         grant: GrantType,
         deadline: Instant,
         request: impl Future<Output = Result<Issued, UpstreamError>>,
@@ -1033,13 +1066,7 @@ impl Inner {
             Ok(_) => "ok",
             Err(e) => e.class(),
         };
-        m.upstream_requests
-            .get_or_create(&UpstreamLabels {
-                account: AccountLabel::Known(account.name.clone()),
-                grant: grant.as_str(),
-                outcome,
-            })
-            .inc();
+        m.upstream_request(&slot.counters, &slot.account.name, grant, outcome);
         answer
     }
 
@@ -1067,7 +1094,9 @@ impl Inner {
                 } else {
                     policy::DEFAULT_LOGIN_LIFETIME
                 });
-                let refresh = refresh.or_else(|| prior.and_then(|p| p.refresh_token().cloned()));
+                let refresh = refresh.or_else(|| {
+                    prior.and_then(|p| p.expose_refresh().map(secrecy::SecretString::from))
+                });
                 let token = Token::new(
                     account.name.clone(),
                     access,
@@ -1109,21 +1138,19 @@ impl Inner {
 
     /// Runs a scheduled refresh or retry (from the [`Refresher`]) for the slot `key` names, if
     /// that slot is still the account's (a reload may have removed or replaced it).
-    fn refresh_due(self: &Arc<Self>, (account, id): &SlotKey) {
-        let Ok(slot) = self.slot(account.as_str()) else {
-            return;
-        };
-        if slot.id != *id {
+    fn refresh_due(self: &Arc<Self>, slot: &Arc<Slot>, at: Instant) {
+        if slot.is_retired() {
             return;
         }
         let now = Instant::now();
         let mut state = slot.lock();
-        if state.flight.is_some() {
-            return; // Its completion schedules the next refresh.
+        if state.next_due != Some(at) || state.flight.is_some() {
+            // Planned again since (that plan comes due in its turn), or a fetch runs (its
+            // completion plans the next refresh).
+            return;
         }
-        // Woken early (long delays are split, see `Refresher`) or before a backoff ends.
-        if let Some(at) = state.next_due.max(state.retry_at).filter(|at| *at > now) {
-            let _ = self.schedule.send((slot.key(), at));
+        if let Some(retry_at) = state.retry_at().filter(|r| *r > now) {
+            slot.plan(&mut state, self, retry_at);
             return;
         }
         let current = slot.current.load_full();
@@ -1131,7 +1158,7 @@ impl Inner {
             .as_ref()
             .is_some_and(|t| t.valid_for(now, self.policy.refresh.expiry_margin));
         let kind = self.fetch_kind(current, &state, now);
-        self.start_flight(&slot, &mut state, kind, urgent, false);
+        self.start_flight(slot, &mut state, kind, urgent, false);
     }
 }
 
@@ -1155,8 +1182,8 @@ impl Drop for FlightGuard<'_> {
         tracing::error!(account = %self.slot.account.name, "token fetch ended abnormally; retrying after a backoff");
         state.flight = None;
         let retry_at = Instant::now() + self.inner.policy.refresh.backoff_max;
-        state.retry_at = Some(retry_at);
-        let _ = self.inner.schedule.send((self.slot.key(), retry_at));
+        state.failing().retry_at = Some(retry_at);
+        self.slot.plan(&mut state, self.inner, retry_at);
     }
 }
 
@@ -1170,19 +1197,14 @@ struct Fetched {
 
 // === impl Slot ===
 
-/// Names a slot in the refresh schedule: the account and the slot's id, so a schedule entry
-/// left by a slot that a reload removed or replaced is recognised and ignored.
-type SlotKey = (AccountName, u64);
-
 impl Slot {
     fn new(account: AccountConfig) -> Self {
-        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         Self {
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-            account: Arc::new(account),
+            account,
             current: ArcSwapOption::empty(),
             watch: std::sync::OnceLock::new(),
             retired: std::sync::atomic::AtomicBool::new(false),
+            counters: AccountCounters::default(),
             state: Mutex::new(SlotState::default()),
         }
     }
@@ -1236,17 +1258,16 @@ impl Slot {
             .and_then(|t| t.expires_at().checked_sub(margin));
         let survives =
             servable_until.map_or(Duration::ZERO, |at| at.saturating_duration_since(now));
-        let rejected = matches!(
-            state.last_error,
-            Some(BrokerError::CredentialsRejected { .. })
-        );
+        let failing = state.failing.as_deref();
+        let last_error = failing.and_then(|f| f.last_error.as_ref());
+        let rejected = matches!(last_error, Some(BrokerError::CredentialsRejected { .. }));
         let kind = if state.flight.is_some() {
             AccountState::Refreshing
         } else if rejected {
             AccountState::Rejected
         } else if survives.is_zero() {
             AccountState::Failing
-        } else if state.failures > 0 {
+        } else if failing.is_some_and(|f| f.failures > 0) {
             AccountState::Degraded
         } else {
             AccountState::Ready
@@ -1257,15 +1278,17 @@ impl Slot {
             expires_at: token.map(|t| t.expires_at_wall()),
             next_refresh_at: state.next_due.filter(|at| *at > now).map(to_wall),
             survives_outage_for: survives,
-            consecutive_failures: state.failures + state.rejections,
-            last_error: state.last_error.as_ref().map(BrokerError::class),
+            consecutive_failures: failing.map_or(0, |f| f.failures + f.rejections),
+            last_error: last_error.map(BrokerError::class),
             last_success_at: state.last_success_at,
             watchers: self.watch.get().map_or(0, |w| w.receiver_count()),
+            counts: self.counters.snapshot(),
         }
     }
 
-    fn key(&self) -> SlotKey {
-        (self.account.name.clone(), self.id)
+    /// Whether a reload removed or replaced this slot.
+    fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
     }
 
     fn lock(&self) -> MutexGuard<'_, SlotState> {
@@ -1292,7 +1315,13 @@ impl Slot {
     /// Records a finished fetch: installs the token or the backoff, logs, plans the next
     /// refresh or retry (under the lock, so plans reach the refresher in order), and returns
     /// what waiters get.
-    fn complete(&self, generation: u64, fetched: Fetched, inner: &Inner, joined: u64) -> Landed {
+    fn complete(
+        self: &Arc<Self>,
+        generation: u64,
+        fetched: Fetched,
+        inner: &Inner,
+        joined: u64,
+    ) -> Landed {
         let now = Instant::now();
         let r = &inner.policy.refresh;
         let mut state = self.lock();
@@ -1336,26 +1365,24 @@ impl Slot {
                 );
                 self.set_current(Some(token.clone()));
                 state.last_success_at = Some(SystemTime::now());
-                state.failures = 0;
-                state.rejections = 0;
-                state.retry_at = None;
-                state.last_error = None;
+                state.failing = None;
                 self.plan(&mut state, inner, token.obtained_at() + delay);
                 Landed::Done(Ok(token))
             }
             Err(error) => {
                 let rejected = fetched.grant == GrantType::Password && !error.is_transient();
+                let failing = state.failing();
                 let (broker_error, wait) = if rejected {
-                    state.rejections += 1;
-                    let wait = policy::rejected_backoff(state.rejections, r.rejected_backoff);
+                    failing.rejections += 1;
+                    let wait = policy::rejected_backoff(failing.rejections, r.rejected_backoff);
                     let e = BrokerError::CredentialsRejected {
                         account: self.account.name.clone(),
                     };
                     (e, wait)
                 } else {
-                    state.failures += 1;
+                    failing.failures += 1;
                     let wait = policy::backoff(
-                        state.failures,
+                        failing.failures,
                         r.backoff_initial,
                         r.backoff_max,
                         rand::random(),
@@ -1369,8 +1396,8 @@ impl Slot {
                 warn!(
                     grant,
                     %error,
-                    failures = state.failures,
-                    rejections = state.rejections,
+                    failures = failing.failures,
+                    rejections = failing.rejections,
                     retry_in = %humantime::format_duration(Duration::from_millis(wait.as_millis() as u64)),
                     waiters = joined + 1,
                     "token fetch failed"
@@ -1391,8 +1418,9 @@ impl Slot {
                         retry_at = retry_at.min(last_try);
                     }
                 }
-                state.retry_at = Some(retry_at);
-                state.last_error = Some(broker_error.clone());
+                let failing = state.failing();
+                failing.retry_at = Some(retry_at);
+                failing.last_error = Some(broker_error.clone());
                 self.plan(&mut state, inner, retry_at);
                 Landed::Done(Err(broker_error))
             }
@@ -1400,19 +1428,33 @@ impl Slot {
     }
 
     /// Records and sends the instant the slot is next due.
-    fn plan(&self, state: &mut SlotState, inner: &Inner, at: Instant) {
+    fn plan(self: &Arc<Self>, state: &mut SlotState, inner: &Inner, at: Instant) {
         state.next_due = Some(at);
-        let _ = inner.schedule.send((self.key(), at));
+        let _ = inner.schedule.send(Plan {
+            at,
+            slot: Arc::downgrade(self),
+        });
     }
 }
 
 impl SlotState {
     /// The error to answer while in a backoff window, if in one.
     fn backing_off(&self, now: Instant) -> Option<BrokerError> {
-        match (&self.retry_at, &self.last_error) {
+        let failing = self.failing.as_deref()?;
+        match (&failing.retry_at, &failing.last_error) {
             (Some(at), Some(error)) if now < *at => Some(error.clone()),
             _ => None,
         }
+    }
+
+    /// When the backoff ends, if one is set.
+    fn retry_at(&self) -> Option<Instant> {
+        self.failing.as_ref().and_then(|f| f.retry_at)
+    }
+
+    /// The failure record, started by the first failure.
+    fn failing(&mut self) -> &mut Failing {
+        self.failing.get_or_insert_default()
     }
 }
 
@@ -1424,59 +1466,98 @@ fn jitter() -> f64 {
 
 /// The background task that refreshes each token when due and retries failed fetches: one
 /// timer queue for all accounts, owned by one task, stopped by [`Broker::shutdown`].
+///
+/// The queue is a binary heap of [`Plan`]s (24 bytes each). A slot planned again before its
+/// plan comes due (an on-demand fetch, an invalidation) leaves the older plan in the heap;
+/// [`Inner::refresh_due`] ignores it when it comes up (the slot's `next_due` moved on), and the
+/// heap is compacted should such leftovers ever outnumber the accounts.
 pub struct Refresher {
     broker: Broker,
-    due: mpsc::UnboundedReceiver<(SlotKey, Instant)>,
-    queue: DelayQueue<SlotKey>,
-    keys: HashMap<SlotKey, tokio_util::time::delay_queue::Key>,
+    plans: mpsc::UnboundedReceiver<Plan>,
+    queue: BinaryHeap<Reverse<Plan>>,
     stop: CancellationToken,
 }
 
-/// The longest timer the refresher sets.
+/// The longest the refresher sleeps without looking at its queue.
 const MAX_TIMER: Duration = Duration::from_secs(86_400);
 
-enum Event {
-    Stop,
-    Plan(SlotKey, Instant),
-    Due(SlotKey),
+/// Leftover plans tolerated in the queue (beyond one per account) before a compaction.
+const QUEUE_SLACK: usize = 1024;
+
+/// A slot due for a refresh or retry at an instant. A slot a reload removed or replaced is not
+/// kept alive by its plans (a `Weak`), and is skipped when they come due.
+struct Plan {
+    at: Instant,
+    slot: Weak<Slot>,
+}
+
+impl PartialEq for Plan {
+    fn eq(&self, other: &Self) -> bool {
+        self.at == other.at
+    }
+}
+
+impl Eq for Plan {}
+
+impl PartialOrd for Plan {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Plan {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.at.cmp(&other.at)
+    }
 }
 
 impl Refresher {
     /// Runs until the broker shuts down.
     pub async fn run(mut self) {
+        let timer = tokio::time::sleep(MAX_TIMER);
+        tokio::pin!(timer);
         loop {
-            let event = tokio::select! {
+            tokio::select! {
                 biased;
-                _ = self.stop.cancelled() => Event::Stop,
-                plan = self.due.recv() => match plan {
-                    Some((account, at)) => Event::Plan(account, at),
-                    None => Event::Stop,
-                },
-                Some(expired) = std::future::poll_fn(|cx| self.queue.poll_expired(cx)) => {
-                    Event::Due(expired.into_inner())
+                _ = self.stop.cancelled() => break,
+                plan = self.plans.recv() => {
+                    let Some(plan) = plan else { break };
+                    if plan.at < timer.deadline() {
+                        timer.as_mut().reset(plan.at);
+                    }
+                    self.queue.push(Reverse(plan));
+                    self.compact();
                 }
-            };
-            match event {
-                Event::Stop => break,
-                Event::Plan(account, at) => {
-                    // DelayQueue refuses deadlines ~2 years out; wake at least daily instead
-                    // (`refresh_due` sleeps again when woken early).
-                    let at = at.min(Instant::now() + MAX_TIMER);
-                    match self.keys.get(&account) {
-                        Some(key) => self.queue.reset_at(key, at),
-                        None => {
-                            let key = self.queue.insert_at(account.clone(), at);
-                            self.keys.insert(account, key);
+                _ = &mut timer => {
+                    let now = Instant::now();
+                    while let Some(Reverse(plan)) = self.queue.peek_mut().filter(|p| p.0.at <= now)
+                        .map(std::collections::binary_heap::PeekMut::pop)
+                    {
+                        if let Some(slot) = plan.slot.upgrade() {
+                            self.broker.inner.refresh_due(&slot, plan.at);
                         }
                     }
-                }
-                Event::Due(key) => {
-                    self.keys.remove(&key);
-                    debug!(account = %key.0, "refresh due");
-                    self.broker.inner.refresh_due(&key);
+                    // Wake for the earliest plan, at least daily (long timers are not exact).
+                    let next = self.queue.peek().map_or(now + MAX_TIMER, |p| p.0.at);
+                    timer.as_mut().reset(next.min(now + MAX_TIMER));
                 }
             }
         }
         debug!("refresher stopped");
+    }
+
+    /// Drops plans that no longer count (their slot is gone or was planned again) once they
+    /// outnumber the accounts.
+    fn compact(&mut self) {
+        if self.queue.len() <= self.broker.inner.accounts.len() * 2 + QUEUE_SLACK {
+            return;
+        }
+        let before = self.queue.len();
+        self.queue.retain(|Reverse(plan)| {
+            plan.slot
+                .upgrade()
+                .is_some_and(|slot| !slot.is_retired() && slot.lock().next_due == Some(plan.at))
+        });
+        debug!(before, after = self.queue.len(), "refresh queue compacted");
     }
 }

@@ -138,25 +138,76 @@ pub struct AccountConfig {
     pub token_url: Arc<Url>,
 }
 
-/// An account's BACE credentials. `Debug` redacts the secrets.
-#[derive(Clone, Debug)]
+/// An account's BACE credentials: OAuth2 client id and secret, BACE user name and password.
+///
+/// All four live in one redacting allocation (the broker holds 100,000 of these at a time);
+/// `Debug` shows the client id and user name only.
+#[derive(Clone)]
 pub struct Credentials {
+    /// `client_id`, `username`, `client_secret`, `password`, one after the other.
+    packed: SecretString,
+    /// Where the first three end in `packed`.
+    ends: [u32; 3],
+}
+
+impl Credentials {
+    /// Credentials of these four values.
+    pub fn new(client_id: &str, client_secret: &str, username: &str, password: &str) -> Self {
+        let parts = [client_id, username, client_secret, password];
+        let mut packed = String::with_capacity(parts.iter().map(|p| p.len()).sum());
+        let mut ends = [0u32; 3];
+        for (i, part) in parts.iter().enumerate() {
+            packed.push_str(part);
+            if let Some(end) = ends.get_mut(i) {
+                *end = u32::try_from(packed.len()).expect("credentials are far below 4 GiB");
+            }
+        }
+        Self {
+            packed: SecretString::from(packed),
+            ends,
+        }
+    }
+
+    fn part(&self, i: usize) -> &str {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        let end = self.ends.get(i).map_or(usize::MAX, |e| *e as usize);
+        let packed = self.packed.expose_secret();
+        &packed[start..end.min(packed.len())]
+    }
+
     /// OAuth2 client id.
-    pub client_id: String,
-    /// OAuth2 client secret.
-    pub client_secret: SecretString,
+    pub fn client_id(&self) -> &str {
+        self.part(0)
+    }
+
     /// BACE user name (usually an e-mail address).
-    pub username: String,
-    /// BACE password.
-    pub password: SecretString,
+    pub fn username(&self) -> &str {
+        self.part(1)
+    }
+
+    /// OAuth2 client secret. Secret: never log it.
+    pub fn expose_client_secret(&self) -> &str {
+        self.part(2)
+    }
+
+    /// BACE password. Secret: never log it.
+    pub fn expose_password(&self) -> &str {
+        self.part(3)
+    }
 }
 
 impl PartialEq for Credentials {
     fn eq(&self, other: &Self) -> bool {
-        self.client_id == other.client_id
-            && self.username == other.username
-            && self.client_secret.expose_secret() == other.client_secret.expose_secret()
-            && self.password.expose_secret() == other.password.expose_secret()
+        self.ends == other.ends && self.packed.expose_secret() == other.packed.expose_secret()
+    }
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("client_id", &self.client_id())
+            .field("username", &self.username())
+            .finish_non_exhaustive()
     }
 }
 
@@ -173,8 +224,8 @@ impl fmt::Debug for AccountConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AccountConfig")
             .field("name", &self.name)
-            .field("client_id", &self.credentials.client_id)
-            .field("username", &self.credentials.username)
+            .field("client_id", &self.credentials.client_id())
+            .field("username", &self.credentials.username())
             .field("token_url", &self.token_url.as_str())
             .finish_non_exhaustive()
     }
@@ -599,12 +650,12 @@ impl RawAccount {
         };
         Ok(AccountConfig {
             name: account,
-            credentials: Credentials {
-                client_id,
-                client_secret,
-                username,
-                password,
-            },
+            credentials: Credentials::new(
+                &client_id,
+                client_secret.expose_secret(),
+                &username,
+                password.expose_secret(),
+            ),
             token_url,
         })
     }
@@ -695,8 +746,9 @@ accounts:
         assert_eq!(c.refresh.refreshed_lifetime, secs(14 * 86_400));
         assert_eq!(c.invalidate_cooldown, secs(10));
         let a = &c.accounts["fleet-a"];
-        assert_eq!(a.credentials.client_id, "cid");
-        assert_eq!(a.credentials.password.expose_secret(), "pw");
+        assert_eq!(a.credentials.client_id(), "cid");
+        assert_eq!(a.credentials.username(), "ops@example.com");
+        assert_eq!(a.credentials.expose_password(), "pw");
         assert_eq!(*a.token_url, c.upstream.token_url);
     }
 
@@ -736,8 +788,8 @@ accounts:
         assert_eq!(c.refresh.refreshed_lifetime, secs(7 * 86_400));
         assert_eq!(c.invalidate_cooldown, secs(30));
         let a = &c.accounts["fleet-a"];
-        assert_eq!(a.credentials.password.expose_secret(), "hunter2");
-        assert_eq!(a.credentials.client_secret.expose_secret(), "s3cret");
+        assert_eq!(a.credentials.expose_password(), "hunter2");
+        assert_eq!(a.credentials.expose_client_secret(), "s3cret");
         assert_eq!(a.token_url.as_str(), "https://other.example/oauth2/token");
         assert_eq!(c.secret_files, vec![cs.clone(), pw.clone()]);
         let mut other = c.clone();

@@ -5,7 +5,14 @@
 //! Label values are bounded: accounts come from the config (unknown or malformed names asked
 //! for by callers are all counted as `(unknown)`), codes and outcomes are fixed sets.
 
-use std::{fmt, sync::Arc, time::SystemTime};
+use std::{
+    fmt,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::SystemTime,
+};
 
 use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
 use prometheus_client::{
@@ -15,6 +22,7 @@ use prometheus_client::{
     },
     metrics::{
         MetricType,
+        counter::ConstCounter,
         counter::Counter,
         family::Family,
         gauge::ConstGauge,
@@ -27,7 +35,55 @@ use tokio::net::TcpListener;
 use crate::{
     broker::{AccountState, AccountStatus, Broker},
     token::AccountName,
+    upstream::GrantType,
 };
+
+/// An account's counts of its common outcomes, kept with the account rather than in a label
+/// map: a map entry per account and outcome costs ~100 bytes, which 100,000 accounts turn into
+/// tens of megabytes, and the map lookup would sit on the GetToken hot path. Exported as the
+/// `code="OK"` series of `bace_broker_get_token_total` and the `outcome="ok"` series of
+/// `bace_broker_upstream_requests_total` (password and refresh grants).
+#[derive(Debug, Default)]
+pub struct AccountCounters {
+    served: AtomicU64,
+    logins: AtomicU64,
+    refreshes: AtomicU64,
+}
+
+/// A reading of [`AccountCounters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AccountCounts {
+    /// GetToken calls answered with a token.
+    pub served: u64,
+    /// Password grants that succeeded.
+    pub logins: u64,
+    /// Refresh grants that succeeded.
+    pub refreshes: u64,
+}
+
+impl AccountCounters {
+    /// Counts a token handed to a caller.
+    pub fn served(&self) {
+        self.served.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The current counts.
+    pub fn snapshot(&self) -> AccountCounts {
+        AccountCounts {
+            served: self.served.load(Ordering::Relaxed),
+            logins: self.logins.load(Ordering::Relaxed),
+            refreshes: self.refreshes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Adds `old`'s counts (the slot this one replaces), so counters stay monotonic.
+    pub fn carry_over(&self, old: &AccountCounters) {
+        let old = old.snapshot();
+        self.served.fetch_add(old.served, Ordering::Relaxed);
+        self.logins.fetch_add(old.logins, Ordering::Relaxed);
+        self.refreshes.fetch_add(old.refreshes, Ordering::Relaxed);
+    }
+}
 
 /// An account label: a configured account, or `(unknown)` for names no account has.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -118,12 +174,14 @@ pub struct ReloadLabels {
 /// (a read lock on a label map, a write lock only the first time a label set is seen).
 #[derive(Clone, Debug)]
 pub struct Metrics {
-    /// GetToken calls by account and status code.
+    /// GetToken calls by account and status code, except `OK` (see [`AccountCounters`]).
     pub get_token: Family<CallLabels, Counter>,
     /// Invalidate calls by account and outcome.
     pub invalidate: Family<OutcomeLabels, Counter>,
-    /// Requests to BACE's token endpoint by account, grant and outcome.
-    pub upstream_requests: Family<UpstreamLabels, Counter>,
+    /// Requests to BACE's token endpoint by account, grant and outcome, except successful
+    /// password and refresh grants (see [`AccountCounters`]); record with
+    /// [`Metrics::upstream_request`].
+    upstream_requests: Family<UpstreamLabels, Counter>,
     /// Duration of requests to BACE's token endpoint by grant.
     pub upstream_duration: Family<GrantLabels, Histogram, fn() -> Histogram>,
     /// Callers that joined a fetch already in flight.
@@ -163,19 +221,9 @@ impl Metrics {
     pub fn registry(&self, broker: Broker) -> Registry {
         let mut r = Registry::default();
         r.register(
-            "bace_broker_get_token",
-            "GetToken calls by account and gRPC code",
-            self.get_token.clone(),
-        );
-        r.register(
             "bace_broker_invalidate",
             "Invalidate calls by account and outcome",
             self.invalidate.clone(),
-        );
-        r.register(
-            "bace_broker_upstream_requests",
-            "Requests to BACE's token endpoint by account, grant and outcome",
-            self.upstream_requests.clone(),
         );
         r.register(
             "bace_broker_upstream_request_duration_seconds",
@@ -200,6 +248,28 @@ impl Metrics {
         r.register_collector(Box::new(AccountGauges(broker)));
         r
     }
+
+    /// Counts one request to BACE's token endpoint for `account`.
+    pub fn upstream_request(
+        &self,
+        counters: &AccountCounters,
+        account: &AccountName,
+        grant: GrantType,
+        outcome: &'static str,
+    ) {
+        match (grant, outcome) {
+            (GrantType::Password, "ok") => counters.logins.fetch_add(1, Ordering::Relaxed),
+            (GrantType::Refresh, "ok") => counters.refreshes.fetch_add(1, Ordering::Relaxed),
+            _ => self
+                .upstream_requests
+                .get_or_create(&UpstreamLabels {
+                    account: AccountLabel::Known(account.clone()),
+                    grant: grant.as_str(),
+                    outcome,
+                })
+                .inc(),
+        };
+    }
 }
 
 /// Per-account gauges, computed from the broker's state at scrape time.
@@ -214,9 +284,54 @@ impl fmt::Debug for AccountGauges {
 impl Collector for AccountGauges {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
         let accounts = self.0.status();
+        let metrics = self.0.metrics();
         let label = |a: &AccountStatus| AccountLabels {
             account: AccountLabel::Known(a.account.clone()),
         };
+        let known = |a: &AccountStatus| AccountLabel::Known(a.account.clone());
+        {
+            // One metric family from two sources: the accounts' OK counts, then the map of
+            // the other codes (disjoint label sets).
+            let mut calls = encoder.encode_descriptor(
+                "bace_broker_get_token",
+                "GetToken calls by account and gRPC code",
+                None,
+                MetricType::Counter,
+            )?;
+            for a in accounts.iter().filter(|a| a.counts.served > 0) {
+                let labels = CallLabels {
+                    account: known(a),
+                    code: "OK",
+                };
+                ConstCounter::new(a.counts.served).encode(calls.encode_family(&labels)?)?;
+            }
+            metrics.get_token.encode(calls)?;
+        }
+        {
+            let mut upstream = encoder.encode_descriptor(
+                "bace_broker_upstream_requests",
+                "Requests to BACE's token endpoint by account, grant and outcome",
+                None,
+                MetricType::Counter,
+            )?;
+            for a in &accounts {
+                for (grant, n) in [
+                    (GrantType::Password, a.counts.logins),
+                    (GrantType::Refresh, a.counts.refreshes),
+                ] {
+                    if n == 0 {
+                        continue;
+                    }
+                    let labels = UpstreamLabels {
+                        account: known(a),
+                        grant: grant.as_str(),
+                        outcome: "ok",
+                    };
+                    ConstCounter::new(n).encode(upstream.encode_family(&labels)?)?;
+                }
+            }
+            metrics.upstream_requests.encode(upstream)?;
+        }
         {
             let mut valid = encoder.encode_descriptor(
                 "bace_broker_token_valid",

@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use secrecy::ExposeSecret;
 use tokio::time::Duration;
 use tonic::{Code, Request, Response, Status};
 use tracing::{debug, warn};
@@ -158,10 +157,10 @@ impl From<BrokerError> for Status {
 pub fn token_to_proto(token: &Token) -> proto::Token {
     proto::Token {
         account: token.account().as_str().to_owned(),
-        access_token: token.access().expose_secret().to_owned(),
+        access_token: token.expose_access().to_owned(),
         token_type: "Bearer".to_owned(),
         expires_at: Some(prost_types::Timestamp::from(token.expires_at_wall())),
-        authorization: token.authorization().expose_secret().to_owned(),
+        authorization: token.expose_authorization().to_owned(),
     }
 }
 
@@ -199,21 +198,18 @@ impl TokenBrokerService for TokenBrokerApi {
             Ok(self.broker.get_token(&request.account, min).await?)
         }
         .await;
-        let (account, code) = match &result {
-            Ok(token) => (self.account_label("", Some(token)), Code::Ok),
-            Err(status) => {
-                log_failure("GetToken", &request.account, status);
-                (self.account_label(&request.account, None), status.code())
-            }
-        };
-        self.broker
-            .metrics()
-            .get_token
-            .get_or_create(&CallLabels {
-                account,
-                code: code_name(code),
-            })
-            .inc();
+        // Tokens served are counted by the broker (per account, off the label map).
+        if let Err(status) = &result {
+            log_failure("GetToken", &request.account, status);
+            self.broker
+                .metrics()
+                .get_token
+                .get_or_create(&CallLabels {
+                    account: self.account_label(&request.account, None),
+                    code: code_name(status.code()),
+                })
+                .inc();
+        }
         let token = result?;
         Ok(Response::new(proto::GetTokenResponse {
             token: Some(token_to_proto(&token)),

@@ -82,15 +82,19 @@ impl fmt::Debug for AccountName {
     }
 }
 
-/// The SHA-256 of a token value: compares tokens without keeping them, and its first four bytes
-/// (`Display`) name a token in logs without revealing it.
+/// The first 8 bytes of a token value's SHA-256: compares tokens without keeping them (two
+/// different tokens share one with a chance of 2⁻⁶⁴), and its first four bytes (`Display`)
+/// name a token in logs without revealing it.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Fingerprint([u8; 32]);
+pub struct Fingerprint([u8; 8]);
 
 impl Fingerprint {
     /// Fingerprints a token value.
     pub fn of(value: &str) -> Self {
-        Self(Sha256::digest(value.as_bytes()).into())
+        let digest = Sha256::digest(value.as_bytes());
+        let mut prefix = [0; 8];
+        prefix.copy_from_slice(&digest[..8]);
+        Self(prefix)
     }
 }
 
@@ -109,19 +113,27 @@ impl fmt::Debug for Fingerprint {
     }
 }
 
+/// The `Authorization` scheme prefix of a token.
+const BEARER: &str = "Bearer ";
+
 /// A BACE access token held by the broker, with its refresh token and expiry.
+///
+/// The secrets live in one allocation, `"Bearer <access><refresh>"`: the authorization value
+/// (built once, so serving a token costs no formatting), the access token and the refresh
+/// token are slices of it. With 100,000 accounts every byte per token counts.
 pub struct Token {
     account: AccountName,
-    access: SecretString,
-    /// `"Bearer <access>"`, built once so serving a token costs no formatting.
-    authorization: SecretString,
-    refresh: Option<SecretString>,
+    secrets: SecretString,
+    /// Where the access token ends in `secrets` (the refresh token, if any, follows).
+    access_end: u32,
+    /// Whether BACE gave a refresh token.
+    has_refresh: bool,
+    /// Obtained or extended by a refresh grant (not a login).
+    refreshed: bool,
     fingerprint: Fingerprint,
     obtained_at: Instant,
     expires_at: Instant,
     expires_at_wall: SystemTime,
-    /// Obtained or extended by a refresh grant (not a login).
-    refreshed: bool,
 }
 
 impl Token {
@@ -134,18 +146,25 @@ impl Token {
         now: Instant,
         now_wall: SystemTime,
     ) -> Self {
-        let fingerprint = Fingerprint::of(access.expose_secret());
-        let authorization = SecretString::from(format!("Bearer {}", access.expose_secret()));
+        let access = access.expose_secret();
+        let refresh = refresh.as_ref().map(ExposeSecret::expose_secret);
+        let mut secrets =
+            String::with_capacity(BEARER.len() + access.len() + refresh.map_or(0, str::len));
+        secrets.push_str(BEARER);
+        secrets.push_str(access);
+        secrets.push_str(refresh.unwrap_or_default());
+        let access_end = u32::try_from(BEARER.len() + access.len())
+            .expect("token answers are capped far below 4 GiB");
         Self {
             account,
-            access,
-            authorization,
-            refresh,
-            fingerprint,
+            secrets: SecretString::from(secrets),
+            access_end,
+            has_refresh: refresh.is_some(),
+            refreshed: false,
+            fingerprint: Fingerprint::of(access),
             obtained_at: now,
             expires_at: now + lifetime,
             expires_at_wall: now_wall + lifetime,
-            refreshed: false,
         }
     }
 
@@ -165,14 +184,14 @@ impl Token {
     pub fn extended(&self, lifetime: Duration, now: Instant, now_wall: SystemTime) -> Self {
         Self {
             account: self.account.clone(),
-            access: self.access.clone(),
-            authorization: self.authorization.clone(),
-            refresh: self.refresh.clone(),
+            secrets: self.secrets.clone(),
+            access_end: self.access_end,
+            has_refresh: self.has_refresh,
+            refreshed: true,
             fingerprint: self.fingerprint,
             obtained_at: now,
             expires_at: now + lifetime,
             expires_at_wall: now_wall + lifetime,
-            refreshed: true,
         }
     }
 
@@ -182,18 +201,19 @@ impl Token {
     }
 
     /// The access token. Secret: never log it.
-    pub fn access(&self) -> &SecretString {
-        &self.access
+    pub fn expose_access(&self) -> &str {
+        &self.secrets.expose_secret()[BEARER.len()..self.access_end as usize]
     }
 
     /// `"Bearer <access token>"`. Secret: never log it.
-    pub fn authorization(&self) -> &SecretString {
-        &self.authorization
+    pub fn expose_authorization(&self) -> &str {
+        &self.secrets.expose_secret()[..self.access_end as usize]
     }
 
-    /// The refresh token, when BACE gave one.
-    pub fn refresh_token(&self) -> Option<&SecretString> {
-        self.refresh.as_ref()
+    /// The refresh token, when BACE gave one. Secret: never log it.
+    pub fn expose_refresh(&self) -> Option<&str> {
+        self.has_refresh
+            .then(|| &self.secrets.expose_secret()[self.access_end as usize..])
     }
 
     /// A loggable name for the access token.
@@ -270,13 +290,43 @@ mod tests {
             Instant::now(),
             SystemTime::now(),
         );
-        let shown = format!("{t:?} {:?} {:?}", t.authorization(), t.refresh_token());
+        let shown = format!("{t:?} {:?}", t.fingerprint());
         assert!(!shown.contains("SECRET"), "{shown}");
         assert!(shown.contains(&t.fingerprint().to_string()));
         assert_eq!(t.fingerprint().to_string().len(), 8);
         assert!(t.is("access-SECRET-1"));
         assert!(!t.is("access-SECRET-2"));
-        assert_eq!(t.authorization().expose_secret(), "Bearer access-SECRET-1");
+        assert_eq!(t.expose_authorization(), "Bearer access-SECRET-1");
+        assert_eq!(t.expose_access(), "access-SECRET-1");
+        assert_eq!(t.expose_refresh(), Some("refresh-SECRET-2"));
+        let extended = t.extended(Duration::from_secs(90), Instant::now(), SystemTime::now());
+        assert_eq!(extended.expose_access(), "access-SECRET-1");
+        assert_eq!(extended.expose_refresh(), Some("refresh-SECRET-2"));
+        assert!(extended.is_refreshed() && extended.fingerprint() == t.fingerprint());
+    }
+
+    #[test]
+    fn without_a_refresh_token() {
+        let t = Token::new(
+            AccountName::new("a").unwrap(),
+            SecretString::from("abc"),
+            None,
+            Duration::from_secs(60),
+            Instant::now(),
+            SystemTime::now(),
+        );
+        assert_eq!(t.expose_access(), "abc");
+        assert_eq!(t.expose_authorization(), "Bearer abc");
+        assert_eq!(t.expose_refresh(), None);
+        let empty = Token::new(
+            AccountName::new("a").unwrap(),
+            SecretString::from("abc"),
+            Some(SecretString::from("")),
+            Duration::from_secs(60),
+            Instant::now(),
+            SystemTime::now(),
+        );
+        assert_eq!(empty.expose_refresh(), Some(""));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::{future::Future, pin::Pin, time::SystemTime};
 
 use chrono_tz::Tz;
 use reqwest::{Url, header};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use serde::Deserialize;
 use tokio::time::Duration;
 
@@ -215,10 +215,10 @@ impl Upstream for HttpUpstream {
             let c = &account.credentials;
             let form = [
                 ("grant_type", GrantType::Password.as_str()),
-                ("client_id", c.client_id.as_str()),
-                ("client_secret", c.client_secret.expose_secret()),
-                ("username", c.username.as_str()),
-                ("password", c.password.expose_secret()),
+                ("client_id", c.client_id()),
+                ("client_secret", c.expose_client_secret()),
+                ("username", c.username()),
+                ("password", c.expose_password()),
             ];
             self.post(&account.token_url, &form, None).await
         })
@@ -230,22 +230,18 @@ impl Upstream for HttpUpstream {
         token: &'a Token,
     ) -> BoxFuture<'a, Result<Issued, UpstreamError>> {
         Box::pin(async move {
-            let Some(refresh) = token.refresh_token() else {
+            let Some(refresh) = token.expose_refresh() else {
                 return Err(UpstreamError::InvalidAnswer("no refresh token was issued"));
             };
             let c = &account.credentials;
             let form = [
                 ("grant_type", GrantType::Refresh.as_str()),
-                ("refresh_token", refresh.expose_secret()),
-                ("client_id", c.client_id.as_str()),
-                ("client_secret", c.client_secret.expose_secret()),
+                ("refresh_token", refresh),
+                ("client_id", c.client_id()),
+                ("client_secret", c.expose_client_secret()),
             ];
-            self.post(
-                &account.token_url,
-                &form,
-                Some(token.access().expose_secret()),
-            )
-            .await
+            self.post(&account.token_url, &form, Some(token.expose_access()))
+                .await
         })
     }
 
@@ -259,7 +255,7 @@ impl Upstream for HttpUpstream {
                 .client
                 .get(url.clone())
                 .header(header::ACCEPT, "application/json")
-                .bearer_auth(token.access().expose_secret())
+                .bearer_auth(token.expose_access())
                 .send()
                 .await
                 .map_err(transport_error)?;
@@ -404,6 +400,7 @@ fn error_text(a: &Answer) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use secrecy::ExposeSecret;
 
     const AMS: Tz = chrono_tz::Europe::Amsterdam;
 

@@ -532,3 +532,42 @@ async fn a_hanging_refresh_endpoint_leaves_time_for_the_login_fallback() {
     );
     broker.shutdown().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn slots_planned_again_refresh_once_on_their_latest_plan_even_after_compaction() {
+    // Each invalidation logs in again and plans the next refresh anew, leaving the older plan
+    // in the refresher's queue. 1,100 of them (fleet-b) outnumber the queue's slack, so it is
+    // compacted on the way: fleet-a's plan, never replaced, must survive that, and no stale
+    // plan of fleet-b may fire.
+    let (broker, bace) = start(&["fleet-a", "fleet-b"], "invalidate_cooldown: 1s").await;
+    for _ in 0..1100 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let answer = broker.invalidate("fleet-b", "").await.unwrap();
+        assert_eq!(answer.outcome, InvalidateOutcome::Invalidated);
+    }
+    assert_eq!(bace.calls("fleet-b", GrantType::Password).len(), 1101);
+    for _ in 0..(2 * 24) {
+        tokio::time::sleep(HOUR).await;
+        for account in ["fleet-a", "fleet-b"] {
+            let token = broker.get_token(account, Duration::ZERO).await.unwrap();
+            assert!(token.valid_for(Instant::now(), MARGIN));
+        }
+    }
+    for account in ["fleet-a", "fleet-b"] {
+        let last_login = *bace.calls(account, GrantType::Password).last().unwrap();
+        let refreshes = bace.calls(account, GrantType::Refresh);
+        assert_eq!(
+            refreshes.len(),
+            1,
+            "{account}: one refresh, from the latest plan"
+        );
+        let after = refreshes[0] - last_login;
+        assert!(
+            after >= DAY.mul_f64(0.57) && after <= DAY.mul_f64(0.63),
+            "{account}: {after:?}"
+        );
+    }
+    assert_eq!(bace.calls("fleet-a", GrantType::Password).len(), 1);
+    assert_eq!(bace.calls("fleet-b", GrantType::Password).len(), 1101);
+    broker.shutdown().await;
+}

@@ -298,6 +298,24 @@ async fn tokens_stay_valid_across_lifetimes_by_refreshing_not_logging_in() {
     assert_eq!(request.form["client_secret"], "client-secret-X7");
     assert!(!request.form["refresh_token"].is_empty());
     assert_eq!(request.bearer.as_deref(), Some(first.access_token.as_str()));
+    // Each refresh is planned when the one before it has landed: with 4 seen by BACE, at
+    // least 3 have completed and been counted.
+    let m = broker.scrape().await;
+    let ok = |grant: &str| {
+        m[&format!(
+            "bace_broker_upstream_requests_total{{account=\"fleet-a\",grant=\"{grant}\",outcome=\"ok\"}}"
+        )]
+    };
+    assert_eq!(ok("password"), 1.0);
+    let refreshes = ok("refresh_token");
+    assert!(
+        (3.0..=fake.calls(&user("fleet-a"), Grant::Refresh) as f64).contains(&refreshes),
+        "{refreshes}"
+    );
+    assert_eq!(
+        m["bace_broker_get_token_total{account=\"fleet-a\",code=\"OK\"}"],
+        5.0
+    );
     broker.stop().await.unwrap();
 }
 

@@ -145,6 +145,12 @@ async fn accounts_are_added_changed_and_removed_without_touching_the_others() {
     assert_eq!(fake.calls(&user("fleet-a"), Grant::Password), 1);
     assert_eq!(fake.calls(&user("fleet-a"), Grant::Refresh), 0);
     assert_eq!(fake.calls(&user("fleet-b"), Grant::Password), 1);
+    // fleet-c's counters survived the new slot its new password made: both logins counted.
+    let m = broker.scrape().await;
+    assert_eq!(
+        m["bace_broker_upstream_requests_total{account=\"fleet-c\",grant=\"password\",outcome=\"ok\"}"],
+        2.0
+    );
     broker.stop().await.unwrap();
 }
 

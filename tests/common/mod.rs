@@ -151,13 +151,24 @@ impl Broker {
             "text/plain; version=0.0.4; charset=utf-8"
         );
         let text = response.text().await.unwrap();
-        text.lines()
+        // Well-formed exposition: each metric family described once, each series once.
+        let mut families = std::collections::HashSet::new();
+        for l in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+            assert!(families.insert(l.to_owned()), "described twice: {l}");
+        }
+        let mut samples = std::collections::HashMap::new();
+        for l in text
+            .lines()
             .filter(|l| !l.starts_with('#') && !l.is_empty())
-            .map(|l| {
-                let (name, value) = l.rsplit_once(' ').expect("sample line");
-                (name.to_owned(), value.parse().expect("sample value"))
-            })
-            .collect()
+        {
+            let (name, value) = l.rsplit_once(' ').expect("sample line");
+            let value: f64 = value.parse().expect("sample value");
+            assert!(
+                samples.insert(name.to_owned(), value).is_none(),
+                "series twice: {name}"
+            );
+        }
+        samples
     }
 
     /// A new client on its own connection.

@@ -1,0 +1,88 @@
+//! Live heap per account at each stage of a broker's start: config parse, `Broker::new`, the
+//! config's accounts dropped, warm-up (every account holding a token).
+//!
+//! `cargo run --release --example memory_probe [ACCOUNTS]` (default 100,000). Counts the bytes
+//! requested from the allocator on one thread (a current-thread runtime; the upstream is an
+//! in-process stand-in that mints 40-character tokens like BACE's), so the figures exclude
+//! allocator size classes and fragmentation: `scripts/bench --only B` measures the resident
+//! size of the real server.
+use std::{fmt::Write, sync::Arc, time::Duration};
+
+use bace_token_broker::{
+    broker::Broker,
+    config::{AccountConfig, Config},
+    metrics::Metrics,
+    token::Token,
+    upstream::{BoxFuture, Issued, Upstream, UpstreamError},
+};
+use secrecy::SecretString;
+
+struct Mint;
+impl Upstream for Mint {
+    fn login<'a>(&'a self, _: &'a AccountConfig) -> BoxFuture<'a, Result<Issued, UpstreamError>> {
+        Box::pin(async {
+            let h = |n: u64| format!("{:040x}", n as u128 * 0x9e3779b97f4a7c15);
+            let n = rand::random::<u64>();
+            Ok(Issued::Token {
+                access: SecretString::from(h(n)),
+                refresh: Some(SecretString::from(h(n ^ 1))),
+                lifetime: Some(Duration::from_secs(86400)),
+            })
+        })
+    }
+    fn refresh<'a>(
+        &'a self,
+        a: &'a AccountConfig,
+        _: &'a Token,
+    ) -> BoxFuture<'a, Result<Issued, UpstreamError>> {
+        self.login(a)
+    }
+}
+
+fn main() {
+    let n: usize = std::env::args()
+        .nth(1)
+        .map_or(100_000, |s| s.parse().unwrap());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut yaml =
+        String::from("upstream:\n  token_url: \"http://127.0.0.1:1/oauth2/token\"\naccounts:\n");
+    for i in 0..n {
+        let _ = writeln!(
+            yaml,
+            "  acct-{i}: {{client_id: cid, client_secret: csecret, username: \"acct-{i}@example.com\", password: \"pw-acct-{i}\"}}"
+        );
+    }
+    let per = |b: i64| b as f64 / n as f64;
+    let mut config = None;
+    let m = allocation_counter::measure(|| config = Some(Config::parse(&yaml).unwrap()));
+    let mut config = config.unwrap();
+    println!(
+        "config: {:.0} B/account live, peak {:.0}",
+        per(m.bytes_current),
+        per(m.bytes_max as i64)
+    );
+    let mut made = None;
+    let m = allocation_counter::measure(|| {
+        made = Some(Broker::new(&config, Arc::new(Mint), Metrics::new()))
+    });
+    let (broker, refresher) = made.unwrap();
+    println!("Broker::new: {:.0} B/account", per(m.bytes_current));
+    let m = allocation_counter::measure(|| config.accounts.clear());
+    println!(
+        "clear config accounts: {:.0} B/account",
+        per(m.bytes_current)
+    );
+    let m = allocation_counter::measure(|| {
+        rt.block_on(async {
+            tokio::spawn(refresher.run());
+            let w = broker.warm_up().await;
+            assert_eq!(w.ready, n);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        })
+    });
+    println!("warm-up: {:.0} B/account", per(m.bytes_current));
+    std::mem::forget((config, broker));
+}
