@@ -1,5 +1,9 @@
 //! Compiles `proto/` with protox (a pure-Rust protobuf compiler: no system `protoc`) and
 //! generates the tonic server and client, plus the descriptor set that reflection serves.
+//!
+//! Two passes: the messages and the client, then the server alone, with `GetTokenResponse`
+//! mapped to `crate::service::GetTokenReply` (the same bytes on the wire, encoded straight from
+//! the broker's token without building the message: GetToken is the hot path).
 
 use std::{env, path::PathBuf};
 
@@ -13,8 +17,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prost::Message::encode_to_vec(&fds),
     )?;
     tonic_prost_build::configure()
-        .build_server(true)
+        .build_server(false)
         .build_client(true)
+        .compile_fds(fds.clone())?;
+    let server = out.join("server");
+    std::fs::create_dir_all(&server)?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(false)
+        .out_dir(&server)
+        .extern_path(".bace.tokenbroker.v1", "crate::proto")
+        .extern_path(
+            ".bace.tokenbroker.v1.GetTokenResponse",
+            "crate::service::GetTokenReply",
+        )
         .compile_fds(fds)?;
     Ok(())
 }

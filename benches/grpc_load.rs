@@ -73,7 +73,7 @@ impl Opts {
             out: target.join("bench-summary.md"),
             cache_hit_log: None,
             only: "cache,A,B,C".into(),
-            rounds: 8,
+            rounds: 16,
             secs: 3,
             memory_accounts: 100_000,
             flight_callers: 10_000,
@@ -277,22 +277,34 @@ async fn section_throughput(opts: &Opts, md: &mut String) -> anyhow::Result<f64>
     let mut health = Vec::new();
     let mut get = Vec::new();
     for round in 0..opts.rounds {
-        let h = h2load(
-            opts,
-            &format!("health-{round}"),
-            timed(&bodies.health, HEALTH_PATH),
-            &broker,
-        )
-        .await?;
-        h.check_data(expected.health_frame, true)?;
-        let g = h2load(
-            opts,
-            &format!("get-{round}"),
-            timed(&bodies.get_token, GET_TOKEN_PATH),
-            &broker,
-        )
-        .await?;
-        g.check_data(expected.get_token_frame, true)?;
+        // ABBA order (Health first in even rounds, GetToken first in odd ones): a machine
+        // that slows down or speeds up during the run favours neither.
+        let mut h = None;
+        let mut g = None;
+        for health_turn in [round % 2 == 0, round % 2 == 1] {
+            if health_turn {
+                let run = h2load(
+                    opts,
+                    &format!("health-{round}"),
+                    timed(&bodies.health, HEALTH_PATH),
+                    &broker,
+                )
+                .await?;
+                run.check_data(expected.health_frame, true)?;
+                h = Some(run);
+            } else {
+                let run = h2load(
+                    opts,
+                    &format!("get-{round}"),
+                    timed(&bodies.get_token, GET_TOKEN_PATH),
+                    &broker,
+                )
+                .await?;
+                run.check_data(expected.get_token_frame, true)?;
+                g = Some(run);
+            }
+        }
+        let (h, g) = (h.context("health run")?, g.context("GetToken run")?);
         println!(
             "   round {round}: Health {:.0} req/s, GetToken {:.0} req/s",
             h.rps, g.rps
@@ -309,7 +321,7 @@ async fn section_throughput(opts: &Opts, md: &mut String) -> anyhow::Result<f64>
     let ratio = g.rps / h.rps;
     let _ = writeln!(
         md,
-        "## A. gRPC throughput and latency (h2load, {} interleaved rounds, median)\n",
+        "## A. gRPC throughput and latency (h2load, {} interleaved rounds in ABBA order, median)\n",
         opts.rounds
     );
     let _ = writeln!(
@@ -349,12 +361,13 @@ async fn section_throughput(opts: &Opts, md: &mut String) -> anyhow::Result<f64>
     let _ = writeln!(
         md,
         "\n**GetToken / Health throughput: {ratio:.3}** (ratio of medians; target ≥ 0.95{}; per round: {}; \
-         median of the per-round ratios: {paired_median:.2}). \
+         median of the per-round ratios: {paired_median:.2}; broker CPU per request, Health / GetToken: {:.3}). \
          Latencies are under saturation (8 connections × 32 streams in flight), so they mostly measure queueing. \
          \"CPU 0 busy with others\" is the share of the broker's CPU taken by other processes during each run \
          (this machine is shared): rounds where it is high are slower.\n",
         if ratio >= 0.95 { " ✓" } else { " ✗" },
-        paired.join(" / ")
+        paired.join(" / "),
+        h.cpu_us / g.cpu_us
     );
     let _ = writeln!(md, "Commands (rounds alternate; CPU {LOAD_CPU}):\n```");
     let _ = writeln!(md, "{}", health[0].command);

@@ -40,6 +40,8 @@ pub mod upstream;
 #[allow(missing_docs, unreachable_pub, clippy::all)]
 pub mod proto {
     tonic::include_proto!("bace.tokenbroker.v1");
+    // The server, answering GetToken with `crate::service::GetTokenReply` (see build.rs).
+    include!(concat!(env!("OUT_DIR"), "/server/bace.tokenbroker.v1.rs"));
 
     /// The encoded descriptor set of `proto/`, served by reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
