@@ -56,25 +56,27 @@ fn main() {
         );
     }
     let per = |b: i64| b as f64 / n as f64;
+    let mut total = 0i64;
+    let mut line = |stage: &str, bytes: i64, extra: String| {
+        total += bytes;
+        println!("{stage:<36} {:>+6.0} B/account{extra}", per(bytes));
+    };
     let mut config = None;
     let m = allocation_counter::measure(|| config = Some(Config::parse(&yaml).unwrap()));
     let mut config = config.unwrap();
-    println!(
-        "config: {:.0} B/account live, peak {:.0}",
-        per(m.bytes_current),
-        per(m.bytes_max as i64)
+    line(
+        "config parsed",
+        m.bytes_current,
+        format!(" (peak during the parse: {:.0})", per(m.bytes_max as i64)),
     );
     let mut made = None;
     let m = allocation_counter::measure(|| {
         made = Some(Broker::new(&config, Arc::new(Mint), Metrics::new()))
     });
     let (broker, refresher) = made.unwrap();
-    println!("Broker::new: {:.0} B/account", per(m.bytes_current));
+    line("Broker::new (slots)", m.bytes_current, String::new());
     let m = allocation_counter::measure(|| config.accounts.clear());
-    println!(
-        "clear config accounts: {:.0} B/account",
-        per(m.bytes_current)
-    );
+    line("config's accounts dropped", m.bytes_current, String::new());
     let m = allocation_counter::measure(|| {
         rt.block_on(async {
             tokio::spawn(refresher.run());
@@ -83,6 +85,11 @@ fn main() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         })
     });
-    println!("warm-up: {:.0} B/account", per(m.bytes_current));
+    line(
+        "warm-up (every account has a token)",
+        m.bytes_current,
+        String::new(),
+    );
+    println!("{:<36} {:>6.0} B/account live", "total", per(total));
     std::mem::forget((config, broker));
 }
