@@ -360,7 +360,7 @@ struct SlotState {
     replaced: Option<Fingerprint>,
     /// A token whose refresh BACE declined: go straight to a login for it.
     refresh_declined: Option<Fingerprint>,
-    /// When the slot is next due for a refresh or retry (the refresher may wake earlier).
+    /// When the slot is next due for a refresh or retry: its latest plan (see [`Refresher`]).
     next_due: Option<Instant>,
     /// When the last fetch succeeded.
     last_success_at: Option<SystemTime>,
@@ -627,31 +627,32 @@ impl Broker {
             keep
         });
         for (name, account) in &config.accounts {
-            let same = inner
-                .accounts
-                .get(name)
-                .map(|slot| slot.account == *account);
-            match same {
-                Some(true) => report.unchanged.push(name.clone()),
-                Some(false) => report.changed.push(name.clone()),
+            let old = inner.accounts.get(name).map(|e| Arc::clone(e.value()));
+            match &old {
+                Some(slot) if slot.account == *account => {
+                    report.unchanged.push(name.clone());
+                    continue;
+                }
+                Some(_) => report.changed.push(name.clone()),
                 None => report.added.push(name.clone()),
             }
-            if same != Some(true) {
-                let old = inner
-                    .accounts
-                    .insert(name.clone(), Arc::new(Slot::new(account.clone())));
-                if let Some(old) = old {
-                    old.retire();
-                    if let Some(new) = inner.accounts.get(name) {
-                        new.counters.carry_over(&old.counters);
-                    }
-                }
-                let broker = self.clone();
-                let name = name.clone();
-                inner.tasks.spawn(async move {
-                    let _ = broker.obtain_named(name.as_str(), Duration::ZERO).await;
-                });
+            let slot = Slot::new(account.clone());
+            if let Some(old) = &old {
+                // Retired before the swap, so none of its plans runs with the old credentials
+                // (its watchers are woken after the swap: they move to the new slot). Its
+                // counts go to the new slot before anyone can read that one: no series drops.
+                old.retired.store(true, Ordering::Release);
+                slot.counters.carry_over(&old.counters);
             }
+            inner.accounts.insert(name.clone(), Arc::new(slot));
+            if let Some(old) = old {
+                old.wake_watchers();
+            }
+            let broker = self.clone();
+            let name = name.clone();
+            inner.tasks.spawn(async move {
+                let _ = broker.obtain_named(name.as_str(), Duration::ZERO).await;
+            });
         }
         report
     }
@@ -1136,8 +1137,9 @@ impl Inner {
         Ok(Arc::new(token))
     }
 
-    /// Runs a scheduled refresh or retry (from the [`Refresher`]) for the slot `key` names, if
-    /// that slot is still the account's (a reload may have removed or replaced it).
+    /// Runs the refresh or retry planned for `slot` at `at` (from the [`Refresher`]), if that
+    /// plan is still the slot's latest and the slot is still the account's (a reload may have
+    /// removed or replaced it).
     fn refresh_due(self: &Arc<Self>, slot: &Arc<Slot>, at: Instant) {
         if slot.is_retired() {
             return;
@@ -1213,6 +1215,11 @@ impl Slot {
     /// its watchers so they move on.
     fn retire(&self) {
         self.retired.store(true, Ordering::Release);
+        self.wake_watchers();
+    }
+
+    /// Wakes the slot's watchers (they look again at the slot and its token).
+    fn wake_watchers(&self) {
         if let Some(watch) = self.watch.get() {
             watch.send_modify(|_| {});
         }
@@ -1342,7 +1349,9 @@ impl Slot {
         if let (GrantType::Verify, Ok(token)) = (fetched.grant, &fetched.result) {
             // BACE accepts the reported token: nothing about the account changed.
             debug!(fingerprint = %token.fingerprint(), waiters = joined + 1, "reported token verified");
-            if let Some(next) = state.next_due {
+            // Its plan still waits in the refresher, unless it came due while this fetch ran
+            // (and was skipped for it): then plan it again.
+            if let Some(next) = state.next_due.filter(|at| *at <= now) {
                 self.plan(&mut state, inner, next);
             }
             return Landed::Done(Ok(token.clone()));
@@ -1469,8 +1478,10 @@ fn jitter() -> f64 {
 ///
 /// The queue is a binary heap of [`Plan`]s (24 bytes each). A slot planned again before its
 /// plan comes due (an on-demand fetch, an invalidation) leaves the older plan in the heap;
-/// [`Inner::refresh_due`] ignores it when it comes up (the slot's `next_due` moved on), and the
-/// heap is compacted should such leftovers ever outnumber the accounts.
+/// [`Inner::refresh_due`] ignores it when it comes up (the slot's `next_due` moved on). Such
+/// leftovers, and plans of slots a reload retired, are dropped by a compaction once they exceed
+/// a quarter of the accounts (at least [`QUEUE_SLACK`]). Due plans are run in batches of
+/// [`DUE_BATCH`], so a burst of them (after a suspend, say) does not hold up the task.
 pub struct Refresher {
     broker: Broker,
     plans: mpsc::UnboundedReceiver<Plan>,
@@ -1481,8 +1492,11 @@ pub struct Refresher {
 /// The longest the refresher sleeps without looking at its queue.
 const MAX_TIMER: Duration = Duration::from_secs(86_400);
 
-/// Leftover plans tolerated in the queue (beyond one per account) before a compaction.
+/// Leftover plans tolerated in the queue (beyond one per account) before a compaction, at least.
 const QUEUE_SLACK: usize = 1024;
+
+/// Due plans run per turn of the refresher's loop.
+const DUE_BATCH: usize = 1024;
 
 /// A slot due for a refresh or retry at an instant. A slot a reload removed or replaced is not
 /// kept alive by its plans (a `Weak`), and is skipped when they come due.
@@ -1520,6 +1534,25 @@ impl Refresher {
             tokio::select! {
                 biased;
                 _ = self.stop.cancelled() => break,
+                _ = &mut timer => {
+                    let now = Instant::now();
+                    for _ in 0..DUE_BATCH {
+                        let Some(Reverse(plan)) = self
+                            .queue
+                            .peek_mut()
+                            .filter(|p| p.0.at <= now)
+                            .map(std::collections::binary_heap::PeekMut::pop)
+                        else {
+                            break;
+                        };
+                        if let Some(slot) = plan.slot.upgrade() {
+                            self.broker.inner.refresh_due(&slot, plan.at);
+                        }
+                    }
+                    // Wake for the earliest plan (at once if more are due), at least daily.
+                    let next = self.queue.peek().map_or(now + MAX_TIMER, |p| p.0.at);
+                    timer.as_mut().reset(next.min(now + MAX_TIMER));
+                }
                 plan = self.plans.recv() => {
                     let Some(plan) = plan else { break };
                     if plan.at < timer.deadline() {
@@ -1527,19 +1560,6 @@ impl Refresher {
                     }
                     self.queue.push(Reverse(plan));
                     self.compact();
-                }
-                _ = &mut timer => {
-                    let now = Instant::now();
-                    while let Some(Reverse(plan)) = self.queue.peek_mut().filter(|p| p.0.at <= now)
-                        .map(std::collections::binary_heap::PeekMut::pop)
-                    {
-                        if let Some(slot) = plan.slot.upgrade() {
-                            self.broker.inner.refresh_due(&slot, plan.at);
-                        }
-                    }
-                    // Wake for the earliest plan, at least daily (long timers are not exact).
-                    let next = self.queue.peek().map_or(now + MAX_TIMER, |p| p.0.at);
-                    timer.as_mut().reset(next.min(now + MAX_TIMER));
                 }
             }
         }
@@ -1549,7 +1569,8 @@ impl Refresher {
     /// Drops plans that no longer count (their slot is gone or was planned again) once they
     /// outnumber the accounts.
     fn compact(&mut self) {
-        if self.queue.len() <= self.broker.inner.accounts.len() * 2 + QUEUE_SLACK {
+        let accounts = self.broker.inner.accounts.len();
+        if self.queue.len() <= accounts + (accounts / 4).max(QUEUE_SLACK) {
             return;
         }
         let before = self.queue.len();

@@ -155,7 +155,7 @@ impl Reloader {
             );
             count("ok");
         } else {
-            debug!("config reloaded: no account changed");
+            info!("config reloaded: no account changed");
             count("unchanged");
         }
         self.files = watched_files(&config);

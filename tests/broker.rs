@@ -468,7 +468,7 @@ async fn very_long_lifetimes_do_not_stop_the_refresher() {
         .insert("forever".into(), Duration::from_secs(10 * 365 * 86_400));
     let (broker, bace) = start_with(&["forever", "daily"], "", bace).await;
     // Both accounts keep being served and refreshed for days: the 10-year token's timer did
-    // not take the refresher down (DelayQueue refuses deadlines beyond ~2 years).
+    // not take the refresher down (tokio timers refuse deadlines beyond ~2 years).
     tokio::time::sleep(3 * DAY).await;
     assert_eq!(bace.calls("daily", GrantType::Refresh).len(), 1);
     assert!(bace.calls("forever", GrantType::Refresh).is_empty());
@@ -569,5 +569,36 @@ async fn slots_planned_again_refresh_once_on_their_latest_plan_even_after_compac
     }
     assert_eq!(bace.calls("fleet-a", GrantType::Password).len(), 1);
     assert_eq!(bace.calls("fleet-b", GrantType::Password).len(), 1101);
+    broker.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slot_replaced_by_a_reload_never_refreshes_on_its_old_plan() {
+    let (broker, bace) = start(&["fleet-a"], "").await;
+    let old_login = bace.calls("fleet-a", GrantType::Password)[0];
+    tokio::time::sleep(6 * HOUR).await;
+    // A watcher that is not polled keeps the old slot alive (it moves on when next polled).
+    let _watch = broker.watch("fleet-a").unwrap();
+    // New credentials: a new slot logs in now; the old slot's plan (at ~14.4 h) stays queued.
+    let yaml = "accounts:\n  fleet-a:\n    client_id: c\n    client_secret: s\n    username: u-fleet-a\n    password: rotated\n    token_url: http://127.0.0.1:9/oauth2/token\n";
+    let report = broker.apply(&Config::parse(yaml).unwrap());
+    assert_eq!(report.changed.len(), 1);
+    let token = broker.get_token("fleet-a", Duration::ZERO).await.unwrap();
+    let new_login = *bace.calls("fleet-a", GrantType::Password).last().unwrap();
+    assert!(new_login > old_login);
+    for _ in 0..(2 * 24) {
+        tokio::time::sleep(HOUR).await;
+        let t = broker.get_token("fleet-a", Duration::ZERO).await.unwrap();
+        assert!(t.valid_for(Instant::now(), MARGIN));
+        assert_eq!(t.fingerprint(), token.fingerprint());
+    }
+    let refreshes = bace.calls("fleet-a", GrantType::Refresh);
+    assert_eq!(refreshes.len(), 1, "only the new slot's plan runs");
+    let after = refreshes[0] - new_login;
+    assert!(
+        after >= DAY.mul_f64(0.57) && after <= DAY.mul_f64(0.63),
+        "{after:?} after the new login"
+    );
+    assert_eq!(bace.calls("fleet-a", GrantType::Password).len(), 2);
     broker.shutdown().await;
 }
