@@ -170,13 +170,25 @@ async fn serve(
 
 fn check_config(path: &std::path::Path) -> Result<(), String> {
     let config = Config::load(path).map_err(|e| e.to_string())?;
-    let names: Vec<&str> = config.accounts.keys().map(|a| a.as_str()).collect();
-    println!(
-        "config OK: {} account(s): {}",
-        names.len(),
-        names.join(", ")
-    );
+    println!("{}", config_summary(&config));
     Ok(())
+}
+
+/// How many accounts a valid config has, and their names (the first 20 of large configs).
+fn config_summary(config: &Config) -> String {
+    const SHOWN: usize = 20;
+    let n = config.accounts.len();
+    let mut names: Vec<&str> = config
+        .accounts
+        .keys()
+        .take(SHOWN)
+        .map(|a| a.as_str())
+        .collect();
+    let more = format!("and {} more", n.saturating_sub(SHOWN));
+    if n > SHOWN {
+        names.push(&more);
+    }
+    format!("config OK: {n} account(s): {}", names.join(", "))
 }
 
 /// How the client commands reach the broker.
@@ -427,4 +439,32 @@ fn short(d: Duration) -> String {
     let secs = d.as_secs();
     let rounded = if secs >= 3600 { secs - secs % 60 } else { secs };
     humantime::format_duration(Duration::from_secs(rounded)).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_config_lists_at_most_twenty_accounts() {
+        let yaml = |n: usize| {
+            let mut y = String::from("accounts:\n");
+            for i in 0..n {
+                y.push_str(&format!(
+                    "  a{i:02}: {{client_id: c, client_secret: s, username: u, password: p}}\n"
+                ));
+            }
+            Config::parse(&y).unwrap()
+        };
+        assert_eq!(
+            config_summary(&yaml(2)),
+            "config OK: 2 account(s): a00, a01"
+        );
+        let big = config_summary(&yaml(25));
+        assert!(
+            big.starts_with("config OK: 25 account(s): a00, a01,"),
+            "{big}"
+        );
+        assert!(big.ends_with("a19, and 5 more"), "{big}");
+    }
 }
