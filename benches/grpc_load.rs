@@ -533,7 +533,7 @@ async fn section_memory(opts: &Opts, md: &mut String) -> anyhow::Result<()> {
         md,
         "\n**{n} accounts: {:.1} MiB resident 1 s after ready** (target < 100 MB; 1 MiB = 1.048 MB{}); \
          **{at_ready:.0} bytes per account** = (RSS₁₀₀ₖ − RSS₁) / {n}. Settled: {:.1} MiB, {at_settled:.0} bytes per account. \
-         The peak is the YAML parse of the config (serde_norway holds the whole document's events).\n",
+         A live reload parses the whole config again while the accounts are held: its peak is the one to size a memory limit for.\n",
         mb(big.ready.rss_kb),
         if mb(big.ready.rss_kb) * 1.048_576 < 100.0 {
             " ✓"

@@ -932,7 +932,7 @@ mod tests {
     use super::*;
 
     fn parse(yaml: &str) -> Result<AuthConfig, String> {
-        let raw: RawAuth = serde_norway::from_str(yaml).map_err(|e| e.to_string())?;
+        let raw: RawAuth = crate::config::from_yaml(yaml)?;
         raw.validate()
     }
 

@@ -294,12 +294,41 @@ impl Config {
 
     /// Parses and validates YAML text; relative secret file paths are taken as they are.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let raw: RawConfig = serde_norway::from_str(text).map_err(|e| ConfigError::Syntax {
+        let raw: RawConfig = from_yaml(text).map_err(|message| ConfigError::Syntax {
             path: None,
-            message: e.to_string(),
+            message,
         })?;
         raw.validate()
     }
+}
+
+/// Deserializes YAML `text`. Streamed: serde-saphyr builds no document tree, so a config of
+/// 100,000 accounts peaks at about twice its final size while parsing (serde_norway held every
+/// event of the document: ~15×). Errors name the key path (`accounts.fleet-a.password: ...`) and the
+/// line, never show the source line (it may hold a secret). Duplicate keys are refused and
+/// `!include` is off. The node and event budgets scale with the input (every node takes input
+/// bytes), so any config that fits in memory parses; alias expansion keeps the library's limits.
+pub fn from_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
+    let mut budget = serde_saphyr::Budget::default();
+    let scale = text.len().saturating_add(1024);
+    budget.max_nodes = budget.max_nodes.max(scale);
+    budget.max_events = budget.max_events.max(scale);
+    budget.max_total_scalar_bytes = budget.max_total_scalar_bytes.max(scale);
+    budget.max_inclusion_depth = 0;
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options.with_snippet = false;
+    options.duplicate_keys = serde_saphyr::DuplicateKeyPolicy::Error;
+    let mut failed_at = None;
+    serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
+        let mut track = serde_path_to_error::Track::new();
+        T::deserialize(serde_path_to_error::Deserializer::new(de, &mut track))
+            .inspect_err(|_| failed_at = Some(track.path()))
+    })
+    .map_err(|e| match failed_at.map(|p| p.to_string()) {
+        Some(path) if path != "." => format!("{path}: {e}"),
+        _ => e.to_string(),
+    })
 }
 
 impl ConfigError {
@@ -806,6 +835,46 @@ accounts:
 
     fn err(text: &str) -> String {
         Config::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn large_configs_fit_the_parser_budget() {
+        // 25,000 accounts make ~300,000 YAML nodes, past serde-saphyr's default budget of
+        // 250,000: the budget scales with the input.
+        let mut yaml = String::from("accounts:\n");
+        for i in 0..25_000 {
+            yaml.push_str(&format!(
+                "  a{i}: {{client_id: c, client_secret: s, username: u{i}, password: p}}\n"
+            ));
+        }
+        assert_eq!(Config::parse(&yaml).unwrap().accounts.len(), 25_000);
+    }
+
+    #[test]
+    fn yaml_errors_name_the_key_path_and_never_echo_the_source() {
+        let base = "accounts:\n  a:\n    client_id: c\n    client_secret: s\n    username: u\n";
+        let cases: [(String, &[&str]); 4] = [
+            (
+                format!("{base}    password: \"hunter2-SECRET\"\n    pasword: x\n"),
+                &["accounts.a.pasword", "unknown field `pasword`", "line 7"],
+            ),
+            (format!("{base}    password: \"hunter2-SECRET\n"), &["line"]),
+            (
+                format!("{base}    password: p\n  a:\n    client_id: c\n"),
+                &["duplicate", "a"],
+            ),
+            (
+                format!("{base}    password: p\n    password: hunter2-SECRET\n"),
+                &["duplicate", "password"],
+            ),
+        ];
+        for (yaml, wanted) in &cases {
+            let msg = Config::parse(yaml).unwrap_err().to_string();
+            for w in *wanted {
+                assert!(msg.contains(w), "{msg:?} lacks {w:?}");
+            }
+            assert!(!msg.contains("SECRET"), "{msg:?} echoes a secret");
+        }
     }
 
     #[test]

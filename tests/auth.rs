@@ -452,7 +452,7 @@ fn tls_config_errors_name_the_field() {
         .unwrap();
     assert_eq!(ok.files().count(), 3);
     let yaml = "cert_file: /a\nkey_file: /b\nca_file: /c\n";
-    let msg = serde_norway::from_str::<RawTls>(yaml)
+    let msg = bace_token_broker::config::from_yaml::<RawTls>(yaml)
         .unwrap_err()
         .to_string();
     assert!(msg.contains("unknown field `ca_file`"), "{msg}");
@@ -568,7 +568,7 @@ impl JwksFake {
 }
 
 fn authorizer(yaml: &str) -> Authorizer {
-    let raw: RawAuth = serde_norway::from_str(yaml).unwrap();
+    let raw: RawAuth = bace_token_broker::config::from_yaml(yaml).unwrap();
     Authorizer::new(raw.validate().unwrap()).unwrap()
 }
 
@@ -838,7 +838,11 @@ async fn jwks_file_and_allow_list_reload() {
             path.display()
         )
     };
-    let config = |yaml: &str| serde_norway::from_str::<RawAuth>(yaml).unwrap().validate();
+    let config = |yaml: &str| {
+        bace_token_broker::config::from_yaml::<RawAuth>(yaml)
+            .unwrap()
+            .validate()
+    };
     let auth = Authorizer::new(config(&yaml("[fleet-a]")).unwrap()).unwrap();
     let exporter = claims("reports", "exporter");
     let worker = claims("ingest", "worker");
