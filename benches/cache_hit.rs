@@ -13,39 +13,11 @@ use std::{
 };
 
 use bace_token_broker::{
-    broker::Broker,
-    config::{AccountConfig, Config},
-    metrics::Metrics,
-    service::GetTokenReply,
-    token::Token,
-    upstream::{BoxFuture, Issued, Upstream, UpstreamError},
+    broker::Broker, config::Config, fake::InstantUpstream, metrics::Metrics, service::GetTokenReply,
 };
 use criterion::{Criterion, criterion_main};
 use prost::Message;
-use secrecy::SecretString;
 use tokio::time::Duration;
-
-/// Answers every login at once with a fresh 24 h token.
-struct Instant24h;
-
-impl Upstream for Instant24h {
-    fn login<'a>(&'a self, _: &'a AccountConfig) -> BoxFuture<'a, Result<Issued, UpstreamError>> {
-        Box::pin(async {
-            Ok(Issued::Token {
-                access: SecretString::from("8a0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b"),
-                refresh: Some(SecretString::from("1281")),
-                lifetime: Some(Duration::from_secs(86_400)),
-            })
-        })
-    }
-    fn refresh<'a>(
-        &'a self,
-        account: &'a AccountConfig,
-        _: &'a Token,
-    ) -> BoxFuture<'a, Result<Issued, UpstreamError>> {
-        self.login(account)
-    }
-}
 
 /// Polls a future that must complete without waiting (the cached path never awaits).
 fn now<F: std::future::Future>(f: F) -> F::Output {
@@ -65,7 +37,7 @@ fn broker(rt: &tokio::runtime::Runtime) -> Broker {
         ));
     }
     let config = Config::parse(&yaml).expect("config");
-    let (broker, _refresher) = Broker::new(&config, Arc::new(Instant24h), Metrics::new());
+    let (broker, _refresher) = Broker::new(&config, Arc::new(InstantUpstream), Metrics::new());
     let report = rt.block_on(broker.warm_up());
     assert_eq!(report.failed, 0);
     broker

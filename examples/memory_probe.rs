@@ -3,41 +3,12 @@
 //!
 //! `cargo run --release --example memory_probe [ACCOUNTS]` (default 100,000). Counts the bytes
 //! requested from the allocator on one thread (a current-thread runtime; the upstream is an
-//! in-process stand-in that mints 40-character tokens like BACE's), so the figures exclude
+//! in-process [`InstantUpstream`] that mints 40-character tokens like BACE's), so the figures exclude
 //! allocator size classes and fragmentation: `scripts/bench --only B` measures the resident
 //! size of the real server.
 use std::{fmt::Write, sync::Arc, time::Duration};
 
-use bace_token_broker::{
-    broker::Broker,
-    config::{AccountConfig, Config},
-    metrics::Metrics,
-    token::Token,
-    upstream::{BoxFuture, Issued, Upstream, UpstreamError},
-};
-use secrecy::SecretString;
-
-struct Mint;
-impl Upstream for Mint {
-    fn login<'a>(&'a self, _: &'a AccountConfig) -> BoxFuture<'a, Result<Issued, UpstreamError>> {
-        Box::pin(async {
-            let h = |n: u64| format!("{:040x}", n as u128 * 0x9e3779b97f4a7c15);
-            let n = rand::random::<u64>();
-            Ok(Issued::Token {
-                access: SecretString::from(h(n)),
-                refresh: Some(SecretString::from(h(n ^ 1))),
-                lifetime: Some(Duration::from_secs(86400)),
-            })
-        })
-    }
-    fn refresh<'a>(
-        &'a self,
-        a: &'a AccountConfig,
-        _: &'a Token,
-    ) -> BoxFuture<'a, Result<Issued, UpstreamError>> {
-        self.login(a)
-    }
-}
+use bace_token_broker::{broker::Broker, config::Config, fake::InstantUpstream, metrics::Metrics};
 
 fn main() {
     let n: usize = std::env::args()
@@ -71,7 +42,11 @@ fn main() {
     );
     let mut made = None;
     let m = allocation_counter::measure(|| {
-        made = Some(Broker::new(&config, Arc::new(Mint), Metrics::new()))
+        made = Some(Broker::new(
+            &config,
+            Arc::new(InstantUpstream),
+            Metrics::new(),
+        ))
     });
     let (broker, refresher) = made.unwrap();
     line("Broker::new (slots)", m.bytes_current, String::new());

@@ -31,6 +31,9 @@
 //!
 //! Wall-clock time (`SystemTime`) is used throughout: token expiry here is what BACE tells the
 //! client, not a schedule, and tests that need expiry use a zero lifetime rather than paused time.
+//!
+//! [`InstantUpstream`] is the in-process counterpart for benchmarks of the broker alone: an
+//! [`Upstream`](crate::upstream::Upstream) that answers at once, without HTTP.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
@@ -836,6 +839,41 @@ fn token_answer(access_token: &str, expires_in: Value, refresh_token: Option<&st
 }
 
 /// 40 random lowercase hex characters.
+/// An in-process [`Upstream`](crate::upstream::Upstream) for benchmarks of the broker alone:
+/// every login and refresh answers at once with a new token of 40 hex characters (as BACE's)
+/// and a new refresh token, valid 24 hours.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct InstantUpstream;
+
+impl crate::upstream::Upstream for InstantUpstream {
+    fn login<'a>(
+        &'a self,
+        _: &'a crate::config::AccountConfig,
+    ) -> crate::upstream::BoxFuture<
+        'a,
+        Result<crate::upstream::Issued, crate::upstream::UpstreamError>,
+    > {
+        Box::pin(async {
+            Ok(crate::upstream::Issued::Token {
+                access: secrecy::SecretString::from(new_token()),
+                refresh: Some(secrecy::SecretString::from(new_token())),
+                lifetime: Some(Duration::from_secs(86_400)),
+            })
+        })
+    }
+
+    fn refresh<'a>(
+        &'a self,
+        account: &'a crate::config::AccountConfig,
+        _: &'a crate::token::Token,
+    ) -> crate::upstream::BoxFuture<
+        'a,
+        Result<crate::upstream::Issued, crate::upstream::UpstreamError>,
+    > {
+        self.login(account)
+    }
+}
+
 fn new_token() -> String {
     let mut bytes = [0u8; 20];
     rand::rng().fill_bytes(&mut bytes);
