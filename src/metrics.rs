@@ -294,7 +294,7 @@ impl Collector for AccountGauges {
             // the other codes (disjoint label sets).
             let mut calls = encoder.encode_descriptor(
                 "bace_broker_get_token",
-                "GetToken calls by account and gRPC code",
+                "GetToken calls by account and gRPC code.",
                 None,
                 MetricType::Counter,
             )?;
@@ -310,7 +310,7 @@ impl Collector for AccountGauges {
         {
             let mut upstream = encoder.encode_descriptor(
                 "bace_broker_upstream_requests",
-                "Requests to BACE's token endpoint by account, grant and outcome",
+                "Requests to BACE's token endpoint by account, grant and outcome.",
                 None,
                 MetricType::Counter,
             )?;
@@ -335,7 +335,7 @@ impl Collector for AccountGauges {
         {
             let mut valid = encoder.encode_descriptor(
                 "bace_broker_token_valid",
-                "1 while the account holds a token that is served (valid beyond the expiry margin)",
+                "1 while the account holds a token that is served (valid beyond the expiry margin).",
                 None,
                 MetricType::Gauge,
             )?;
@@ -347,7 +347,7 @@ impl Collector for AccountGauges {
         {
             let mut expiry = encoder.encode_descriptor(
                 "bace_broker_token_expiry_timestamp_seconds",
-                "When the account's current token expires (Unix time); absent without a token",
+                "When the account's current token expires (Unix time); absent without a token.",
                 None,
                 MetricType::Gauge,
             )?;
@@ -363,7 +363,7 @@ impl Collector for AccountGauges {
         {
             let mut survives = encoder.encode_descriptor(
                 "bace_broker_survives_outage_seconds",
-                "How long callers stay served if BACE stays down from now",
+                "How long callers stay served if BACE stays down from now.",
                 None,
                 MetricType::Gauge,
             )?;
@@ -375,7 +375,7 @@ impl Collector for AccountGauges {
         {
             let mut watchers = encoder.encode_descriptor(
                 "bace_broker_watchers",
-                "WatchToken streams open on the account",
+                "WatchToken streams open on the account.",
                 None,
                 MetricType::Gauge,
             )?;
@@ -385,7 +385,7 @@ impl Collector for AccountGauges {
         }
         let mut state = encoder.encode_descriptor(
             "bace_broker_account_state",
-            "1 for the account's current state (ready, refreshing, degraded, failing, rejected)",
+            "1 for the account's current state (ready, refreshing, degraded, failing, rejected).",
             None,
             MetricType::Gauge,
         )?;

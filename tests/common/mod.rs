@@ -156,6 +156,9 @@ impl Broker {
         for l in text.lines().filter(|l| l.starts_with("# TYPE ")) {
             assert!(families.insert(l.to_owned()), "described twice: {l}");
         }
+        for l in text.lines().filter(|l| l.starts_with("# HELP ")) {
+            assert!(l.ends_with('.'), "help without a full stop: {l}");
+        }
         let mut samples = std::collections::HashMap::new();
         for l in text
             .lines()
