@@ -1505,6 +1505,8 @@ struct Plan {
     slot: Weak<Slot>,
 }
 
+// Plans compare by instant alone: that is the heap's order (two plans of one instant are equal
+// to it, whatever their slots).
 impl PartialEq for Plan {
     fn eq(&self, other: &Self) -> bool {
         self.at == other.at
