@@ -127,7 +127,7 @@ pub struct OutcomeLabels {
 pub struct UpstreamLabels {
     /// The account.
     pub account: AccountLabel,
-    /// `password` or `refresh_token`.
+    /// `password`, `refresh_token` or `verify`.
     pub grant: &'static str,
     /// `ok`, or the failure class (`rejected`, `upstream timeout`, ...).
     pub outcome: &'static str,
@@ -285,10 +285,8 @@ impl Collector for AccountGauges {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
         let accounts = self.0.status();
         let metrics = self.0.metrics();
-        let label = |a: &AccountStatus| AccountLabels {
-            account: AccountLabel::Known(a.account.clone()),
-        };
         let known = |a: &AccountStatus| AccountLabel::Known(a.account.clone());
+        let label = |a: &AccountStatus| AccountLabels { account: known(a) };
         {
             // One metric family from two sources: the accounts' OK counts, then the map of
             // the other codes (disjoint label sets).
@@ -392,7 +390,7 @@ impl Collector for AccountGauges {
         for a in &accounts {
             for s in AccountState::ALL {
                 let labels = StateLabels {
-                    account: AccountLabel::Known(a.account.clone()),
+                    account: known(a),
                     state: s.as_str(),
                 };
                 ConstGauge::new(i64::from(a.state == s)).encode(state.encode_family(&labels)?)?;
