@@ -153,6 +153,12 @@ async fn start_with(
     (broker, upstream)
 }
 
+/// Whether `elapsed` is the default refresh point of a token living `lifetime`: 0.6 of it,
+/// give or take the ±5 % jitter.
+fn at_refresh_point(elapsed: Duration, lifetime: Duration) -> bool {
+    elapsed >= lifetime.mul_f64(0.57) && elapsed <= lifetime.mul_f64(0.63)
+}
+
 fn gaps(times: &[Instant]) -> Vec<Duration> {
     times.windows(2).map(|w| w[1] - w[0]).collect()
 }
@@ -179,16 +185,10 @@ async fn tokens_stay_valid_for_sixty_days_by_refreshing_at_the_lifetime_fraction
     let refreshes = bace.calls("fleet-a", GrantType::Refresh);
     // First refresh at 0.6 of the 24 h login token, then every 0.6 of 14 days, ±5 % jitter.
     let first_refresh = refreshes[0] - bace.calls("fleet-a", GrantType::Password)[0];
-    assert!(
-        first_refresh >= DAY.mul_f64(0.57) && first_refresh <= DAY.mul_f64(0.63),
-        "{first_refresh:?}"
-    );
+    assert!(at_refresh_point(first_refresh, DAY), "{first_refresh:?}");
     for gap in gaps(&refreshes) {
         let lifetime = 14 * DAY;
-        assert!(
-            gap >= lifetime.mul_f64(0.57) && gap <= lifetime.mul_f64(0.63),
-            "{gap:?}"
-        );
+        assert!(at_refresh_point(gap, lifetime), "{gap:?}");
     }
     assert!(
         (7..=8).contains(&refreshes.len()),
@@ -562,10 +562,7 @@ async fn slots_planned_again_refresh_once_on_their_latest_plan_even_after_compac
             "{account}: one refresh, from the latest plan"
         );
         let after = refreshes[0] - last_login;
-        assert!(
-            after >= DAY.mul_f64(0.57) && after <= DAY.mul_f64(0.63),
-            "{account}: {after:?}"
-        );
+        assert!(at_refresh_point(after, DAY), "{account}: {after:?}");
     }
     assert_eq!(bace.calls("fleet-a", GrantType::Password).len(), 1);
     assert_eq!(bace.calls("fleet-b", GrantType::Password).len(), 1101);
@@ -596,7 +593,7 @@ async fn a_slot_replaced_by_a_reload_never_refreshes_on_its_old_plan() {
     assert_eq!(refreshes.len(), 1, "only the new slot's plan runs");
     let after = refreshes[0] - new_login;
     assert!(
-        after >= DAY.mul_f64(0.57) && after <= DAY.mul_f64(0.63),
+        at_refresh_point(after, DAY),
         "{after:?} after the new login"
     );
     assert_eq!(bace.calls("fleet-a", GrantType::Password).len(), 2);
