@@ -2,7 +2,7 @@
 //! generates the tonic server and client, plus the descriptor set that reflection serves.
 //!
 //! Two passes: the messages and the client, then the server alone, with `GetTokenResponse`
-//! mapped to `crate::service::GetTokenReply` (the same bytes on the wire, encoded straight from
+//! mapped to `crate::grpc::GetTokenReply` (the same bytes on the wire, encoded straight from
 //! the broker's token without building the message: GetToken is the hot path).
 
 use std::{env, path::PathBuf};
@@ -29,7 +29,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .extern_path(".bace.tokenbroker.v1", "crate::proto")
         .extern_path(
             ".bace.tokenbroker.v1.GetTokenResponse",
-            "crate::service::GetTokenReply",
+            "crate::grpc::GetTokenReply",
         )
         .compile_fds(fds)?;
     Ok(())

@@ -2,8 +2,10 @@
 //! (token broker, health, reflection) and the shutdown sequence. The only module that knows all
 //! the others.
 //!
-//! Shutdown: readiness goes NOT_SERVING, the server stops accepting and drains in-flight RPCs
-//! for at most `shutdown_grace`, then background work stops.
+//! Build first, spawn later: every part is built (and a bad TLS or auth setup refused) before
+//! any task starts. One shutdown sequence, whether a signal or a failure ends the run:
+//! readiness goes NOT_SERVING, the server stops accepting and drains in-flight RPCs for at most
+//! `shutdown_grace`, then background work stops.
 
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
@@ -19,10 +21,10 @@ use crate::{
     auth::Authorizer,
     broker::Broker,
     config::Config,
-    metrics::{self, Metrics},
+    grpc::TokenBrokerApi,
     proto::{self, token_broker_service_server::TokenBrokerServiceServer},
-    reload::Reloader,
-    service::TokenBrokerApi,
+    reload::{ReloadCounts, Reloader},
+    telemetry,
     tls::{self, TlsAcceptor},
     upstream::{HttpUpstream, Upstream},
 };
@@ -95,7 +97,7 @@ pub async fn serve_with(
 ) -> anyhow::Result<()> {
     let listener = listeners.grpc;
     let addr: SocketAddr = listener.local_addr()?;
-    let (broker, refresher) = Broker::new(&config, upstream, Metrics::new());
+    let (broker, refresher) = Broker::new(&config, upstream);
     // The broker holds the accounts now; keep only the rest of the config (with 100,000
     // accounts, each copy of them costs tens of megabytes).
     let mut config = config;
@@ -113,15 +115,42 @@ pub async fn serve_with(
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
+    let acceptor = config
+        .tls
+        .as_ref()
+        .map(TlsAcceptor::new)
+        .transpose()
+        .context("tls")?;
+    let authorizer = config
+        .auth
+        .clone()
+        .map(Authorizer::new)
+        .transpose()
+        .context("auth")?;
+    if authorizer.is_none() {
+        warn!(
+            "no `auth` configured: any caller that reaches the port may fetch every account's token"
+        );
+    }
+    let api = TokenBrokerApi::new(broker.clone(), authorizer.clone());
+    let reloads = Arc::new(ReloadCounts::default());
 
+    // Everything is built; from here on, background work is spawned, and all of it ends
+    // through the one shutdown sequence below.
     let stopping = CancellationToken::new();
     let metrics_server = match listeners.metrics {
         Some(metrics_listener) => {
             let metrics_addr = metrics_listener.local_addr()?;
             info!(addr = %metrics_addr, "metrics listening (GET /metrics)");
-            let registry = broker.metrics().registry(broker.clone());
+            let registry = telemetry::Sources {
+                broker: broker.clone(),
+                calls: api.calls(),
+                auth: authorizer.clone(),
+                reloads: reloads.clone(),
+            }
+            .registry();
             let stop = stopping.clone();
-            Some(tokio::spawn(metrics::serve(
+            Some(tokio::spawn(telemetry::serve(
                 metrics_listener,
                 registry,
                 async move { stop.cancelled().await },
@@ -129,23 +158,6 @@ pub async fn serve_with(
         }
         None => None,
     };
-    let acceptor = config
-        .tls
-        .as_ref()
-        .map(TlsAcceptor::new)
-        .transpose()
-        .map_err(anyhow::Error::msg)?;
-    let authorizer = config
-        .auth
-        .clone()
-        .map(Authorizer::new)
-        .transpose()
-        .map_err(anyhow::Error::msg)?;
-    if authorizer.is_none() {
-        warn!(
-            "no `auth` configured: any caller that reaches the port may fetch every account's token"
-        );
-    }
     let health_server = match listeners.health {
         Some(health_listener) => {
             info!(addr = %health_listener.local_addr()?, "plaintext health service listening (for probes)");
@@ -164,7 +176,8 @@ pub async fn serve_with(
         config.clone(),
         broker.clone(),
         acceptor.clone(),
-        authorizer.clone(),
+        authorizer,
+        reloads,
     )
     .map(|reloader| tokio::spawn(reloader.run(stopping.clone())));
     let mut refresher = tokio::spawn(refresher.run());
@@ -181,10 +194,7 @@ pub async fn serve_with(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(TokenBrokerServiceServer::new(TokenBrokerApi::new(
-            broker.clone(),
-            authorizer,
-        )));
+        .add_service(TokenBrokerServiceServer::new(api));
     let drained = async {
         let _ = drain_rx.await;
     };
@@ -198,51 +208,66 @@ pub async fn serve_with(
     };
     info!(%addr, tls = config.tls.is_some(), accounts = account_count, "broker listening");
 
+    // Runs until a shutdown signal, or until the server or the refresher stops on its own
+    // (without the refresher no token would be kept fresh: fail loudly, and restart).
+    let mut server_done = false;
+    let mut refresher_done = false;
     let failure = tokio::select! {
-        result = &mut server => Some(match result {
-            Ok(Ok(())) => anyhow::anyhow!("the gRPC server stopped unexpectedly"),
-            Ok(Err(e)) => anyhow::Error::new(e).context("gRPC server"),
-            Err(e) => anyhow::Error::new(e).context("gRPC server task"),
-        }),
-        // Without the refresher no token would be kept fresh: fail loudly (and restart).
-        _ = &mut refresher => Some(anyhow::anyhow!("the refresh scheduler stopped unexpectedly")),
+        result = &mut server => {
+            server_done = true;
+            Some(match result {
+                Ok(Ok(())) => anyhow::anyhow!("the gRPC server stopped unexpectedly"),
+                Ok(Err(e)) => anyhow::Error::new(e).context("gRPC server"),
+                Err(e) => anyhow::Error::new(e).context("gRPC server task"),
+            })
+        }
+        _ = &mut refresher => {
+            refresher_done = true;
+            Some(anyhow::anyhow!("the refresh scheduler stopped unexpectedly"))
+        }
         () = shutdown => None,
     };
-    if let Some(error) = failure {
-        tracing::error!(error = %format!("{error:#}"), "stopping");
-        warm_up.abort();
-        let _ = warm_up.await;
-        set_ready(&health, false).await;
-        stopping.cancel();
-        server.abort();
-        broker.shutdown().await;
-        return Err(error);
-    }
 
-    info!(grace = %humantime::format_duration(config.shutdown_grace), "shutting down: readiness off, draining");
+    // The one shutdown sequence: readiness off, streams end, in-flight RPCs drain for at most
+    // `shutdown_grace`, then fetches and the refresher stop, then the side servers.
+    match &failure {
+        Some(error) => tracing::error!(error = %format!("{error:#}"), "stopping"),
+        None => {
+            info!(grace = %humantime::format_duration(config.shutdown_grace), "shutting down: readiness off, draining")
+        }
+    }
     warm_up.abort();
     // Wait for the abort, so a warm-up ending right now cannot flip readiness back on.
     let _ = warm_up.await;
     set_ready(&health, false).await;
     broker.drain();
     let _ = drain_tx.send(());
-    match tokio::time::timeout(config.shutdown_grace, &mut server).await {
-        Ok(result) => result.context("server task")?.context("gRPC server")?,
-        Err(_) => {
-            warn!("drain grace elapsed with RPCs still in flight; closing them");
-            server.abort();
+    let mut result = failure.map_or(Ok(()), Err);
+    if !server_done {
+        match tokio::time::timeout(config.shutdown_grace, &mut server).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => result = result.and(Err(anyhow::Error::new(e).context("gRPC server"))),
+            Ok(Err(e)) => result = result.and(Err(anyhow::Error::new(e).context("server task"))),
+            Err(_) => {
+                warn!("drain grace elapsed with RPCs still in flight; closing them");
+                server.abort();
+            }
         }
     }
     broker.shutdown().await;
-    let _ = refresher.await;
+    if !refresher_done {
+        let _ = refresher.await;
+    }
     stopping.cancel();
     // These end with `stopping`; a client holding a stream open (health Watch) must not keep
     // the process alive.
     finish(metrics_server).await;
     finish(health_server).await;
     finish(reloader).await;
-    info!("stopped");
-    Ok(())
+    if result.is_ok() {
+        info!("stopped");
+    }
+    result
 }
 
 /// Waits a moment for a side server told to stop, then aborts it (a client holding a health

@@ -13,7 +13,7 @@ use crate::{
 };
 
 /// Default address of a local broker, for the client commands.
-pub const DEFAULT_ADDR: &str = "http://127.0.0.1:50051";
+pub(crate) const DEFAULT_ADDR: &str = "http://127.0.0.1:50051";
 
 /// BACE token broker: one valid BACE token per account, shared over gRPC.
 #[derive(Debug, Parser)]
@@ -151,9 +151,7 @@ async fn serve(
 ) -> Result<(), String> {
     if demo {
         let listen = listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051)));
-        return crate::demo::run(listen, app::shutdown_signal())
-            .await
-            .map_err(|e| format!("{e:#}"));
+        return serve_demo(listen).await;
     }
     let path = config.ok_or("--config or BACE_BROKER_CONFIG is required")?;
     let mut config = Config::load(&path).map_err(|e| e.to_string())?;
@@ -166,6 +164,18 @@ async fn serve(
     app::serve(config, listeners, app::shutdown_signal())
         .await
         .map_err(|e| format!("{e:#}"))
+}
+
+#[cfg(feature = "demo")]
+async fn serve_demo(listen: SocketAddr) -> Result<(), String> {
+    crate::demo::run(listen, app::shutdown_signal())
+        .await
+        .map_err(|e| format!("{e:#}"))
+}
+
+#[cfg(not(feature = "demo"))]
+async fn serve_demo(_listen: SocketAddr) -> Result<(), String> {
+    Err("this build has no demo (it was built without the `demo` feature)".into())
 }
 
 fn check_config(path: &std::path::Path) -> Result<(), String> {
@@ -214,7 +224,7 @@ pub struct Connection {
 
 /// Adds the caller's bearer token to every request.
 #[derive(Clone)]
-pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+pub(crate) struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
 
 impl tonic::service::Interceptor for Bearer {
     fn call(

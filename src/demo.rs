@@ -5,17 +5,23 @@
 //! Accounts: `demo-fleet-a` and `demo-fleet-b` (BACE-style refresh answers: the token is
 //! extended in place), `demo-fleet-c` (standard OAuth2 refresh: a new token each time; it gets
 //! the traffic bursts).
+//!
+//! The fake is test equipment (`crates/fake-bace`), compiled in only with the `demo` feature
+//! (on by default; the container image is built without it).
 
 use std::{future::Future, net::SocketAddr, time::Duration};
 
 use anyhow::Context;
+use reqwest::Url;
 use tracing::{info, warn};
+
+use fake_bace::{ErrorShape, FakeAccount, FakeBace, FakeOptions, Grant, RefreshStyle, Step};
 
 use crate::{
     app,
-    config::Config,
-    fake::{ErrorShape, FakeAccount, FakeBace, FakeOptions, Grant, RefreshStyle, Step},
+    config::{AccountConfig, Config, Credentials},
     proto::{self, token_broker_service_client::TokenBrokerServiceClient},
+    token::AccountName,
 };
 
 /// Callers in each demo burst.
@@ -24,7 +30,7 @@ const BURST: usize = 40;
 const BURST_EVERY: Duration = Duration::from_secs(8);
 
 /// Runs the demo until `shutdown` resolves.
-pub async fn run(
+pub(crate) async fn run(
     listen: SocketAddr,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
@@ -44,38 +50,32 @@ pub async fn run(
             40,
         ),
     ];
-    let mut yaml = format!(
-        "listen: \"{listen}\"
-metrics_listen: \"127.0.0.1:0\"
-upstream:
-  token_url: \"{}\"
-  timeout: 5s
-refresh:
-  lifetime_fraction: 0.6
-  expiry_margin: 2s
-  backoff_initial: 500ms
-  backoff_max: 5s
-  rejected_backoff: 30s
-accounts:
-",
-        fake.token_url()
-    );
+    let token_url = fake.token_url().parse().context("the fake's token URL")?;
+    let mut demo_accounts = Vec::new();
     for (name, style, login, refreshed) in accounts {
-        let mut account = FakeAccount::new(
-            format!("{name}@example.com"),
-            format!("{name}-password"),
-            "demo-client",
-            "demo-secret",
-        );
+        let (username, password) = (format!("{name}@example.com"), format!("{name}-password"));
+        let mut account =
+            FakeAccount::new(username.as_str(), password.as_str(), "demo-client", "demo-secret");
         account.refresh_style = style;
         account.login_lifetime = Duration::from_secs(login);
         account.refresh_lifetime = Duration::from_secs(refreshed);
         fake.add_account(account);
-        yaml.push_str(&format!(
-            "  {name}:\n    client_id: demo-client\n    client_secret: demo-secret\n    username: \"{name}@example.com\"\n    password: \"{name}-password\"\n"
+        demo_accounts.push(AccountConfig::new(
+            AccountName::new(name).context("demo account name")?,
+            Credentials::new("demo-client", "demo-secret", &username, &password),
+            Url::clone(&token_url),
         ));
     }
-    let config = Config::parse(&yaml).context("demo config")?;
+    let mut config = Config::new(demo_accounts);
+    config.listen = listen;
+    config.metrics_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    config.upstream.token_url = token_url;
+    config.upstream.timeout = Duration::from_secs(5);
+    config.refresh.lifetime_fraction = 0.6;
+    config.refresh.expiry_margin = Duration::from_secs(2);
+    config.refresh.backoff_initial = Duration::from_millis(500);
+    config.refresh.backoff_max = Duration::from_secs(5);
+    config.refresh.rejected_backoff = Duration::from_secs(30);
     let listeners = app::Listeners::bind(&config).await?;
     let addr = listeners.grpc.local_addr()?;
     info!(fake_bace = %fake.token_url(), "demo: fake BACE running; accounts demo-fleet-a, demo-fleet-b, demo-fleet-c");

@@ -3,44 +3,82 @@
 //!
 //! # Map
 //!
-//! - [`token`]: the domain values: account names, tokens (redacting `Debug`), fingerprints.
-//! - [`config`]: the YAML schema, defaults and validation; reads secret files.
-//! - [`policy`]: pure timing rules: refresh point, backoff, BACE's `expires` parsing.
-//! - [`upstream`]: the only module that speaks HTTP to BACE; the [`upstream::Upstream`] trait.
-//! - [`broker`]: per-account token state, single flight, refresh schedule, invalidation.
-//!   Knows nothing of gRPC.
-//! - [`tls`]: server TLS with live certificate rotation; the mTLS accept stream.
-//! - [`auth`]: caller identity (client-certificate SAN, Kubernetes service-account token) and
-//!   the per-account allow list.
-//! - [`service`]: the gRPC adapter; the one place where errors become `tonic::Status`.
-//! - [`metrics`]: Prometheus counters, per-account gauges and the `/metrics` endpoint.
-//! - [`reload`]: live reload on SIGHUP and on changes of the config and secret files.
-//! - [`app`]: wires everything into a server with health, reflection and graceful shutdown.
-//! - [`fake`]: a scriptable fake of BACE's token endpoint on loopback (tests and `--demo`).
-//! - [`demo`]: `serve --demo`: the fake, demo accounts and a little traffic to watch.
-//! - [`cli`]: the command line (`serve`, `get`, `invalidate`, `check-config`).
+//! Dependencies run down this list: a module imports only modules below it (the core never
+//! imports an adapter).
+//!
+//! Entry points:
+//! - `cli`: the command line (`serve`, `get`, `invalidate`, `status`, `check-config`).
+//! - `demo` (feature `demo`): `serve --demo`: the fake BACE, demo accounts, a little traffic.
+//! - `app`: builds every part, runs the servers, owns the one shutdown sequence.
+//!
+//! Adapters (each imports the core, never the reverse):
+//! - `reload`: live reload on SIGHUP and on changes of the config and secret files; prepares
+//!   every section, then applies all or nothing.
+//! - `telemetry`: the Prometheus registry and `GET /metrics`, reading what each module counts.
+//! - `grpc`: the tonic service; the one place where errors become `tonic::Status`es; the
+//!   direct GetToken encoder.
+//! - `auth`: caller identity (client-certificate SAN, Kubernetes service-account token),
+//!   the allow list, the admission of a request.
+//! - `tls`: server TLS with live certificate rotation; the accept stream.
+//! - `upstream`: the only module that speaks HTTP to BACE ([`HttpUpstream`]), behind the
+//!   [`Upstream`] trait the core calls.
+//!
+//! The core:
+//! - `broker`: per-account token state, single flight, the refresh schedule, invalidation,
+//!   watchers, status and its own counts. No transport, registry or exporter type.
+//!
+//! Below everything:
+//! - [`config`]: the YAML schema of every section, defaults and validation; reads secret files,
+//!   TLS material and JWKS documents. Depends on no runtime module.
+//! - `token`: the domain values: account names, tokens (redacting `Debug`), fingerprints.
+//! - `counts`: plain counters each module keeps of its own work.
+//! - [`proto`]: the generated `bace.tokenbroker.v1` types and stubs.
+//!
+//! Test equipment lives outside the product: `crates/fake-bace` (a fake BACE on loopback),
+//! `crates/testkit` (process harness, PKI, config builder, in-process upstreams),
+//! `crates/bace-wire` (what the broker's client and the fake both speak).
 #![forbid(unsafe_code)]
 
-pub mod app;
-pub mod auth;
-pub mod broker;
-pub mod cli;
+mod app;
+mod auth;
+mod broker;
+mod cli;
 pub mod config;
-pub mod demo;
-pub mod fake;
-pub mod metrics;
-pub mod policy;
-pub mod reload;
-pub mod service;
-pub mod tls;
-pub mod token;
-pub mod upstream;
+mod counts;
+#[cfg(feature = "demo")]
+mod demo;
+mod grpc;
+mod reload;
+mod telemetry;
+mod tls;
+mod token;
+mod upstream;
+
+pub use crate::{
+    app::{Listeners, READINESS_SERVICE, serve, serve_with, shutdown_signal},
+    auth::{AuthError, Authorizer, Denied, PreparedAuth},
+    broker::{
+        AccountCounts, AccountState, AccountStatus, Broker, BrokerError, InvalidateOutcome,
+        Invalidated, Refresher, Reloaded, TokenStream, TokenWatch, UpstreamCount, WarmUp,
+    },
+    cli::{Cli, run, status_table},
+    config::{AccountConfig, Config, ConfigError, Credentials},
+    grpc::{CallCount, CallCounts, GetTokenReply, TokenBrokerApi, WatchResponses, code_name},
+    reload::{DEBOUNCE, ReloadCounts, Reloader},
+    telemetry::Sources as TelemetrySources,
+    tls::{PreparedTls, TlsAcceptor, TlsConn, TlsConnInfo, TlsError, incoming, peer_identity},
+    token::{AccountName, AccountNameError, Fingerprint, MAX_ACCOUNT_NAME_LEN, Token},
+    upstream::{
+        BoxFuture, Call, Grant, HttpUpstream, Issued, MAX_BODY_BYTES, Upstream, UpstreamError,
+        parse_answer,
+    },
+};
 
 /// Generated protobuf types and gRPC stubs for `bace.tokenbroker.v1`.
 #[allow(missing_docs, unreachable_pub, clippy::all)]
 pub mod proto {
     tonic::include_proto!("bace.tokenbroker.v1");
-    // The server, answering GetToken with `crate::service::GetTokenReply` (see build.rs).
+    // The server, answering GetToken with `crate::grpc::GetTokenReply` (see build.rs).
     include!(concat!(env!("OUT_DIR"), "/server/bace.tokenbroker.v1.rs"));
 
     /// The encoded descriptor set of `proto/`, served by reflection.

@@ -1,4 +1,4 @@
-//! The `bace-token-broker` binary: see [`bace_token_broker::cli`].
+//! The `bace-token-broker` binary: parse the command line, run it (see [`bace_token_broker::Cli`]).
 
 use std::process::ExitCode;
 
@@ -10,5 +10,5 @@ use clap::Parser;
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
-    bace_token_broker::cli::run(bace_token_broker::cli::Cli::parse())
+    bace_token_broker::run(bace_token_broker::Cli::parse())
 }

@@ -10,6 +10,7 @@
 use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
@@ -18,15 +19,36 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{
-    auth::Authorizer, broker::Broker, config::Config, metrics::ReloadLabels, tls::TlsAcceptor,
+    auth::Authorizer,
+    broker::Broker,
+    config::Config,
+    counts::Counts,
+    tls::TlsAcceptor,
 };
 
 /// Events closer together than this are one change.
 pub const DEBOUNCE: Duration = Duration::from_millis(200);
 
+/// Reloads by outcome: `ok` (accounts changed), `unchanged`, `rejected` (the running config
+/// stays). Shared (`Arc`) by the reloader and telemetry.
+#[derive(Debug, Default)]
+pub struct ReloadCounts(Counts<&'static str>);
+
+impl ReloadCounts {
+    fn count(&self, outcome: &'static str) {
+        self.0.inc(outcome);
+    }
+
+    /// Reloads so far, by outcome.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        self.0.snapshot()
+    }
+}
+
 /// Watches and applies configuration changes for one broker.
 pub struct Reloader {
     broker: Broker,
+    counts: Arc<ReloadCounts>,
     /// The TLS acceptor to hand rotated certificates to, when TLS is on.
     tls: Option<TlsAcceptor>,
     /// The authorizer to hand a new allow list and keys to, when auth is on.
@@ -39,17 +61,20 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    /// A reloader for `config` (which must come from [`Config::load`]; `None` otherwise).
+    /// A reloader for `config` (which must come from [`Config::load`]; `None` otherwise),
+    /// counting its outcomes in `counts`.
     pub fn new(
         config: Config,
         broker: Broker,
         tls: Option<TlsAcceptor>,
         auth: Option<Authorizer>,
+        counts: Arc<ReloadCounts>,
     ) -> Option<Self> {
         let path = config.path.clone()?;
         let files = watched_files(&config);
         Some(Self {
             broker,
+            counts,
             tls,
             auth,
             startup: config,
@@ -105,38 +130,46 @@ impl Reloader {
         }
     }
 
-    /// Reads, validates and applies the config file once.
+    /// Reads, validates and applies the config file once: every section is prepared first
+    /// (files read, certificates, keys and the allow list checked), and only when all of them
+    /// are good is any of it applied. A rejected reload changes nothing.
     pub fn reload(&mut self) {
-        let count = |outcome: &'static str| {
-            self.broker
-                .metrics()
-                .config_reloads
-                .get_or_create(&ReloadLabels { outcome })
-                .inc();
-        };
         let config = match Config::load(&self.path) {
             Ok(config) => config,
             Err(error) => {
                 warn!(%error, "config reload rejected; the running config stays");
-                count("rejected");
+                self.counts.count("rejected");
                 return;
             }
         };
-        // Certificates, keys and the allow list first: a failure there rejects the reload
-        // before any account changes.
-        if let (Some(acceptor), Some(tls)) = (&self.tls, &config.tls)
-            && let Err(error) = acceptor.reload(tls)
-        {
-            warn!(%error, "config reload rejected (tls); the running config stays");
-            count("rejected");
-            return;
+        let tls = match (&self.tls, &config.tls) {
+            (Some(acceptor), Some(tls)) => match acceptor.prepare(tls) {
+                Ok(prepared) => Some(prepared),
+                Err(error) => {
+                    warn!(%error, "config reload rejected (tls); the running config stays");
+                    self.counts.count("rejected");
+                    return;
+                }
+            },
+            _ => None,
+        };
+        let auth = match (&self.auth, &config.auth) {
+            (Some(authorizer), Some(auth)) => match authorizer.prepare(auth.clone()) {
+                Ok(prepared) => Some(prepared),
+                Err(error) => {
+                    warn!(%error, "config reload rejected (auth); the running config stays");
+                    self.counts.count("rejected");
+                    return;
+                }
+            },
+            _ => None,
+        };
+        // Everything is good: apply it all.
+        if let Some(tls) = tls {
+            tls.commit();
         }
-        if let (Some(authorizer), Some(auth)) = (&self.auth, &config.auth)
-            && let Err(error) = authorizer.reload(auth.clone())
-        {
-            warn!(%error, "config reload rejected (auth); the running config stays");
-            count("rejected");
-            return;
+        if let Some(auth) = auth {
+            auth.commit();
         }
         let restart = self.startup.restart_only_changes(&config);
         if !restart.is_empty() {
@@ -153,10 +186,10 @@ impl Reloader {
                 unchanged = report.unchanged.len(),
                 "config reloaded"
             );
-            count("ok");
+            self.counts.count("ok");
         } else {
             info!("config reloaded: no account changed");
-            count("unchanged");
+            self.counts.count("unchanged");
         }
         self.files = watched_files(&config);
     }

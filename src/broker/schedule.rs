@@ -1,29 +1,27 @@
-//! When to refresh, how long to back off, and how to read BACE's `expires`: pure functions of
-//! their inputs (jitter is passed in), so every edge is unit-tested without clocks or randomness.
+//! When to refresh and how long to back off: pure functions of their inputs (jitter is passed
+//! in), so every edge is unit-tested without clocks or randomness.
 
 use std::time::SystemTime;
 
-use chrono::{NaiveDateTime, TimeZone};
-use chrono_tz::Tz;
 use tokio::time::Duration;
 
 /// Share of the jittered refresh point that may move: ±5 % of the scheduled delay, so tokens
 /// obtained together (warm-up) do not all refresh in the same instant.
-pub const REFRESH_JITTER: f64 = 0.05;
+pub(crate) const REFRESH_JITTER: f64 = 0.05;
 
 /// Refreshes are never scheduled sooner than this after a token was obtained, whatever its
 /// lifetime, so a pathological upstream cannot make the broker spin.
-pub const MIN_REFRESH_DELAY: Duration = Duration::from_secs(1);
+pub(crate) const MIN_REFRESH_DELAY: Duration = Duration::from_secs(1);
 
 /// The lifetime assumed for a password-grant answer without `expires_in` (BACE documents 24 h).
-pub const DEFAULT_LOGIN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const DEFAULT_LOGIN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 /// How long after obtaining a token with `lifetime` the broker refreshes it.
 ///
 /// `fraction` of the lifetime, moved by `jitter` (in `[-1, 1]`, scaled to ±[`REFRESH_JITTER`]),
 /// and never later than the point where the token stops being served (`lifetime - margin`).
 /// Tokens too short-lived to be served at all are refreshed after [`MIN_REFRESH_DELAY`].
-pub fn refresh_delay(lifetime: Duration, fraction: f64, margin: Duration, jitter: f64) -> Duration {
+pub(crate) fn refresh_delay(lifetime: Duration, fraction: f64, margin: Duration, jitter: f64) -> Duration {
     let servable = lifetime.saturating_sub(margin);
     let factor = fraction * (1.0 + REFRESH_JITTER * jitter.clamp(-1.0, 1.0));
     let planned = lifetime.mul_f64(factor.clamp(0.0, 1.0));
@@ -35,7 +33,7 @@ pub fn refresh_delay(lifetime: Duration, fraction: f64, margin: Duration, jitter
 /// Capped exponential backoff with "equal jitter": after `failures` consecutive failures
 /// (1 for the first), wait between half and all of `initial * 2^(failures-1)`, capped at `max`.
 /// `jitter` in `[0, 1]` picks the point in that range.
-pub fn backoff(failures: u32, initial: Duration, max: Duration, jitter: f64) -> Duration {
+pub(crate) fn backoff(failures: u32, initial: Duration, max: Duration, jitter: f64) -> Duration {
     let exp = failures.saturating_sub(1).min(32);
     let full = initial.saturating_mul(1u32 << exp.min(31)).min(max);
     full.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
@@ -43,19 +41,9 @@ pub fn backoff(failures: u32, initial: Duration, max: Duration, jitter: f64) -> 
 
 /// Backoff after BACE rejected an account's credentials: `base`, doubling with each further
 /// rejection, capped at eight times `base`. No jitter needed: one account, one timer.
-pub fn rejected_backoff(rejections: u32, base: Duration) -> Duration {
+pub(crate) fn rejected_backoff(rejections: u32, base: Duration) -> Duration {
     let exp = rejections.saturating_sub(1).min(3);
     base.saturating_mul(1 << exp)
-}
-
-/// Parses BACE's refresh answer `expires` (`"YYYY-MM-DD HH:MM:SS"`, local time in `tz`).
-///
-/// Returns `None` when the text is not of that form or names a local time that does not exist
-/// in `tz` (a DST gap). An ambiguous local time (DST fold) resolves to the earlier instant.
-pub fn parse_bace_expires(text: &str, tz: Tz) -> Option<SystemTime> {
-    let naive = NaiveDateTime::parse_from_str(text.trim(), "%Y-%m-%d %H:%M:%S").ok()?;
-    let local = tz.from_local_datetime(&naive).earliest()?;
-    Some(SystemTime::from(local.with_timezone(&chrono::Utc)))
 }
 
 /// The lifetime to grant a token that BACE says it extended until `expires` (if it said so in a
@@ -63,7 +51,7 @@ pub fn parse_bace_expires(text: &str, tz: Tz) -> Option<SystemTime> {
 ///
 /// `Err` carries the fallback lifetime (`cap`) when `expires` is missing, unreadable or not in the
 /// future; the caller logs a warning.
-pub fn refreshed_lifetime(
+pub(crate) fn refreshed_lifetime(
     expires: Option<SystemTime>,
     now: SystemTime,
     cap: Duration,
@@ -136,36 +124,6 @@ mod tests {
         assert_eq!(rejected_backoff(2, b), S(600));
         assert_eq!(rejected_backoff(4, b), S(2400));
         assert_eq!(rejected_backoff(100, b), S(2400));
-    }
-
-    #[test]
-    fn bace_expires_is_local_time_in_the_configured_zone() {
-        let tz: Tz = "Europe/Amsterdam".parse().unwrap();
-        // Summer: CEST = UTC+2.
-        let t = parse_bace_expires("2022-04-04 14:19:49", tz).unwrap();
-        let utc = chrono::DateTime::<chrono::Utc>::from(t);
-        assert_eq!(utc.to_rfc3339(), "2022-04-04T12:19:49+00:00");
-        // Winter: CET = UTC+1.
-        let t = parse_bace_expires("2022-01-04 14:19:49", tz).unwrap();
-        let utc = chrono::DateTime::<chrono::Utc>::from(t);
-        assert_eq!(utc.to_rfc3339(), "2022-01-04T13:19:49+00:00");
-        // UTC zone.
-        let t = parse_bace_expires(" 2022-01-04 14:19:49 ", chrono_tz::UTC).unwrap();
-        assert_eq!(
-            chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339(),
-            "2022-01-04T14:19:49+00:00"
-        );
-        // DST gap (02:30 does not exist on 2022-03-27 in Amsterdam) and garbage.
-        assert_eq!(parse_bace_expires("2022-03-27 02:30:00", tz), None);
-        for bad in [
-            "",
-            "tomorrow",
-            "2022-04-04T14:19:49Z",
-            "2022-13-04 14:19:49",
-            "1649074789",
-        ] {
-            assert_eq!(parse_bace_expires(bad, tz), None, "{bad}");
-        }
     }
 
     #[test]

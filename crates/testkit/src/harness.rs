@@ -1,15 +1,12 @@
-//! Shared test harness: a real broker server on loopback in front of the fake BACE, and real
-//! tonic clients for it.
-#![allow(dead_code, unreachable_pub)]
+//! A real broker server on loopback in front of the fake BACE, and real tonic clients for it.
 
 use std::{net::SocketAddr, time::Duration};
 
 use bace_token_broker::{
-    app,
-    config::Config,
-    fake::{FakeAccount, FakeBace, FakeOptions},
+    Config, Listeners, READINESS_SERVICE,
     proto::{self, token_broker_service_client::TokenBrokerServiceClient},
 };
+use fake_bace::{FakeAccount, FakeBace, FakeOptions};
 use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::transport::Channel;
 use tonic_health::pb::{
@@ -35,9 +32,9 @@ pub fn user(account: &str) -> String {
 pub fn fake_account(account: &str) -> FakeAccount {
     FakeAccount::new(
         user(account),
-        format!("pw-{account}-Zq9"),
-        "client-1",
-        "client-secret-X7",
+        crate::password(account),
+        crate::CLIENT_ID,
+        crate::CLIENT_SECRET,
     )
 }
 
@@ -52,22 +49,8 @@ pub async fn fake(accounts: &[&str]) -> FakeBace {
     fake
 }
 
-/// A broker config for `accounts` against `fake` (each account names the fake's token URL, so
-/// `extra`, appended top-level YAML, may hold an `upstream:` block of its own).
-pub fn config_yaml(fake: &FakeBace, accounts: &[&str], extra: &str) -> String {
-    let mut yaml = format!("{extra}\naccounts:\n");
-    for a in accounts {
-        yaml.push_str(&format!(
-            "  {a}:\n    client_id: client-1\n    client_secret: client-secret-X7\n    username: \"{}\"\n    password: \"pw-{a}-Zq9\"\n    token_url: \"{}\"\n",
-            user(a),
-            fake.token_url()
-        ));
-    }
-    yaml
-}
-
 /// A running broker.
-pub struct Broker {
+pub struct BrokerServer {
     pub addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub client: TokenBrokerServiceClient<Channel>,
@@ -76,11 +59,11 @@ pub struct Broker {
     server: JoinHandle<anyhow::Result<()>>,
 }
 
-impl Broker {
-    /// Starts a broker with `yaml` on 127.0.0.1:0 and connects to it, without waiting for
+impl BrokerServer {
+    /// Starts a broker with `config` on 127.0.0.1:0 and connects to it, without waiting for
     /// readiness.
-    pub async fn start(yaml: &str) -> Self {
-        Self::start_config(Config::parse(yaml).expect("test config")).await
+    pub async fn start(config: &crate::BrokerConfig) -> Self {
+        Self::start_config(config.build()).await
     }
 
     /// Starts a broker for `config` (from [`Config::load`] to have live reload).
@@ -89,13 +72,13 @@ impl Broker {
         let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = grpc.local_addr().unwrap();
         let metrics_addr = metrics.local_addr().unwrap();
-        let listeners = app::Listeners {
+        let listeners = Listeners {
             grpc,
             metrics: Some(metrics),
             health: None,
         };
         let (stop, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(app::serve(config, listeners, async {
+        let server = tokio::spawn(bace_token_broker::serve(config, listeners, async {
             let _ = stopped.await;
         }));
         let channel = channel(addr).await;
@@ -110,10 +93,10 @@ impl Broker {
     }
 
     /// Starts a broker and waits until it reports ready (warm-up done).
-    pub async fn ready(yaml: &str) -> Self {
-        let broker = Self::start(yaml).await;
+    pub async fn ready(config: &crate::BrokerConfig) -> Self {
+        let broker = Self::start(config).await;
         broker
-            .wait_status(app::READINESS_SERVICE, ServingStatus::Serving)
+            .wait_status(READINESS_SERVICE, ServingStatus::Serving)
             .await;
         broker
     }

@@ -1,6 +1,6 @@
 //! A scriptable fake of BACE's OAuth2 token endpoint, served on loopback.
 //!
-//! This module owns [`FakeBace`]: a small axum server that speaks the token protocol described in
+//! This crate owns [`FakeBace`]: a small axum server that speaks the token protocol described in
 //! BACE's authentication doc (`POST /oauth2/token` with a password or a refresh grant, plus one
 //! cheap authenticated API endpoint, `GET /api/v2/physical-device`). The integration tests and
 //! `serve --demo` use it in place of the real BACE.
@@ -32,8 +32,9 @@
 //! Wall-clock time (`SystemTime`) is used throughout: token expiry here is what BACE tells the
 //! client, not a schedule, and tests that need expiry use a zero lifetime rather than paused time.
 //!
-//! [`InstantUpstream`] is the in-process counterpart for benchmarks of the broker alone: an
-//! [`Upstream`](crate::upstream::Upstream) that answers at once, without HTTP.
+//! Test equipment, not product: the broker's tests and benchmarks use it, and the broker's
+//! `serve --demo` brings it in through the default-on cargo feature `demo`.
+#![forbid(unsafe_code)]
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
@@ -51,6 +52,8 @@ use chrono_tz::Tz;
 use rand::RngCore;
 use serde_json::{Value, json};
 use tokio::sync::watch;
+
+pub use bace_wire::Grant;
 
 /// Size of the body sent for [`Step::Oversized`]: 8 MiB.
 const OVERSIZED_LEN: usize = 8 * 1024 * 1024;
@@ -78,7 +81,9 @@ pub struct FakeOptions {
 impl Default for FakeOptions {
     fn default() -> Self {
         Self {
-            expires_timezone: chrono_tz::Europe::Amsterdam,
+            expires_timezone: bace_wire::DEFAULT_EXPIRES_TIMEZONE
+                .parse()
+                .unwrap_or(chrono_tz::Europe::Amsterdam),
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
         }
     }
@@ -134,15 +139,6 @@ pub enum ErrorShape {
     /// The OAuth2 shape: `{"error":"...","error_description":"..."}`; rejected credentials answer
     /// 400 `invalid_grant`.
     OAuth2,
-}
-
-/// The two grants of the token endpoint.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Grant {
-    /// `grant_type=password`.
-    Password,
-    /// `grant_type=refresh_token`.
-    Refresh,
 }
 
 /// A scripted answer, consumed first-in first-out per (username, grant) before normal processing.
@@ -328,7 +324,7 @@ impl FakeBace {
         });
 
         let app = Router::new()
-            .route("/oauth2/token", post(token_endpoint))
+            .route(bace_wire::TOKEN_PATH, post(token_endpoint))
             .route("/api/v2/physical-device", get(physical_device))
             .fallback(not_found)
             .with_state(inner.clone());
@@ -356,7 +352,7 @@ impl FakeBace {
 
     /// Full URL of the token endpoint, e.g. `http://127.0.0.1:PORT/oauth2/token`.
     pub fn token_url(&self) -> String {
-        format!("http://{}/oauth2/token", self.inner.addr)
+        format!("http://{}{}", self.inner.addr, bace_wire::TOKEN_PATH)
     }
 
     /// Full URL of the authenticated API endpoint, e.g.
@@ -513,11 +509,10 @@ impl Inner {
 
     /// Counts and records a token request on arrival; returns the (username, grant) it counts for.
     fn arrive(&self, request: RecordedRequest) -> (String, Option<Grant>) {
-        let grant = match request.form.get("grant_type").map(String::as_str) {
-            Some("password") => Some(Grant::Password),
-            Some("refresh_token") => Some(Grant::Refresh),
-            _ => None,
-        };
+        let grant = request
+            .form
+            .get("grant_type")
+            .and_then(|g| Grant::from_grant_type(g));
         let username = {
             let mut state = self.lock();
             let username = match grant {
@@ -838,42 +833,7 @@ fn token_answer(access_token: &str, expires_in: Value, refresh_token: Option<&st
     answer
 }
 
-/// 40 random lowercase hex characters.
-/// An in-process [`Upstream`](crate::upstream::Upstream) for benchmarks of the broker alone:
-/// every login and refresh answers at once with a new token of 40 hex characters (as BACE's)
-/// and a new refresh token, valid 24 hours.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct InstantUpstream;
-
-impl crate::upstream::Upstream for InstantUpstream {
-    fn login<'a>(
-        &'a self,
-        _: &'a crate::config::AccountConfig,
-    ) -> crate::upstream::BoxFuture<
-        'a,
-        Result<crate::upstream::Issued, crate::upstream::UpstreamError>,
-    > {
-        Box::pin(async {
-            Ok(crate::upstream::Issued::Token {
-                access: secrecy::SecretString::from(new_token()),
-                refresh: Some(secrecy::SecretString::from(new_token())),
-                lifetime: Some(Duration::from_secs(86_400)),
-            })
-        })
-    }
-
-    fn refresh<'a>(
-        &'a self,
-        account: &'a crate::config::AccountConfig,
-        _: &'a crate::token::Token,
-    ) -> crate::upstream::BoxFuture<
-        'a,
-        Result<crate::upstream::Issued, crate::upstream::UpstreamError>,
-    > {
-        self.login(account)
-    }
-}
-
+/// 40 random lowercase hex characters, like BACE's tokens.
 fn new_token() -> String {
     let mut bytes = [0u8; 20];
     rand::rng().fill_bytes(&mut bytes);
@@ -895,7 +855,7 @@ fn format_expires(t: SystemTime, tz: Tz) -> Option<String> {
     let utc = chrono::DateTime::from_timestamp(secs, 0)?;
     Some(
         utc.with_timezone(&tz)
-            .format("%Y-%m-%d %H:%M:%S")
+            .format(bace_wire::EXPIRES_FORMAT)
             .to_string(),
     )
 }

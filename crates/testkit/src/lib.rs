@@ -1,0 +1,34 @@
+//! Test equipment of bace-token-broker, kept out of the product (dev-dependency only):
+//!
+//! - `harness`: a real broker server on loopback in front of the fake BACE, real tonic clients,
+//!   and the hang guard;
+//! - `config`: [`BrokerConfig`], the typed builder that writes every test's broker YAML;
+//! - `pki`: test certificates (rcgen) and Kubernetes-style service-account tokens;
+//! - `upstream`: in-process upstreams ([`InstantUpstream`], [`ScriptedUpstream`]).
+//!
+//! The fake BACE itself is `fake-bace` (also used by the broker's demo).
+#![forbid(unsafe_code)]
+#![allow(missing_docs)]
+
+pub mod config;
+mod harness;
+pub mod pki;
+pub mod upstream;
+
+pub use fake_bace;
+
+pub use self::{
+    config::{Account, BrokerConfig, Jwks, Kubernetes},
+    harness::*,
+    upstream::{Answer, InstantUpstream, ScriptedUpstream},
+};
+
+/// The OAuth2 client id of the harness's accounts.
+pub const CLIENT_ID: &str = "client-1";
+/// The OAuth2 client secret of the harness's accounts.
+pub const CLIENT_SECRET: &str = "client-secret-X7";
+
+/// The password of the harness's account `account`.
+pub fn password(account: &str) -> String {
+    format!("pw-{account}-Zq9")
+}

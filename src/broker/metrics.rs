@@ -1,0 +1,139 @@
+//! What the broker counts about its own work, in plain types: no registry, no exporter.
+//! [`telemetry`](crate::telemetry) reads these at scrape time.
+//!
+//! The common outcomes are counted per account in the slot ([`AccountCounters`]): a label-map
+//! entry per account and outcome costs ~100 bytes, which 100,000 accounts turn into tens of
+//! megabytes, and a map lookup would sit on the GetToken hot path. The rest (failed upstream
+//! requests, token checks) are rare and go to a map keyed by account, call and outcome.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::{
+    counts::{Counts, DurationHistogram, HistogramSnapshot},
+    token::AccountName,
+    upstream::{Call, Grant},
+};
+
+/// An account's counts of its common outcomes, kept in its slot.
+#[derive(Debug, Default)]
+pub(crate) struct AccountCounters {
+    served: AtomicU64,
+    logins: AtomicU64,
+    refreshes: AtomicU64,
+    joined: AtomicU64,
+}
+
+/// A reading of an account's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AccountCounts {
+    /// GetToken calls answered with a token.
+    pub served: u64,
+    /// Password grants that succeeded.
+    pub logins: u64,
+    /// Refresh grants that succeeded.
+    pub refreshes: u64,
+    /// Callers that joined a fetch already in flight (single flight at work).
+    pub joined: u64,
+}
+
+impl AccountCounters {
+    /// Counts a token handed to a caller.
+    pub(crate) fn served(&self) {
+        self.served.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a caller that joined a fetch in flight.
+    pub(crate) fn joined(&self) {
+        self.joined.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The current counts.
+    pub(crate) fn snapshot(&self) -> AccountCounts {
+        AccountCounts {
+            served: self.served.load(Ordering::Relaxed),
+            logins: self.logins.load(Ordering::Relaxed),
+            refreshes: self.refreshes.load(Ordering::Relaxed),
+            joined: self.joined.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Adds `old`'s counts (the slot this one replaces), so counters stay monotonic.
+    pub(crate) fn carry_over(&self, old: &AccountCounters) {
+        let old = old.snapshot();
+        self.served.fetch_add(old.served, Ordering::Relaxed);
+        self.logins.fetch_add(old.logins, Ordering::Relaxed);
+        self.refreshes.fetch_add(old.refreshes, Ordering::Relaxed);
+        self.joined.fetch_add(old.joined, Ordering::Relaxed);
+    }
+}
+
+/// The outcome label of a successful upstream request.
+pub(crate) const OK: &str = "ok";
+
+/// The broker's counts that are not per slot. Cheap to share (`Arc` inside the broker).
+#[derive(Debug, Default)]
+pub(crate) struct BrokerMetrics {
+    /// Upstream requests by account, call and outcome, except successful password and refresh
+    /// grants (those are in [`AccountCounters`]).
+    upstream: Counts<(AccountName, Call, &'static str)>,
+    /// Duration of token endpoint requests, by grant.
+    durations: [DurationHistogram; 2],
+}
+
+/// One series of upstream requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamCount {
+    /// The account.
+    pub account: AccountName,
+    /// The request.
+    pub call: Call,
+    /// `ok`, or the failure class (`rejected`, `upstream timeout`, ...).
+    pub outcome: &'static str,
+    /// How many.
+    pub count: u64,
+}
+
+impl BrokerMetrics {
+    /// Counts one request to BACE for the account whose counters are `counters`.
+    pub(crate) fn upstream_request(
+        &self,
+        counters: &AccountCounters,
+        account: &AccountName,
+        call: Call,
+        outcome: &'static str,
+    ) {
+        match (call, outcome) {
+            (Call::Grant(Grant::Password), OK) => {
+                counters.logins.fetch_add(1, Ordering::Relaxed);
+            }
+            (Call::Grant(Grant::Refresh), OK) => {
+                counters.refreshes.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => self.upstream.inc((account.clone(), call, outcome)),
+        }
+    }
+
+    /// Records how long a token endpoint request took.
+    pub(crate) fn upstream_duration(&self, grant: Grant, took: std::time::Duration) {
+        self.durations[grant as usize].observe(took);
+    }
+
+    /// The upstream request series kept here (see [`BrokerMetrics::upstream`]).
+    pub(crate) fn upstream_counts(&self) -> Vec<UpstreamCount> {
+        self.upstream
+            .snapshot()
+            .into_iter()
+            .map(|((account, call, outcome), count)| UpstreamCount {
+                account,
+                call,
+                outcome,
+                count,
+            })
+            .collect()
+    }
+
+    /// The request duration histogram of each grant.
+    pub(crate) fn upstream_durations(&self) -> [(Grant, HistogramSnapshot); 2] {
+        Grant::ALL.map(|g| (g, self.durations[g as usize].snapshot()))
+    }
+}

@@ -1,0 +1,256 @@
+//! The gRPC adapter: turns `TokenBrokerService` requests into [`Broker`] calls.
+//!
+//! - this file: the service, and the admission of each call through [`Authorizer`];
+//! - `status`: the one place where errors become `tonic::Status`es;
+//! - `convert`: proto messages from broker values, request fields into broker arguments;
+//! - `encode`: [`GetTokenReply`], the GetToken answer written straight from the token;
+//! - `metrics`: the calls it counts ([`CallCounts`]).
+
+mod convert;
+mod encode;
+mod metrics;
+mod status;
+
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+use tracing::debug;
+
+pub(crate) use self::convert::{status_to_proto, token_to_proto};
+pub use self::{
+    encode::GetTokenReply,
+    metrics::{CallCount, CallCounts},
+    status::code_name,
+};
+use self::{
+    convert::{min_validity, outcome_to_proto},
+    status::{denied_status, no_longer_allowed},
+};
+use crate::{
+    auth::Authorizer,
+    broker::{Broker, TokenStream},
+    proto::{self, token_broker_service_server::TokenBrokerService},
+    tls::TlsConnInfo,
+    token::{AccountName, MAX_ACCOUNT_NAME_LEN, Token},
+};
+
+/// The `bace.tokenbroker.v1.TokenBrokerService` implementation.
+#[derive(Clone)]
+pub struct TokenBrokerApi {
+    broker: Broker,
+    auth: Option<Authorizer>,
+    calls: Arc<CallCounts>,
+}
+
+impl TokenBrokerApi {
+    /// Serves `broker`; with `auth`, every call needs an identity allowed the account it names.
+    pub fn new(broker: Broker, auth: Option<Authorizer>) -> Self {
+        Self {
+            broker,
+            auth,
+            calls: Arc::default(),
+        }
+    }
+
+    /// What this service counts (shared by its clones).
+    pub fn calls(&self) -> Arc<CallCounts> {
+        self.calls.clone()
+    }
+
+    /// Checks the caller of `request` (when auth is on): its identity, and, with `account`,
+    /// that it may use that account. The check comes before any account lookup, so callers
+    /// cannot learn which accounts exist. Returns the identity.
+    async fn admit<T>(
+        &self,
+        rpc: &'static str,
+        request: &Request<T>,
+        account: Option<&str>,
+    ) -> Result<Option<String>, Status> {
+        let Some(auth) = &self.auth else {
+            return Ok(None);
+        };
+        let certs = request
+            .extensions()
+            .get::<TlsConnInfo>()
+            .and_then(|info| info.peer_certs.clone());
+        let authorization = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        match auth
+            .admit(rpc, authorization, certs.as_deref().map(Vec::as_slice), account)
+            .await
+        {
+            Ok(identity) => Ok(Some(identity)),
+            Err(denied) => Err(denied_status(denied, account.map(bounded).as_deref())),
+        }
+    }
+
+    /// The metrics label of a requested account: configured ones by name, others lumped
+    /// (`None`).
+    fn account_label(&self, account: &str, token: Option<&Token>) -> Option<AccountName> {
+        match token {
+            Some(t) => Some(t.account().clone()),
+            None => self.broker.account_name(account),
+        }
+    }
+}
+
+/// Caller input cut to the longest account name, for logs.
+fn bounded(account: &str) -> String {
+    account.chars().take(MAX_ACCOUNT_NAME_LEN).collect()
+}
+
+/// Logs a failed call (at debug: callers see the status; the broker logs upstream trouble
+/// itself) without echoing unbounded caller input.
+fn log_failure(rpc: &'static str, account: &str, status: &Status) {
+    let account = bounded(account);
+    debug!(rpc, ?account, code = ?status.code(), message = status.message(), "call failed");
+}
+
+#[tonic::async_trait]
+impl TokenBrokerService for TokenBrokerApi {
+    async fn get_token(
+        &self,
+        request: Request<proto::GetTokenRequest>,
+    ) -> Result<Response<GetTokenReply>, Status> {
+        self.admit("GetToken", &request, Some(&request.get_ref().account))
+            .await?;
+        let request = request.into_inner();
+        let result: Result<Arc<Token>, Status> = async {
+            let min = min_validity(request.min_validity)?;
+            Ok(self.broker.get_token(&request.account, min).await?)
+        }
+        .await;
+        // Tokens served are counted by the broker (per account, off the label map).
+        if let Err(status) = &result {
+            log_failure("GetToken", &request.account, status);
+            self.calls.get_token_failed(
+                self.account_label(&request.account, None),
+                code_name(status.code()),
+            );
+        }
+        Ok(Response::new(GetTokenReply::new(result?)))
+    }
+
+    async fn invalidate(
+        &self,
+        request: Request<proto::InvalidateRequest>,
+    ) -> Result<Response<proto::InvalidateResponse>, Status> {
+        self.admit("Invalidate", &request, Some(&request.get_ref().account))
+            .await?;
+        let request = request.into_inner();
+        let result = self
+            .broker
+            .invalidate(&request.account, &request.access_token)
+            .await
+            .map_err(Status::from);
+        let outcome = match &result {
+            Ok(answer) => answer.outcome.as_str(),
+            Err(status) => {
+                log_failure("Invalidate", &request.account, status);
+                code_name(status.code())
+            }
+        };
+        let token = result.as_ref().ok().map(|a| &*a.token);
+        self.calls
+            .invalidated(self.account_label(&request.account, token), outcome);
+        let answer = result?;
+        Ok(Response::new(proto::InvalidateResponse {
+            invalidated: answer.invalidated(),
+            token: Some(token_to_proto(&answer.token)),
+            outcome: outcome_to_proto(answer.outcome) as i32,
+        }))
+    }
+
+    type WatchTokenStream = WatchResponses;
+
+    async fn watch_token(
+        &self,
+        request: Request<proto::WatchTokenRequest>,
+    ) -> Result<Response<Self::WatchTokenStream>, Status> {
+        let identity = self
+            .admit("WatchToken", &request, Some(&request.get_ref().account))
+            .await?;
+        let account = request.into_inner().account;
+        let watch = self.broker.watch(&account).inspect_err(|e| {
+            log_failure("WatchToken", &account, &Status::from(e.clone()));
+        })?;
+        // The allow list may change while the stream is open: check again before each send.
+        let recheck = match (&self.auth, identity) {
+            (Some(auth), Some(identity)) => Some(Recheck {
+                auth: auth.clone(),
+                identity,
+                account,
+            }),
+            _ => None,
+        };
+        Ok(Response::new(WatchResponses {
+            tokens: watch.into_stream(),
+            recheck,
+            done: false,
+        }))
+    }
+
+    async fn list_accounts(
+        &self,
+        request: Request<proto::ListAccountsRequest>,
+    ) -> Result<Response<proto::ListAccountsResponse>, Status> {
+        let identity = self.admit("ListAccounts", &request, None).await?;
+        let visible = |account: &str| match (&self.auth, &identity) {
+            (Some(auth), Some(id)) => auth.authorize(id, account),
+            _ => true,
+        };
+        let accounts = self
+            .broker
+            .status()
+            .iter()
+            .filter(|s| visible(s.account.as_str()))
+            .map(status_to_proto)
+            .collect();
+        Ok(Response::new(proto::ListAccountsResponse { accounts }))
+    }
+}
+
+/// The WatchToken stream: the broker's [`TokenStream`] in proto form. No task and no channel
+/// per watcher: tonic polls it directly. Ends after an error (the account was removed, or the
+/// caller may no longer use it) and when the broker drains.
+pub struct WatchResponses {
+    tokens: TokenStream,
+    recheck: Option<Recheck>,
+    done: bool,
+}
+
+/// A caller's right to the watched account, checked again before each token.
+struct Recheck {
+    auth: Authorizer,
+    identity: String,
+    account: String,
+}
+
+impl Stream for WatchResponses {
+    type Item = Result<proto::WatchTokenResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let next = std::task::ready!(Pin::new(&mut self.tokens).poll_next(cx));
+        let allowed = |r: &Recheck| r.auth.authorize(&r.identity, &r.account);
+        let message = match next {
+            Some(Ok(_)) if !self.recheck.as_ref().is_none_or(allowed) => Err(no_longer_allowed()),
+            Some(Ok(token)) => Ok(proto::WatchTokenResponse {
+                token: Some(token_to_proto(&token)),
+            }),
+            Some(Err(error)) => Err(Status::from(error)),
+            None => return Poll::Ready(None),
+        };
+        self.done = message.is_err();
+        Poll::Ready(Some(message))
+    }
+}

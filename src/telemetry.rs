@@ -1,0 +1,351 @@
+//! Prometheus export: reads, at scrape time, what each module counts of its own work (the
+//! broker's accounts and upstream requests, the gRPC service's calls, the authorizer's
+//! denials, the reloader's outcomes) and serves it as `GET /metrics` (classic Prometheus text
+//! format 0.0.4). Depends on those modules; none of them knows it exists.
+//!
+//! Label values are bounded: accounts come from the config (unknown or malformed names asked
+//! for by callers are all `(unknown)`), codes, reasons and outcomes are fixed sets.
+
+use std::{fmt, sync::Arc, time::SystemTime};
+
+use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{
+        DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+        NoLabelSet,
+    },
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
+};
+use tokio::net::TcpListener;
+
+use crate::{
+    auth::Authorizer,
+    broker::{AccountState, AccountStatus, Broker},
+    grpc::{CallCount, CallCounts},
+    reload::ReloadCounts,
+    token::AccountName,
+    upstream::{Call, Grant},
+};
+
+/// Everything `/metrics` reports on.
+pub struct Sources {
+    /// The broker: per-account state and counts, upstream requests.
+    pub broker: Broker,
+    /// The gRPC service's call counts.
+    pub calls: Arc<CallCounts>,
+    /// The authorizer, when auth is on (its denials).
+    pub auth: Option<Authorizer>,
+    /// Config reloads by outcome.
+    pub reloads: Arc<ReloadCounts>,
+}
+
+impl Sources {
+    /// A registry that reads these sources at each scrape.
+    pub fn registry(self) -> Registry {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(self));
+        registry
+    }
+}
+
+/// An account label: a configured account, or `(unknown)` for names no account has.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct AccountLabel(Option<AccountName>);
+
+impl EncodeLabelValue for AccountLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
+        use fmt::Write;
+        match &self.0 {
+            Some(name) => encoder.write_str(name.as_str()),
+            None => encoder.write_str("(unknown)"),
+        }
+    }
+}
+
+fn known(name: &AccountName) -> AccountLabel {
+    AccountLabel(Some(name.clone()))
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CallLabels {
+    account: AccountLabel,
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OutcomeLabels {
+    account: AccountLabel,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct UpstreamLabels {
+    account: AccountLabel,
+    grant: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct GrantLabels {
+    grant: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct AccountLabels {
+    account: AccountLabel,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct StateLabels {
+    account: AccountLabel,
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReloadLabels {
+    outcome: &'static str,
+}
+
+impl fmt::Debug for Sources {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Sources")
+    }
+}
+
+/// Encodes a counter family from `(labels, count)` pairs.
+fn counters<L: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: impl IntoIterator<Item = (L, u64)>,
+) -> Result<(), fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, n) in series {
+        ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// Encodes a gauge family from `(labels, value)` pairs.
+fn gauges<L: EncodeLabelSet, V>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: impl IntoIterator<Item = (L, V)>,
+) -> Result<(), fmt::Error>
+where
+    ConstGauge<V>: EncodeMetric,
+{
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, v) in series {
+        ConstGauge::new(v).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn call_series(calls: Vec<CallCount>) -> impl Iterator<Item = (AccountLabel, &'static str, u64)> {
+    calls
+        .into_iter()
+        .map(|c| (AccountLabel(c.account), c.label, c.count))
+}
+
+impl Collector for Sources {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let e = &mut encoder;
+        let accounts = self.broker.status();
+        let label = |a: &AccountStatus| AccountLabels {
+            account: known(&a.account),
+        };
+
+        // GetToken: the accounts' served counts (code OK), then the service's failures.
+        let served = accounts.iter().filter(|a| a.counts.served > 0).map(|a| {
+            let labels = CallLabels {
+                account: known(&a.account),
+                code: "OK",
+            };
+            (labels, a.counts.served)
+        });
+        let failed = call_series(self.calls.get_token_failures())
+            .map(|(account, code, n)| (CallLabels { account, code }, n));
+        counters(
+            e,
+            "bace_broker_get_token",
+            "GetToken calls by account and gRPC code.",
+            served.chain(failed),
+        )?;
+        counters(
+            e,
+            "bace_broker_invalidate",
+            "Invalidate calls by account and outcome.",
+            call_series(self.calls.invalidations())
+                .map(|(account, outcome, n)| (OutcomeLabels { account, outcome }, n)),
+        )?;
+
+        // Upstream requests: the accounts' successful grants, then the rest.
+        let ok = accounts.iter().flat_map(|a| {
+            [
+                (Grant::Password, a.counts.logins),
+                (Grant::Refresh, a.counts.refreshes),
+            ]
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(grant, n)| {
+                let labels = UpstreamLabels {
+                    account: known(&a.account),
+                    grant: grant.as_str(),
+                    outcome: "ok",
+                };
+                (labels, n)
+            })
+        });
+        let rest = self.broker.upstream_counts().into_iter().map(|u| {
+            let labels = UpstreamLabels {
+                account: known(&u.account),
+                grant: u.call.as_str(),
+                outcome: u.outcome,
+            };
+            (labels, u.count)
+        });
+        counters(
+            e,
+            "bace_broker_upstream_requests",
+            "Requests to BACE's token endpoint by account, grant and outcome.",
+            ok.chain(rest),
+        )?;
+        {
+            let mut family = e.encode_descriptor(
+                "bace_broker_upstream_request_duration_seconds",
+                "Duration of requests to BACE's token endpoint, by grant.",
+                None,
+                MetricType::Histogram,
+            )?;
+            let timed = self.broker.upstream_durations();
+            for (grant, h) in timed.into_iter().filter(|(_, h)| h.count > 0) {
+                let labels = GrantLabels {
+                    grant: Call::Grant(grant).as_str(),
+                };
+                family.encode_family(&labels)?.encode_histogram::<NoLabelSet>(
+                    h.sum,
+                    h.count,
+                    &h.buckets,
+                    None,
+                )?;
+            }
+        }
+        counters(
+            e,
+            "bace_broker_singleflight_waiters",
+            "Callers that joined a token fetch already in flight.",
+            accounts
+                .iter()
+                .filter(|a| a.counts.joined > 0)
+                .map(|a| (label(a), a.counts.joined)),
+        )?;
+        counters(
+            e,
+            "bace_broker_config_reloads",
+            "Config reloads by outcome.",
+            self.reloads
+                .snapshot()
+                .into_iter()
+                .map(|(outcome, n)| (ReloadLabels { outcome }, n)),
+        )?;
+        counters(
+            e,
+            "bace_broker_auth_denied",
+            "Calls refused for want of an identity or permission, by reason.",
+            self.auth
+                .iter()
+                .flat_map(Authorizer::denials)
+                .map(|(reason, n)| (ReasonLabels { reason }, n)),
+        )?;
+
+        // Per-account gauges.
+        gauges(
+            e,
+            "bace_broker_token_valid",
+            "1 while the account holds a token that is served (valid beyond the expiry margin).",
+            accounts
+                .iter()
+                .map(|a| (label(a), i64::from(!a.survives_outage_for.is_zero()))),
+        )?;
+        gauges(
+            e,
+            "bace_broker_token_expiry_timestamp_seconds",
+            "When the account's current token expires (Unix time); absent without a token.",
+            accounts.iter().filter_map(|a| {
+                let at = a.expires_at?;
+                let seconds = at
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or(0.0);
+                Some((label(a), seconds))
+            }),
+        )?;
+        gauges(
+            e,
+            "bace_broker_survives_outage_seconds",
+            "How long callers stay served if BACE stays down from now.",
+            accounts
+                .iter()
+                .map(|a| (label(a), a.survives_outage_for.as_secs_f64())),
+        )?;
+        gauges(
+            e,
+            "bace_broker_watchers",
+            "WatchToken streams open on the account.",
+            accounts.iter().map(|a| (label(a), a.watchers as i64)),
+        )?;
+        gauges(
+            e,
+            "bace_broker_account_state",
+            "1 for the account's current state (ready, refreshing, degraded, failing, rejected).",
+            accounts.iter().flat_map(|a| {
+                AccountState::ALL.into_iter().map(move |s| {
+                    let labels = StateLabels {
+                        account: known(&a.account),
+                        state: s.as_str(),
+                    };
+                    (labels, i64::from(a.state == s))
+                })
+            }),
+        )?;
+        Ok(())
+    }
+}
+
+/// Serves `GET /metrics` from `registry` on `listener` until `shutdown` resolves.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    registry: Registry,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(scrape))
+        .with_state(Arc::new(registry));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn scrape(State(registry): State<Arc<Registry>>) -> impl IntoResponse {
+    let mut body = String::new();
+    match prometheus_client::encoding::prometheus_text::encode(&mut body, &registry) {
+        Ok(()) => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(_) => axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
