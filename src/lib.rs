@@ -3,40 +3,44 @@
 //!
 //! # Map
 //!
-//! Dependencies run down this list: a module imports only modules below it (the core never
-//! imports an adapter).
+//! Dependencies run down this list: a module imports only modules below it, so the core never
+//! imports an adapter and no module imports one that imports it.
 //!
 //! Entry points:
 //! - `cli`: the command line (`serve`, `get`, `invalidate`, `status`, `check-config`).
-//! - `demo` (feature `demo`): `serve --demo`: the fake BACE, demo accounts, a little traffic.
-//! - `app`: builds every part, runs the servers, owns the one shutdown sequence.
+//! - `demo` (feature `demo`, on by default): `serve --demo`: the fake BACE, demo accounts and
+//!   a little traffic.
+//! - `app`: builds every part, then runs the servers; owns the one shutdown sequence.
 //!
-//! Adapters (each imports the core, never the reverse):
+//! Adapters around the core:
+//! - `telemetry`: the Prometheus registry and `GET /metrics`, reading what each module counts
+//!   of its own work (nothing depends on it).
 //! - `reload`: live reload on SIGHUP and on changes of the config and secret files; prepares
 //!   every section, then applies all or nothing.
-//! - `telemetry`: the Prometheus registry and `GET /metrics`, reading what each module counts.
 //! - `grpc`: the tonic service; the one place where errors become `tonic::Status`es; the
-//!   direct GetToken encoder.
-//! - `auth`: caller identity (client-certificate SAN, Kubernetes service-account token),
-//!   the allow list, the admission of a request.
-//! - `tls`: server TLS with live certificate rotation; the accept stream.
-//! - `upstream`: the only module that speaks HTTP to BACE ([`HttpUpstream`]), behind the
-//!   [`Upstream`] trait the core calls.
+//!   direct GetToken encoder ([`GetTokenReply`]).
+//! - `auth`: caller identity (client-certificate SAN, Kubernetes service-account token), the
+//!   allow list, the admission of a request ([`Authorizer`]).
+//! - `tls`: server TLS with live certificate rotation; the accept stream ([`TlsAcceptor`]).
 //!
 //! The core:
 //! - `broker`: per-account token state, single flight, the refresh schedule, invalidation,
-//!   watchers, status and its own counts. No transport, registry or exporter type.
+//!   watchers, status and its own counts ([`Broker`]). No transport, registry or exporter type;
+//!   where a token lives is one type (`broker::slot::TokenCell`), the seam for a shared store.
+//! - `upstream`: the core's port to BACE (the [`Upstream`] trait, answers and errors) and the
+//!   one implementation that speaks HTTP ([`HttpUpstream`]).
 //!
 //! Below everything:
-//! - [`config`]: the YAML schema of every section, defaults and validation; reads secret files,
-//!   TLS material and JWKS documents. Depends on no runtime module.
+//! - [`config`]: the YAML schema of every section, defaults and validation; reads secret
+//!   files, TLS material and JWKS documents. Depends on no runtime module.
 //! - `token`: the domain values: account names, tokens (redacting `Debug`), fingerprints.
-//! - `counts`: plain counters each module keeps of its own work.
+//! - `counts`: the plain counters modules keep of their own work.
 //! - [`proto`]: the generated `bace.tokenbroker.v1` types and stubs.
 //!
-//! Test equipment lives outside the product: `crates/fake-bace` (a fake BACE on loopback),
-//! `crates/testkit` (process harness, PKI, config builder, in-process upstreams),
-//! `crates/bace-wire` (what the broker's client and the fake both speak).
+//! Test equipment lives outside the product: `crates/fake-bace` (a fake BACE on loopback,
+//! also behind `serve --demo`), `crates/testkit` (the in-process harness, test PKI, the typed
+//! config builder, in-process upstreams; dev-only), `crates/bace-wire` (what the broker's
+//! client and the fake both speak), `crates/bench` (the benchmark suite).
 #![forbid(unsafe_code)]
 
 mod app;

@@ -119,13 +119,27 @@ impl fmt::Debug for Sources {
     }
 }
 
+/// Whether a family without series is described (`# HELP`, `# TYPE`) or left out.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Empty {
+    /// Always described (the per-account families, computed at each scrape).
+    Describe,
+    /// Left out until it has a series (the event counts).
+    Omit,
+}
+
 /// Encodes a counter family from `(labels, count)` pairs.
 fn counters<L: EncodeLabelSet>(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,
+    empty: Empty,
     series: impl IntoIterator<Item = (L, u64)>,
 ) -> Result<(), fmt::Error> {
+    let mut series = series.into_iter().peekable();
+    if empty == Empty::Omit && series.peek().is_none() {
+        return Ok(());
+    }
     let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
     for (labels, n) in series {
         ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
@@ -178,12 +192,14 @@ impl Collector for Sources {
             e,
             "bace_broker_get_token",
             "GetToken calls by account and gRPC code.",
+            Empty::Describe,
             served.chain(failed),
         )?;
         counters(
             e,
             "bace_broker_invalidate",
             "Invalidate calls by account and outcome.",
+            Empty::Omit,
             call_series(self.calls.invalidations())
                 .map(|(account, outcome, n)| (OutcomeLabels { account, outcome }, n)),
         )?;
@@ -217,17 +233,20 @@ impl Collector for Sources {
             e,
             "bace_broker_upstream_requests",
             "Requests to BACE's token endpoint by account, grant and outcome.",
+            Empty::Describe,
             ok.chain(rest),
         )?;
-        {
+        let timed: Vec<_> = (self.broker.upstream_durations().into_iter())
+            .filter(|(_, h)| h.count > 0)
+            .collect();
+        if !timed.is_empty() {
             let mut family = e.encode_descriptor(
                 "bace_broker_upstream_request_duration_seconds",
                 "Duration of requests to BACE's token endpoint, by grant.",
                 None,
                 MetricType::Histogram,
             )?;
-            let timed = self.broker.upstream_durations();
-            for (grant, h) in timed.into_iter().filter(|(_, h)| h.count > 0) {
+            for (grant, h) in timed {
                 let labels = GrantLabels {
                     grant: Call::Grant(grant).as_str(),
                 };
@@ -243,6 +262,7 @@ impl Collector for Sources {
             e,
             "bace_broker_singleflight_waiters",
             "Callers that joined a token fetch already in flight.",
+            Empty::Omit,
             accounts
                 .iter()
                 .filter(|a| a.counts.joined > 0)
@@ -252,6 +272,7 @@ impl Collector for Sources {
             e,
             "bace_broker_config_reloads",
             "Config reloads by outcome.",
+            Empty::Omit,
             self.reloads
                 .snapshot()
                 .into_iter()
@@ -261,6 +282,7 @@ impl Collector for Sources {
             e,
             "bace_broker_auth_denied",
             "Calls refused for want of an identity or permission, by reason.",
+            Empty::Omit,
             self.auth
                 .iter()
                 .flat_map(Authorizer::denials)

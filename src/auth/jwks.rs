@@ -92,29 +92,54 @@ impl KeySet {
     }
 }
 
+/// Why a JWKS fetch brought no keys (logged; the keys in hand stay).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum FetchError {
+    /// The bearer token file could not be read.
+    #[error("cannot read auth.kubernetes.bearer_token_file {}: {source}", path.display())]
+    BearerToken {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// No answer (with the cause chain, never a token).
+    #[error("{0}")]
+    Transport(String),
+    /// An answer other than 2xx.
+    #[error("answered HTTP {0}")]
+    Status(reqwest::StatusCode),
+    /// An answer past [`MAX_JWKS_BYTES`].
+    #[error("answer larger than {MAX_JWKS_BYTES} bytes")]
+    TooLarge,
+    /// An answer that is not a usable JWKS document.
+    #[error("{0}")]
+    Document(String),
+}
+
 impl Fetcher {
-    pub(super) async fn fetch(&self) -> Result<Vec<u8>, String> {
+    pub(super) async fn fetch(&self) -> Result<Vec<u8>, FetchError> {
         let mut request = self
             .client
             .get(self.url.clone())
             .header(reqwest::header::ACCEPT, "application/json");
         if let Some(path) = &self.bearer_token_file {
-            let token = tokio::fs::read_to_string(path).await.map_err(|e| {
-                format!(
-                    "cannot read auth.kubernetes.bearer_token_file {}: {e}",
-                    path.display()
-                )
-            })?;
+            let token =
+                tokio::fs::read_to_string(path)
+                    .await
+                    .map_err(|source| FetchError::BearerToken {
+                        path: path.clone(),
+                        source,
+                    })?;
             request = request.bearer_auth(token.trim());
         }
-        let mut response = request.send().await.map_err(|e| error_chain(&e))?;
+        let transport = |e: reqwest::Error| FetchError::Transport(error_chain(&e));
+        let mut response = request.send().await.map_err(transport)?;
         if !response.status().is_success() {
-            return Err(format!("answered HTTP {}", response.status()));
+            return Err(FetchError::Status(response.status()));
         }
         let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|e| error_chain(&e))? {
+        while let Some(chunk) = response.chunk().await.map_err(transport)? {
             if body.len() + chunk.len() > MAX_JWKS_BYTES {
-                return Err(format!("answer larger than {MAX_JWKS_BYTES} bytes"));
+                return Err(FetchError::TooLarge);
             }
             body.extend_from_slice(&chunk);
         }

@@ -11,7 +11,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     AuthError, Denied, JWKS_MAX_AGE, JWKS_TIMEOUT, MAX_FETCHES_PER_WINDOW, MAX_TOKEN_BYTES, REFETCH_WINDOW,
-    jwks::{FetchState, Fetcher, Key, KeySet},
+    jwks::{FetchError, FetchState, Fetcher, Key, KeySet},
 };
 use crate::config::{FieldError, JwksSource, KubernetesConfig, ca_certificates, parse_jwks};
 
@@ -186,7 +186,7 @@ impl TokenValidator {
         let keys = fetcher
             .fetch()
             .await
-            .and_then(|body| parse_jwks(&body))
+            .and_then(|body| parse_jwks(&body).map_err(FetchError::Document))
             .map(|keys| KeySet::new(keys, &self.config, Some(Instant::now())));
         match keys {
             Ok(keys) => {

@@ -23,12 +23,12 @@ use super::{
 /// The background task that refreshes each token when due and retries failed fetches: one
 /// timer queue for all accounts, owned by one task, stopped by [`Broker::shutdown`].
 ///
-/// The queue is a binary heap of [`Plan`]s (24 bytes each). A slot planned again before its
+/// The queue is a binary heap of `Plan`s (24 bytes each). A slot planned again before its
 /// plan comes due (an on-demand fetch, an invalidation) leaves the older plan in the heap;
 /// `Inner::refresh_due` ignores it when it comes up (the slot's `next_due` moved on). Such
 /// leftovers, and plans of slots a reload retired, are dropped by a compaction once they exceed
-/// a quarter of the accounts (at least [`QUEUE_SLACK`]). Due plans are run in batches of
-/// [`DUE_BATCH`], so a burst of them (after a suspend, say) does not hold up the task.
+/// a quarter of the accounts (at least `QUEUE_SLACK`). Due plans are run in batches of
+/// `DUE_BATCH`, so a burst of them (after a suspend, say) does not hold up the task.
 pub struct Refresher {
     broker: Broker,
     plans: mpsc::UnboundedReceiver<Plan>,

@@ -31,7 +31,7 @@ use super::{
 /// `serve_with_incoming[_shutdown]`.
 ///
 /// Handshakes run concurrently in tasks owned by the stream (dropping it aborts them and closes
-/// the listener), each bounded by [`HANDSHAKE_TIMEOUT`]. Failed handshakes are logged at debug
+/// the listener), each bounded by a timeout (10 s). Failed handshakes are logged at debug
 /// and skipped; accept errors are logged and retried after a short pause. The stream never
 /// ends and never yields an error; the `io::Result` item is what tonic expects.
 pub fn incoming(
