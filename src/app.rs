@@ -246,7 +246,9 @@ pub async fn serve_with(
     if !server_done {
         match tokio::time::timeout(config.shutdown_grace, &mut server).await {
             Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => result = result.and(Err(anyhow::Error::new(e).context("gRPC server"))),
+            Ok(Ok(Err(e))) => {
+                result = result.and(Err(anyhow::Error::new(e).context("gRPC server")))
+            }
             Ok(Err(e)) => result = result.and(Err(anyhow::Error::new(e).context("server task"))),
             Err(_) => {
                 warn!("drain grace elapsed with RPCs still in flight; closing them");

@@ -54,8 +54,12 @@ pub(crate) async fn run(
     let mut demo_accounts = Vec::new();
     for (name, style, login, refreshed) in accounts {
         let (username, password) = (format!("{name}@example.com"), format!("{name}-password"));
-        let mut account =
-            FakeAccount::new(username.as_str(), password.as_str(), "demo-client", "demo-secret");
+        let mut account = FakeAccount::new(
+            username.as_str(),
+            password.as_str(),
+            "demo-client",
+            "demo-secret",
+        );
         account.refresh_style = style;
         account.login_lifetime = Duration::from_secs(login);
         account.refresh_lifetime = Duration::from_secs(refreshed);

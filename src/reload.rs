@@ -18,13 +18,7 @@ use tokio::{sync::mpsc, time::Duration};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::{
-    auth::Authorizer,
-    broker::Broker,
-    config::Config,
-    counts::Counts,
-    tls::TlsAcceptor,
-};
+use crate::{auth::Authorizer, broker::Broker, config::Config, counts::Counts, tls::TlsAcceptor};
 
 /// Events closer together than this are one change.
 pub const DEBOUNCE: Duration = Duration::from_millis(200);

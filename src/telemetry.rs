@@ -250,12 +250,9 @@ impl Collector for Sources {
                 let labels = GrantLabels {
                     grant: Call::Grant(grant).as_str(),
                 };
-                family.encode_family(&labels)?.encode_histogram::<NoLabelSet>(
-                    h.sum,
-                    h.count,
-                    &h.buckets,
-                    None,
-                )?;
+                family
+                    .encode_family(&labels)?
+                    .encode_histogram::<NoLabelSet>(h.sum, h.count, &h.buckets, None)?;
             }
         }
         counters(

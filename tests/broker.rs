@@ -1,153 +1,39 @@
 //! The broker core in paused time, with a scripted in-memory upstream: refresh schedules over
 //! days of simulated time, backoff steps, credential throttling, cooldowns and shutdown.
 
-use std::{
-    collections::{HashMap, VecDeque},
-    sync::{Arc, Mutex},
-    time::SystemTime,
-};
+use std::sync::Arc;
 
-use bace_token_broker::{
-    broker::{Broker, BrokerError, InvalidateOutcome},
-    config::{AccountConfig, Config},
-    metrics::Metrics,
-    token::Token,
-    upstream::{BoxFuture, GrantType, Issued, Upstream, UpstreamError},
-};
-use secrecy::SecretString;
+use bace_token_broker::{Broker, BrokerError, Grant, InvalidateOutcome, UpstreamError};
+use testkit::{Account, Answer, BrokerConfig, ScriptedUpstream};
 use tokio::time::{Duration, Instant};
 
 const HOUR: Duration = Duration::from_secs(3600);
 const DAY: Duration = Duration::from_secs(86_400);
 const MARGIN: Duration = Duration::from_secs(10);
 
-/// A scripted answer.
-#[derive(Clone)]
-enum Answer {
-    Fail(UpstreamError),
-    Hang,
-    /// Answer normally after this long.
-    Delay(Duration),
+/// The account `name` of these tests (the scripted upstream never looks at its credentials).
+fn account(name: &str, password: &str) -> Account {
+    Account::new(name, "c", "s", format!("u-{name}"), password)
+        .token_url("http://127.0.0.1:9/oauth2/token")
 }
 
-/// An in-memory BACE: logins issue 24 h tokens, refreshes extend by 14 days (BACE style)
-/// unless scripted otherwise; every call is logged with its (paused) time.
-#[derive(Default)]
-struct Scripted {
-    script: Mutex<HashMap<(String, &'static str), VecDeque<Answer>>>,
-    outage: Mutex<Option<Answer>>,
-    log: Mutex<Vec<(Instant, String, &'static str)>>,
-    issued: Mutex<u64>,
-    /// Lifetime of login tokens per account (default 24 h).
-    lifetimes: Mutex<HashMap<String, Duration>>,
-}
-
-impl Scripted {
-    fn script(&self, account: &str, grant: GrantType, answers: impl IntoIterator<Item = Answer>) {
-        self.script
-            .lock()
-            .unwrap()
-            .entry((account.into(), grant.as_str()))
-            .or_default()
-            .extend(answers);
-    }
-    fn outage(&self, answer: Option<Answer>) {
-        *self.outage.lock().unwrap() = answer;
-    }
-    fn calls(&self, account: &str, grant: GrantType) -> Vec<Instant> {
-        self.log
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(_, a, g)| a == account && *g == grant.as_str())
-            .map(|(t, _, _)| *t)
-            .collect()
-    }
-    fn total(&self) -> usize {
-        self.log.lock().unwrap().len()
-    }
-
-    async fn answer(&self, account: &str, grant: GrantType) -> Result<Issued, UpstreamError> {
-        self.log
-            .lock()
-            .unwrap()
-            .push((Instant::now(), account.into(), grant.as_str()));
-        let scripted = self.outage.lock().unwrap().clone().or_else(|| {
-            self.script
-                .lock()
-                .unwrap()
-                .get_mut(&(account.into(), grant.as_str()))
-                .and_then(VecDeque::pop_front)
-        });
-        match scripted {
-            Some(Answer::Fail(e)) => return Err(e),
-            Some(Answer::Hang) => std::future::pending().await,
-            Some(Answer::Delay(d)) => tokio::time::sleep(d).await,
-            None => {}
-        }
-        Ok(match grant {
-            GrantType::Password => {
-                let n = {
-                    let mut issued = self.issued.lock().unwrap();
-                    *issued += 1;
-                    *issued
-                };
-                Issued::Token {
-                    access: SecretString::from(format!("access-{account}-{n}")),
-                    refresh: Some(SecretString::from(format!("refresh-{account}-{n}"))),
-                    lifetime: Some(
-                        self.lifetimes
-                            .lock()
-                            .unwrap()
-                            .get(account)
-                            .copied()
-                            .unwrap_or(DAY),
-                    ),
-                }
-            }
-            GrantType::Refresh => Issued::Extended {
-                expires: Some(SystemTime::now() + 14 * DAY),
-            },
-            GrantType::Verify => unreachable!("the broker verifies through Upstream::verify"),
-        })
-    }
-}
-
-impl Upstream for Scripted {
-    fn login<'a>(&'a self, a: &'a AccountConfig) -> BoxFuture<'a, Result<Issued, UpstreamError>> {
-        Box::pin(self.answer(a.name.as_str(), GrantType::Password))
-    }
-    fn refresh<'a>(
-        &'a self,
-        a: &'a AccountConfig,
-        _: &'a Token,
-    ) -> BoxFuture<'a, Result<Issued, UpstreamError>> {
-        Box::pin(self.answer(a.name.as_str(), GrantType::Refresh))
-    }
-}
-
-fn config(accounts: &[&str], extra: &str) -> Config {
-    let mut yaml = format!("{extra}\naccounts:\n");
-    for a in accounts {
-        yaml.push_str(&format!(
-            "  {a}:\n    client_id: c\n    client_secret: s\n    username: u-{a}\n    password: p\n    token_url: http://127.0.0.1:9/oauth2/token\n"
-        ));
-    }
-    Config::parse(&yaml).unwrap()
+/// A config for `accounts`.
+fn config(accounts: &[&str]) -> BrokerConfig {
+    accounts.iter().fold(BrokerConfig::new(), |config, a| {
+        config.account(account(a, "p"))
+    })
 }
 
 /// A broker with its refresher running, warmed up.
-async fn start(accounts: &[&str], extra: &str) -> (Broker, Arc<Scripted>) {
-    start_with(accounts, extra, Arc::new(Scripted::default())).await
+async fn start(config: BrokerConfig) -> (Broker, Arc<ScriptedUpstream>) {
+    start_with(config, Arc::new(ScriptedUpstream::default())).await
 }
 
 async fn start_with(
-    accounts: &[&str],
-    extra: &str,
-    upstream: Arc<Scripted>,
-) -> (Broker, Arc<Scripted>) {
-    let (broker, refresher) =
-        Broker::new(&config(accounts, extra), upstream.clone(), Metrics::new());
+    config: BrokerConfig,
+    upstream: Arc<ScriptedUpstream>,
+) -> (Broker, Arc<ScriptedUpstream>) {
+    let (broker, refresher) = Broker::new(&config.build(), upstream.clone());
     tokio::spawn(refresher.run());
     broker.warm_up().await;
     (broker, upstream)
@@ -165,7 +51,7 @@ fn gaps(times: &[Instant]) -> Vec<Duration> {
 
 #[tokio::test(start_paused = true)]
 async fn tokens_stay_valid_for_sixty_days_by_refreshing_at_the_lifetime_fraction() {
-    let (broker, bace) = start(&["fleet-a"], "").await;
+    let (broker, bace) = start(config(&["fleet-a"])).await;
     let first = broker.get_token("fleet-a", Duration::ZERO).await.unwrap();
     for _ in 0..(60 * 24) {
         tokio::time::sleep(HOUR).await;
@@ -178,13 +64,13 @@ async fn tokens_stay_valid_for_sixty_days_by_refreshing_at_the_lifetime_fraction
         );
     }
     assert_eq!(
-        bace.calls("fleet-a", GrantType::Password).len(),
+        bace.calls("fleet-a", Grant::Password).len(),
         1,
         "one login in 60 days"
     );
-    let refreshes = bace.calls("fleet-a", GrantType::Refresh);
+    let refreshes = bace.calls("fleet-a", Grant::Refresh);
     // First refresh at 0.6 of the 24 h login token, then every 0.6 of 14 days, ±5 % jitter.
-    let first_refresh = refreshes[0] - bace.calls("fleet-a", GrantType::Password)[0];
+    let first_refresh = refreshes[0] - bace.calls("fleet-a", Grant::Password)[0];
     assert!(at_refresh_point(first_refresh, DAY), "{first_refresh:?}");
     for gap in gaps(&refreshes) {
         let lifetime = 14 * DAY;
@@ -202,11 +88,11 @@ async fn tokens_stay_valid_for_sixty_days_by_refreshing_at_the_lifetime_fraction
 async fn refresh_times_of_accounts_warmed_together_are_spread_by_jitter() {
     let names: Vec<String> = (0..50).map(|i| format!("fleet-{i}")).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let (broker, bace) = start(&refs, "").await;
+    let (broker, bace) = start(config(&refs)).await;
     tokio::time::sleep(DAY).await;
     let mut firsts: Vec<Instant> = refs
         .iter()
-        .map(|a| bace.calls(a, GrantType::Refresh)[0])
+        .map(|a| bace.calls(a, Grant::Refresh)[0])
         .collect();
     firsts.sort();
     firsts.dedup();
@@ -225,8 +111,10 @@ async fn refresh_times_of_accounts_warmed_together_are_spread_by_jitter() {
 
 #[tokio::test(start_paused = true)]
 async fn an_outage_is_retried_with_capped_backoff_one_call_per_step_however_many_callers() {
-    let extra = "refresh:\n  backoff_initial: 1s\n  backoff_max: 60s";
-    let (broker, bace) = start(&["fleet-a"], extra).await;
+    let config = config(&["fleet-a"])
+        .backoff_initial(Duration::from_secs(1))
+        .backoff_max(Duration::from_secs(60));
+    let (broker, bace) = start(config).await;
     let token = broker.get_token("fleet-a", Duration::ZERO).await.unwrap();
     bace.outage(Some(Answer::Fail(UpstreamError::Status { status: 503 })));
     // Refreshes fail from the start (retried with backoff for hours); watch the last ten
@@ -264,15 +152,14 @@ async fn an_outage_is_retried_with_capped_backoff_one_call_per_step_however_many
     );
     // One backoff step is one attempt (a refresh, and a login fallback once the token is no
     // longer served: both in the same instant). Steps grow to the 60 s cap and never come
-    // closer than half the initial step, however many callers wait.
-    let mut steps: Vec<Instant> = bace
-        .log
-        .lock()
-        .unwrap()
-        .iter()
-        .skip(1)
-        .map(|(t, _, _)| *t)
+    // closer than half the initial step, however many callers wait. The steps: the times of
+    // every request (all fleet-a's), but the warm-up login.
+    let mut steps: Vec<Instant> = Grant::ALL
+        .into_iter()
+        .flat_map(|grant| bace.calls("fleet-a", grant))
         .collect();
+    steps.sort();
+    steps.remove(0);
     steps.dedup();
     let in_window = steps.iter().filter(|t| **t >= window_start).count();
     assert!(
@@ -296,8 +183,10 @@ async fn an_outage_is_retried_with_capped_backoff_one_call_per_step_however_many
 
 #[tokio::test(start_paused = true)]
 async fn a_failing_background_refresh_is_retried_before_the_token_stops_being_served() {
-    let extra = "refresh:\n  backoff_initial: 10m\n  backoff_max: 1h";
-    let (broker, bace) = start(&["fleet-a"], extra).await;
+    let config = config(&["fleet-a"])
+        .backoff_initial(Duration::from_secs(600))
+        .backoff_max(HOUR);
+    let (broker, bace) = start(config).await;
     let token = broker.get_token("fleet-a", Duration::ZERO).await.unwrap();
     // Every refresh fails until 30 minutes before the token expires.
     bace.outage(Some(Answer::Fail(UpstreamError::Timeout)));
@@ -311,7 +200,7 @@ async fn a_failing_background_refresh_is_retried_before_the_token_stops_being_se
         "extended by a refresh"
     );
     assert_eq!(
-        bace.calls("fleet-a", GrantType::Password).len(),
+        bace.calls("fleet-a", Grant::Password).len(),
         1,
         "no login needed"
     );
@@ -320,17 +209,14 @@ async fn a_failing_background_refresh_is_retried_before_the_token_stops_being_se
 
 #[tokio::test(start_paused = true)]
 async fn rejected_credentials_wait_out_a_long_doubling_backoff() {
-    let bace = Arc::new(Scripted::default());
+    let bace = Arc::new(ScriptedUpstream::default());
     let rejected = Answer::Fail(UpstreamError::Rejected {
         status: 401,
         error: None,
     });
-    bace.script(
-        "fleet-a",
-        GrantType::Password,
-        std::iter::repeat_n(rejected, 3),
-    );
-    let (broker, bace) = start_with(&["fleet-a"], "refresh:\n  rejected_backoff: 5m", bace).await;
+    bace.script("fleet-a", Grant::Password, std::iter::repeat_n(rejected, 3));
+    let config = config(&["fleet-a"]).rejected_backoff(Duration::from_secs(300));
+    let (broker, bace) = start_with(config, bace).await;
     for _ in 0..(4 * 60) {
         let e = broker
             .get_token("fleet-a", Duration::ZERO)
@@ -341,20 +227,20 @@ async fn rejected_credentials_wait_out_a_long_doubling_backoff() {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     assert_eq!(
-        bace.calls("fleet-a", GrantType::Password).len(),
+        bace.calls("fleet-a", Grant::Password).len(),
         1,
         "no login inside 5 min"
     );
     // Background retries at 5 min, then 10 min later; the third rejection's backoff is 20 min.
     tokio::time::sleep(Duration::from_secs(60 + 600 + 60)).await;
-    let logins = bace.calls("fleet-a", GrantType::Password);
+    let logins = bace.calls("fleet-a", Grant::Password);
     assert_eq!(logins.len(), 3);
     assert_eq!(
         gaps(&logins),
         vec![Duration::from_secs(300), Duration::from_secs(600)]
     );
     tokio::time::sleep(Duration::from_secs(1200)).await;
-    assert_eq!(bace.calls("fleet-a", GrantType::Password).len(), 4);
+    assert_eq!(bace.calls("fleet-a", Grant::Password).len(), 4);
     assert!(
         broker.get_token("fleet-a", Duration::ZERO).await.is_ok(),
         "fixed at BACE"
@@ -364,7 +250,7 @@ async fn rejected_credentials_wait_out_a_long_doubling_backoff() {
 
 #[tokio::test(start_paused = true)]
 async fn min_validity_refreshes_first_and_is_bounded() {
-    let (broker, bace) = start(&["fleet-a"], "").await;
+    let (broker, bace) = start(config(&["fleet-a"])).await;
     tokio::time::sleep(HOUR).await;
     // 23 h 59 m 55 s + margin is more than the 24 h token has left: one refresh.
     let t = broker
@@ -372,7 +258,7 @@ async fn min_validity_refreshes_first_and_is_bounded() {
         .await
         .unwrap();
     assert!(t.valid_for(Instant::now(), DAY));
-    assert_eq!(bace.calls("fleet-a", GrantType::Refresh).len(), 1);
+    assert_eq!(bace.calls("fleet-a", Grant::Refresh).len(), 1);
     // 14 days is the most any token can last: out of range without a call.
     let e = broker.get_token("fleet-a", 14 * DAY).await.unwrap_err();
     assert!(matches!(e, BrokerError::ValidityOutOfRange { .. }));
@@ -387,13 +273,14 @@ async fn min_validity_refreshes_first_and_is_bounded() {
     tokio::time::sleep(Duration::from_secs(60)).await;
     let t = broker.get_token("fleet-a", bar).await.unwrap();
     assert!(t.valid_for(Instant::now(), bar));
-    assert_eq!(bace.calls("fleet-a", GrantType::Refresh).len(), 2);
+    assert_eq!(bace.calls("fleet-a", Grant::Refresh).len(), 2);
     broker.shutdown().await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn invalidate_cooldown_allows_one_forced_login_per_window() {
-    let (broker, bace) = start(&["fleet-a"], "invalidate_cooldown: 10s").await;
+    let (broker, bace) =
+        start(config(&["fleet-a"]).invalidate_cooldown(Duration::from_secs(10))).await;
     let t1 = broker.get_token("fleet-a", Duration::ZERO).await.unwrap();
     let r = broker.invalidate("fleet-a", "").await.unwrap();
     assert!(r.invalidated());
@@ -405,19 +292,19 @@ async fn invalidate_cooldown_allows_one_forced_login_per_window() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let r3 = broker.invalidate("fleet-a", "").await.unwrap();
     assert!(r3.invalidated());
-    assert_eq!(bace.calls("fleet-a", GrantType::Password).len(), 3);
+    assert_eq!(bace.calls("fleet-a", Grant::Password).len(), 3);
     broker.shutdown().await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn an_invalidation_during_a_refresh_wins() {
-    let (broker, bace) = start(&["fleet-a"], "").await;
+    let (broker, bace) = start(config(&["fleet-a"])).await;
     let old = broker.get_token("fleet-a", Duration::ZERO).await.unwrap();
-    bace.script("fleet-a", GrantType::Refresh, [Answer::Hang]);
+    bace.script("fleet-a", Grant::Refresh, [Answer::Hang]);
     // A refresh for a long min_validity hangs at BACE (until the 10 s timeout)...
     let b = broker.clone();
     let refreshing = tokio::spawn(async move { b.get_token("fleet-a", 2 * DAY).await });
-    while bace.calls("fleet-a", GrantType::Refresh).is_empty() {
+    while bace.calls("fleet-a", Grant::Refresh).is_empty() {
         tokio::task::yield_now().await;
     }
     // ...when a caller reports the token: a login replaces it, and the stale refresh, when it
@@ -432,19 +319,16 @@ async fn an_invalidation_during_a_refresh_wins() {
     assert!(got.valid_for(Instant::now(), 2 * DAY));
     let now = broker.get_token("fleet-a", Duration::ZERO).await.unwrap();
     assert_eq!(now.fingerprint(), r.token.fingerprint());
-    assert_eq!(bace.calls("fleet-a", GrantType::Password).len(), 2);
+    assert_eq!(bace.calls("fleet-a", Grant::Password).len(), 2);
     broker.shutdown().await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn shutdown_ends_waiting_fetches() {
-    let bace = Arc::new(Scripted::default());
-    bace.script("fleet-a", GrantType::Password, [Answer::Hang]);
-    let (broker, refresher) = Broker::new(
-        &config(&["fleet-a"], "upstream:\n  timeout: 1h"),
-        bace.clone(),
-        Metrics::new(),
-    );
+    let bace = Arc::new(ScriptedUpstream::default());
+    bace.script("fleet-a", Grant::Password, [Answer::Hang]);
+    let config = config(&["fleet-a"]).upstream_timeout(HOUR).build();
+    let (broker, refresher) = Broker::new(&config, bace.clone());
     let refresher = tokio::spawn(refresher.run());
     let b = broker.clone();
     let waiter = tokio::spawn(async move { b.get_token("fleet-a", Duration::ZERO).await });
@@ -461,17 +345,14 @@ async fn shutdown_ends_waiting_fetches() {
 
 #[tokio::test(start_paused = true)]
 async fn very_long_lifetimes_do_not_stop_the_refresher() {
-    let bace = Arc::new(Scripted::default());
-    bace.lifetimes
-        .lock()
-        .unwrap()
-        .insert("forever".into(), Duration::from_secs(10 * 365 * 86_400));
-    let (broker, bace) = start_with(&["forever", "daily"], "", bace).await;
+    let bace = Arc::new(ScriptedUpstream::default());
+    bace.set_login_lifetime("forever", Duration::from_secs(10 * 365 * 86_400));
+    let (broker, bace) = start_with(config(&["forever", "daily"]), bace).await;
     // Both accounts keep being served and refreshed for days: the 10-year token's timer did
     // not take the refresher down (tokio timers refuse deadlines beyond ~2 years).
     tokio::time::sleep(3 * DAY).await;
-    assert_eq!(bace.calls("daily", GrantType::Refresh).len(), 1);
-    assert!(bace.calls("forever", GrantType::Refresh).is_empty());
+    assert_eq!(bace.calls("daily", Grant::Refresh).len(), 1);
+    assert!(bace.calls("forever", Grant::Refresh).is_empty());
     assert!(broker.get_token("forever", Duration::ZERO).await.is_ok());
     assert!(broker.get_token("daily", Duration::ZERO).await.is_ok());
     broker.shutdown().await;
@@ -479,13 +360,13 @@ async fn very_long_lifetimes_do_not_stop_the_refresher() {
 
 #[tokio::test(start_paused = true)]
 async fn an_invalidation_during_the_first_login_joins_it() {
-    let bace = Arc::new(Scripted::default());
+    let bace = Arc::new(ScriptedUpstream::default());
     bace.script(
         "fleet-a",
-        GrantType::Password,
+        Grant::Password,
         [Answer::Delay(Duration::from_secs(2))],
     );
-    let (broker, refresher) = Broker::new(&config(&["fleet-a"], ""), bace.clone(), Metrics::new());
+    let (broker, refresher) = Broker::new(&config(&["fleet-a"]).build(), bace.clone());
     tokio::spawn(refresher.run());
     let b = broker.clone();
     let first = tokio::spawn(async move { b.get_token("fleet-a", Duration::ZERO).await });
@@ -499,7 +380,7 @@ async fn an_invalidation_during_the_first_login_joins_it() {
         first.await.unwrap().unwrap().fingerprint()
     );
     assert_eq!(
-        bace.calls("fleet-a", GrantType::Password).len(),
+        bace.calls("fleet-a", Grant::Password).len(),
         1,
         "one login, not two"
     );
@@ -508,13 +389,14 @@ async fn an_invalidation_during_the_first_login_joins_it() {
 
 #[tokio::test(start_paused = true)]
 async fn a_hanging_refresh_endpoint_leaves_time_for_the_login_fallback() {
-    let bace = Arc::new(Scripted::default());
+    let bace = Arc::new(ScriptedUpstream::default());
     bace.script(
         "fleet-a",
-        GrantType::Refresh,
+        Grant::Refresh,
         std::iter::repeat_n(Answer::Hang, 100_000),
     );
-    let (broker, bace) = start_with(&["fleet-a"], "upstream:\n  timeout: 10s", bace).await;
+    let config = config(&["fleet-a"]).upstream_timeout(Duration::from_secs(10));
+    let (broker, bace) = start_with(config, bace).await;
     let token = broker.get_token("fleet-a", Duration::ZERO).await.unwrap();
     // Every refresh hangs until its deadline. Callers arriving through the token's last
     // servable moment and after are always served: the last refresh attempt comes early
@@ -526,7 +408,7 @@ async fn a_hanging_refresh_endpoint_leaves_time_for_the_login_fallback() {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     assert_eq!(
-        bace.calls("fleet-a", GrantType::Password).len(),
+        bace.calls("fleet-a", Grant::Password).len(),
         2,
         "one fallback login"
     );
@@ -539,13 +421,14 @@ async fn slots_planned_again_refresh_once_on_their_latest_plan_even_after_compac
     // in the refresher's queue. 1,100 of them (fleet-b) outnumber the queue's slack, so it is
     // compacted on the way: fleet-a's plan, never replaced, must survive that, and no stale
     // plan of fleet-b may fire.
-    let (broker, bace) = start(&["fleet-a", "fleet-b"], "invalidate_cooldown: 1s").await;
+    let (broker, bace) =
+        start(config(&["fleet-a", "fleet-b"]).invalidate_cooldown(Duration::from_secs(1))).await;
     for _ in 0..1100 {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let answer = broker.invalidate("fleet-b", "").await.unwrap();
         assert_eq!(answer.outcome, InvalidateOutcome::Invalidated);
     }
-    assert_eq!(bace.calls("fleet-b", GrantType::Password).len(), 1101);
+    assert_eq!(bace.calls("fleet-b", Grant::Password).len(), 1101);
     for _ in 0..(2 * 24) {
         tokio::time::sleep(HOUR).await;
         for account in ["fleet-a", "fleet-b"] {
@@ -554,8 +437,8 @@ async fn slots_planned_again_refresh_once_on_their_latest_plan_even_after_compac
         }
     }
     for account in ["fleet-a", "fleet-b"] {
-        let last_login = *bace.calls(account, GrantType::Password).last().unwrap();
-        let refreshes = bace.calls(account, GrantType::Refresh);
+        let last_login = *bace.calls(account, Grant::Password).last().unwrap();
+        let refreshes = bace.calls(account, Grant::Refresh);
         assert_eq!(
             refreshes.len(),
             1,
@@ -564,24 +447,24 @@ async fn slots_planned_again_refresh_once_on_their_latest_plan_even_after_compac
         let after = refreshes[0] - last_login;
         assert!(at_refresh_point(after, DAY), "{account}: {after:?}");
     }
-    assert_eq!(bace.calls("fleet-a", GrantType::Password).len(), 1);
-    assert_eq!(bace.calls("fleet-b", GrantType::Password).len(), 1101);
+    assert_eq!(bace.calls("fleet-a", Grant::Password).len(), 1);
+    assert_eq!(bace.calls("fleet-b", Grant::Password).len(), 1101);
     broker.shutdown().await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_slot_replaced_by_a_reload_never_refreshes_on_its_old_plan() {
-    let (broker, bace) = start(&["fleet-a"], "").await;
-    let old_login = bace.calls("fleet-a", GrantType::Password)[0];
+    let (broker, bace) = start(config(&["fleet-a"])).await;
+    let old_login = bace.calls("fleet-a", Grant::Password)[0];
     tokio::time::sleep(6 * HOUR).await;
     // A watcher that is not polled keeps the old slot alive (it moves on when next polled).
     let _watch = broker.watch("fleet-a").unwrap();
     // New credentials: a new slot logs in now; the old slot's plan (at ~14.4 h) stays queued.
-    let yaml = "accounts:\n  fleet-a:\n    client_id: c\n    client_secret: s\n    username: u-fleet-a\n    password: rotated\n    token_url: http://127.0.0.1:9/oauth2/token\n";
-    let report = broker.apply(&Config::parse(yaml).unwrap());
+    let rotated = BrokerConfig::new().account(account("fleet-a", "rotated"));
+    let report = broker.apply(&rotated.build());
     assert_eq!(report.changed.len(), 1);
     let token = broker.get_token("fleet-a", Duration::ZERO).await.unwrap();
-    let new_login = *bace.calls("fleet-a", GrantType::Password).last().unwrap();
+    let new_login = *bace.calls("fleet-a", Grant::Password).last().unwrap();
     assert!(new_login > old_login);
     for _ in 0..(2 * 24) {
         tokio::time::sleep(HOUR).await;
@@ -589,13 +472,13 @@ async fn a_slot_replaced_by_a_reload_never_refreshes_on_its_old_plan() {
         assert!(t.valid_for(Instant::now(), MARGIN));
         assert_eq!(t.fingerprint(), token.fingerprint());
     }
-    let refreshes = bace.calls("fleet-a", GrantType::Refresh);
+    let refreshes = bace.calls("fleet-a", Grant::Refresh);
     assert_eq!(refreshes.len(), 1, "only the new slot's plan runs");
     let after = refreshes[0] - new_login;
     assert!(
         at_refresh_point(after, DAY),
         "{after:?} after the new login"
     );
-    assert_eq!(bace.calls("fleet-a", GrantType::Password).len(), 2);
+    assert_eq!(bace.calls("fleet-a", Grant::Password).len(), 2);
     broker.shutdown().await;
 }

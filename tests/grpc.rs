@@ -1,23 +1,18 @@
 //! Over-the-wire behaviour: a real tonic server and client in front of the fake BACE on
 //! loopback, in real time. Synchronisation uses the fake's gate and call counters, never sleeps.
 
-mod common;
-
 use std::{collections::HashSet, time::Duration};
 
-use bace_token_broker::{
-    app::READINESS_SERVICE,
-    fake::{ErrorShape, Grant, RefreshStyle, Step},
-    proto,
-};
-use common::{Broker, config_yaml, fake, fake_account, get, get_min, guard, user};
+use bace_token_broker::{READINESS_SERVICE, proto};
+use fake_bace::{ErrorShape, Grant, RefreshStyle, Step};
+use testkit::{BrokerConfig, BrokerServer, fake, fake_account, get, get_min, guard, user};
 use tokio::task::JoinSet;
 use tonic::Code;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
 
 /// Polls GetToken until the broker serves a token other than `old` (after an upstream call
 /// the test saw arrive at the fake, so the wait is bounded by that call's completion).
-async fn until_token_changes(broker: &Broker, account: &str, old: &str) -> proto::Token {
+async fn until_token_changes(broker: &BrokerServer, account: &str, old: &str) -> proto::Token {
     guard(async {
         loop {
             let token = broker.get(account).await.unwrap();
@@ -33,7 +28,7 @@ async fn until_token_changes(broker: &Broker, account: &str, old: &str) -> proto
 #[tokio::test]
 async fn serves_a_valid_token_from_a_form_post_password_grant() {
     let fake = fake(&["fleet-a"]).await;
-    let broker = Broker::ready(&config_yaml(&fake, &["fleet-a"], "")).await;
+    let broker = BrokerServer::ready(&BrokerConfig::for_fake(&fake, &["fleet-a"])).await;
     let token = broker.get("fleet-a").await.unwrap();
     assert_eq!(token.account, "fleet-a");
     assert_eq!(token.token_type, "Bearer");
@@ -77,7 +72,7 @@ async fn serves_a_valid_token_from_a_form_post_password_grant() {
 #[tokio::test]
 async fn bad_requests_get_the_right_codes() {
     let fake = fake(&["fleet-a"]).await;
-    let broker = Broker::ready(&config_yaml(&fake, &["fleet-a"], "")).await;
+    let broker = BrokerServer::ready(&BrokerConfig::for_fake(&fake, &["fleet-a"])).await;
     let cases = [
         (
             "",
@@ -130,7 +125,7 @@ async fn bad_requests_get_the_right_codes() {
 async fn ten_thousand_cold_callers_share_one_login() {
     let fake = fake(&["fleet-a"]).await;
     fake.hold();
-    let broker = Broker::start(&config_yaml(&fake, &["fleet-a"], "")).await;
+    let broker = BrokerServer::start(&BrokerConfig::for_fake(&fake, &["fleet-a"])).await;
     // The warm-up login is held at BACE: every caller below finds the account cold.
     guard(fake.wait_for_calls(&user("fleet-a"), Grant::Password, 1)).await;
     let mut clients = Vec::new();
@@ -159,7 +154,8 @@ async fn hundred_accounts_times_fifty_callers_make_a_hundred_calls() {
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let fake = fake(&refs).await;
     fake.hold();
-    let broker = Broker::start(&config_yaml(&fake, &refs, "warmup_concurrency: 100")).await;
+    let broker =
+        BrokerServer::start(&BrokerConfig::for_fake(&fake, &refs).warmup_concurrency(100)).await;
     guard(fake.wait_for_total_calls(100)).await;
     let mut callers = JoinSet::new();
     for name in &names {
@@ -185,7 +181,7 @@ async fn hundred_accounts_times_fifty_callers_make_a_hundred_calls() {
 async fn accounts_never_delay_each_other() {
     let fake = fake(&["slow", "fast"]).await;
     fake.script(&user("slow"), Grant::Password, [Step::Hang]);
-    let broker = Broker::start(&config_yaml(&fake, &["slow", "fast"], "")).await;
+    let broker = BrokerServer::start(&BrokerConfig::for_fake(&fake, &["slow", "fast"])).await;
     guard(fake.wait_for_calls(&user("slow"), Grant::Password, 1)).await;
     // "slow" hangs at BACE; "fast" is served all the same.
     let token = guard(broker.get("fast")).await.unwrap();
@@ -197,7 +193,7 @@ async fn accounts_never_delay_each_other() {
 #[tokio::test]
 async fn a_cancelled_first_caller_does_not_cancel_the_fetch() {
     let fake = fake(&["fleet-a"]).await;
-    let broker = Broker::ready(&config_yaml(&fake, &["fleet-a"], "")).await;
+    let broker = BrokerServer::ready(&BrokerConfig::for_fake(&fake, &["fleet-a"])).await;
     let first = broker.get("fleet-a").await.unwrap();
     fake.hold();
     // Two days of validity: more than the 24 h login token has, so callers need a refresh.
@@ -246,7 +242,7 @@ async fn a_failed_fetch_fails_every_waiter_at_once_with_one_call() {
         [Step::Status(503, ErrorShape::Yii)],
     );
     fake.hold();
-    let broker = Broker::start(&config_yaml(&fake, &["fleet-a"], "")).await;
+    let broker = BrokerServer::start(&BrokerConfig::for_fake(&fake, &["fleet-a"])).await;
     guard(fake.wait_for_calls(&user("fleet-a"), Grant::Password, 1)).await;
     let mut callers = JoinSet::new();
     for _ in 0..100 {
@@ -273,8 +269,10 @@ async fn tokens_stay_valid_across_lifetimes_by_refreshing_not_logging_in() {
     account.login_lifetime = Duration::from_secs(4);
     account.refresh_lifetime = Duration::from_secs(4);
     fake.add_account(account);
-    let extra = "refresh:\n  lifetime_fraction: 0.4\n  expiry_margin: 1s";
-    let broker = Broker::ready(&config_yaml(&fake, &["fleet-a"], extra)).await;
+    let config = BrokerConfig::for_fake(&fake, &["fleet-a"])
+        .lifetime_fraction(0.4)
+        .expiry_margin(Duration::from_secs(1));
+    let broker = BrokerServer::ready(&config).await;
     let first = broker.get("fleet-a").await.unwrap();
     // Several lifetimes' worth of refreshes (each extends the same token, BACE style).
     for n in 1..=4 {
@@ -332,8 +330,10 @@ async fn oauth2_style_refresh_answers_rotate_the_token() {
         };
         fake.add_account(account);
     }
-    let extra = "refresh:\n  lifetime_fraction: 0.4\n  expiry_margin: 1s";
-    let broker = Broker::ready(&config_yaml(&fake, &["rot-num", "rot-str"], extra)).await;
+    let config = BrokerConfig::for_fake(&fake, &["rot-num", "rot-str"])
+        .lifetime_fraction(0.4)
+        .expiry_margin(Duration::from_secs(1));
+    let broker = BrokerServer::ready(&config).await;
     for name in ["rot-num", "rot-str"] {
         let first = broker.get(name).await.unwrap();
         let seen = fake.calls(&user(name), Grant::Refresh);
@@ -360,8 +360,10 @@ async fn a_declined_refresh_falls_back_to_a_login() {
         Grant::Refresh,
         [Step::Status(401, ErrorShape::Yii)],
     );
-    let extra = "refresh:\n  lifetime_fraction: 0.4\n  expiry_margin: 1s";
-    let broker = Broker::ready(&config_yaml(&fake, &["fleet-a"], extra)).await;
+    let config = BrokerConfig::for_fake(&fake, &["fleet-a"])
+        .lifetime_fraction(0.4)
+        .expiry_margin(Duration::from_secs(1));
+    let broker = BrokerServer::ready(&config).await;
     let first = broker.get("fleet-a").await.unwrap();
     guard(fake.wait_for_calls(&user("fleet-a"), Grant::Password, 2)).await;
     assert_eq!(fake.calls(&user("fleet-a"), Grant::Refresh), 1);
@@ -373,7 +375,7 @@ async fn a_declined_refresh_falls_back_to_a_login() {
 #[tokio::test]
 async fn a_failing_refresh_falls_back_to_a_login_when_a_caller_needs_a_token() {
     let fake = fake(&["fleet-a"]).await;
-    let broker = Broker::ready(&config_yaml(&fake, &["fleet-a"], "")).await;
+    let broker = BrokerServer::ready(&BrokerConfig::for_fake(&fake, &["fleet-a"])).await;
     let first = broker.get("fleet-a").await.unwrap();
     fake.script(
         &user("fleet-a"),
@@ -409,7 +411,10 @@ async fn a_failing_refresh_falls_back_to_a_login_when_a_caller_needs_a_token() {
 #[tokio::test]
 async fn invalidate_replaces_the_current_token_once_and_respects_the_cooldown() {
     let fake = fake(&["fleet-a"]).await;
-    let broker = Broker::ready(&config_yaml(&fake, &["fleet-a"], "invalidate_cooldown: 1h")).await;
+    let broker = BrokerServer::ready(
+        &BrokerConfig::for_fake(&fake, &["fleet-a"]).invalidate_cooldown(Duration::from_secs(3600)),
+    )
+    .await;
     let old = broker.get("fleet-a").await.unwrap();
     fake.revoke(&old.access_token); // BACE answered the caller 401 with it.
 
@@ -453,7 +458,10 @@ async fn invalidate_replaces_the_current_token_once_and_respects_the_cooldown() 
 #[tokio::test]
 async fn invalidate_with_an_empty_token_relogs_after_the_cooldown() {
     let fake = fake(&["fleet-a"]).await;
-    let broker = Broker::ready(&config_yaml(&fake, &["fleet-a"], "invalidate_cooldown: 0s")).await;
+    let broker = BrokerServer::ready(
+        &BrokerConfig::for_fake(&fake, &["fleet-a"]).invalidate_cooldown(Duration::ZERO),
+    )
+    .await;
     let first = broker.get("fleet-a").await.unwrap();
     let answer = broker.invalidate("fleet-a", "").await.unwrap();
     assert!(answer.invalidated);
@@ -475,9 +483,11 @@ async fn an_outage_keeps_serving_the_cached_token_and_fails_fast_without_one() {
     let fake = fake(&["fleet-a", "fleet-b"]).await;
     // fleet-b never gets a token: BACE hangs for it from the start.
     fake.script(&user("fleet-b"), Grant::Password, [Step::Hang]);
-    let extra = "upstream:\n  timeout: 300ms\nrefresh:\n  backoff_initial: 1h\n  backoff_max: 1h";
-    let yaml = config_yaml(&fake, &["fleet-a", "fleet-b"], extra);
-    let broker = Broker::ready(&yaml).await;
+    let config = BrokerConfig::for_fake(&fake, &["fleet-a", "fleet-b"])
+        .upstream_timeout(Duration::from_millis(300))
+        .backoff_initial(Duration::from_secs(3600))
+        .backoff_max(Duration::from_secs(3600));
+    let broker = BrokerServer::ready(&config).await;
     let cached = broker.get("fleet-a").await.unwrap();
     fake.set_outage(Some(Step::Status(503, ErrorShape::Yii)));
     for _ in 0..20 {
@@ -518,7 +528,7 @@ async fn rejected_credentials_fail_precondition_and_are_not_retried_soon() {
     b.error_shape = ErrorShape::OAuth2;
     b.password = "changed-too".into();
     fake.add_account(b);
-    let broker = Broker::ready(&config_yaml(&fake, &["fleet-a", "fleet-b"], "")).await;
+    let broker = BrokerServer::ready(&BrokerConfig::for_fake(&fake, &["fleet-a", "fleet-b"])).await;
     for account in ["fleet-a", "fleet-b"] {
         for _ in 0..20 {
             let status = broker.get(account).await.unwrap_err();
@@ -559,8 +569,10 @@ async fn malformed_and_oversized_answers_are_clear_errors_and_recover() {
             Step::Body(200, r#"{"access_token": "abc", "expires_in": 0}"#.into()),
         ],
     );
-    let extra = "refresh:\n  backoff_initial: 1ms\n  backoff_max: 1ms";
-    let broker = Broker::ready(&config_yaml(&fake, &["fleet-a"], extra)).await;
+    let config = BrokerConfig::for_fake(&fake, &["fleet-a"])
+        .backoff_initial(Duration::from_millis(1))
+        .backoff_max(Duration::from_millis(1));
+    let broker = BrokerServer::ready(&config).await;
     // The background retries walk through the script; then the normal answer is accepted.
     guard(fake.wait_for_calls(&user("fleet-a"), Grant::Password, 6)).await;
     let token = guard(async {
@@ -587,7 +599,7 @@ async fn malformed_and_oversized_answers_are_clear_errors_and_recover() {
 async fn health_liveness_from_start_readiness_after_warm_up_and_off_on_shutdown() {
     let fake = fake(&["fleet-a"]).await;
     fake.hold();
-    let mut broker = Broker::start(&config_yaml(&fake, &["fleet-a"], "")).await;
+    let mut broker = BrokerServer::start(&BrokerConfig::for_fake(&fake, &["fleet-a"])).await;
     guard(fake.wait_for_calls(&user("fleet-a"), Grant::Password, 1)).await;
     let mut health = broker.health.clone();
     let check = |service: &str| HealthCheckRequest {
@@ -653,8 +665,8 @@ async fn reflection_lists_the_service() {
         server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
     };
     let fake = fake(&["fleet-a"]).await;
-    let broker = Broker::ready(&config_yaml(&fake, &["fleet-a"], "")).await;
-    let mut client = ServerReflectionClient::new(common::channel(broker.addr).await);
+    let broker = BrokerServer::ready(&BrokerConfig::for_fake(&fake, &["fleet-a"])).await;
+    let mut client = ServerReflectionClient::new(testkit::channel(broker.addr).await);
     let request = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
@@ -682,13 +694,9 @@ async fn reflection_lists_the_service() {
 async fn metrics_count_calls_upstream_requests_waiters_and_token_state() {
     let fake = fake(&["fleet-a", "fleet-b", "fleet-c"]).await;
     fake.set_password(&user("fleet-b"), "rotated");
-    let extra = "invalidate_cooldown: 1h";
-    let broker = Broker::ready(&config_yaml(
-        &fake,
-        &["fleet-a", "fleet-b", "fleet-c"],
-        extra,
-    ))
-    .await;
+    let config = BrokerConfig::for_fake(&fake, &["fleet-a", "fleet-b", "fleet-c"])
+        .invalidate_cooldown(Duration::from_secs(3600));
+    let broker = BrokerServer::ready(&config).await;
     // fleet-c's token is invalidated while BACE holds the new login: callers join that login.
     fake.hold();
     let client = broker.client.clone();

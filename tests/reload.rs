@@ -2,12 +2,11 @@
 //! file and Kubernetes-style secret volumes (a `..data` symlink swap), invalid configs
 //! rejected whole. Waits on the reload counter and the fake's call counters, never on sleeps.
 
-mod common;
-
 use std::{path::Path, time::Duration};
 
-use bace_token_broker::{config::Config, fake::Grant};
-use common::{Broker, fake, fake_account, guard, user};
+use bace_token_broker::{Config, READINESS_SERVICE};
+use fake_bace::Grant;
+use testkit::{Account, BrokerConfig, BrokerServer, fake, fake_account, guard, user};
 use tonic::Code;
 
 /// A config directory with a Kubernetes-style secret volume per account.
@@ -47,19 +46,26 @@ impl Files {
         }
     }
 
-    /// Writes the config (atomically, by rename) for `accounts` with `extra` top-level YAML.
-    fn write_config(&self, accounts: &[&str], extra: &str) {
-        let mut yaml = format!("{extra}\naccounts:\n");
-        for a in accounts {
+    /// A config for `accounts`, each reading its password from its secret volume.
+    fn config(&self, accounts: &[&str]) -> BrokerConfig {
+        accounts.iter().fold(BrokerConfig::new(), |config, a| {
             let password_file = self.dir.path().join("secrets").join(a).join("password");
-            yaml.push_str(&format!(
-                "  {a}:\n    client_id: client-1\n    client_secret: client-secret-X7\n    username: \"{}\"\n    password_file: \"{}\"\n    token_url: \"{}\"\n",
-                user(a),
-                password_file.display(),
-                self.token_url
-            ));
-        }
-        write_atomically(&self.config_path(), &yaml);
+            config.account(
+                Account::standard(a)
+                    .password_file(password_file)
+                    .token_url(self.token_url.clone()),
+            )
+        })
+    }
+
+    /// Writes the config (atomically, by rename).
+    fn write_config(&self, config: &BrokerConfig) {
+        self.write_yaml(&config.to_yaml());
+    }
+
+    /// Writes `yaml` as the config (atomically, by rename).
+    fn write_yaml(&self, yaml: &str) {
+        write_atomically(&self.config_path(), yaml);
     }
 }
 
@@ -70,7 +76,7 @@ fn write_atomically(path: &Path, text: &str) {
 }
 
 /// Waits until `bace_broker_config_reloads_total{outcome}` reaches `n`.
-async fn reloads(broker: &Broker, outcome: &str, n: f64) {
+async fn reloads(broker: &BrokerServer, outcome: &str, n: f64) {
     let key = format!("bace_broker_config_reloads_total{{outcome=\"{outcome}\"}}");
     guard(async {
         while broker.scrape().await.get(&key).copied().unwrap_or(0.0) < n {
@@ -87,11 +93,11 @@ async fn accounts_are_added_changed_and_removed_without_touching_the_others() {
     for a in ["fleet-a", "fleet-b", "fleet-c"] {
         files.write_secret(a, &format!("pw-{a}-Zq9"));
     }
-    files.write_config(&["fleet-a", "fleet-b"], "");
-    let broker = Broker::start_config(Config::load(&files.config_path()).unwrap()).await;
+    files.write_config(&files.config(&["fleet-a", "fleet-b"]));
+    let broker = BrokerServer::start_config(Config::load(&files.config_path()).unwrap()).await;
     broker
         .wait_status(
-            bace_token_broker::app::READINESS_SERVICE,
+            READINESS_SERVICE,
             tonic_health::pb::health_check_response::ServingStatus::Serving,
         )
         .await;
@@ -103,7 +109,7 @@ async fn accounts_are_added_changed_and_removed_without_touching_the_others() {
     );
 
     // Add fleet-c, remove fleet-b.
-    files.write_config(&["fleet-a", "fleet-c"], "");
+    files.write_config(&files.config(&["fleet-a", "fleet-c"]));
     reloads(&broker, "ok", 1.0).await;
     let c = guard(broker.get("fleet-c")).await.unwrap();
     assert!(fake.is_valid(&c.access_token));
@@ -160,12 +166,13 @@ async fn an_invalid_config_is_rejected_whole_and_the_old_one_keeps_serving() {
     let mut files = Files::new(fake.token_url());
     files.write_secret("fleet-a", "pw-fleet-a-Zq9");
     files.write_secret("fleet-b", "pw-fleet-b-Zq9");
-    files.write_config(&["fleet-a"], "");
-    let broker = Broker::start_config(Config::load(&files.config_path()).unwrap()).await;
+    files.write_config(&files.config(&["fleet-a"]));
+    let broker = BrokerServer::start_config(Config::load(&files.config_path()).unwrap()).await;
     let a = guard(broker.get("fleet-a")).await.unwrap();
 
     // fleet-b would be valid, but the config as a whole is not (unknown key): nothing applies.
-    files.write_config(&["fleet-a", "fleet-b"], "refresh:\n  lifetime_fration: 0.5");
+    let valid = files.config(&["fleet-a", "fleet-b"]).to_yaml();
+    files.write_yaml(&format!("refresh:\n  lifetime_fration: 0.5\n{valid}"));
     reloads(&broker, "rejected", 1.0).await;
     assert_eq!(
         broker.get("fleet-b").await.unwrap_err().code(),
@@ -176,7 +183,7 @@ async fn an_invalid_config_is_rejected_whole_and_the_old_one_keeps_serving() {
         a.access_token
     );
     // A secret file that cannot be read rejects the reload too.
-    files.write_config(&["fleet-a", "fleet-b", "fleet-x"], "");
+    files.write_config(&files.config(&["fleet-a", "fleet-b", "fleet-x"]));
     reloads(&broker, "rejected", 2.0).await;
     assert_eq!(
         broker.get("fleet-b").await.unwrap_err().code(),
@@ -184,7 +191,7 @@ async fn an_invalid_config_is_rejected_whole_and_the_old_one_keeps_serving() {
     );
 
     // Fixed: applied.
-    files.write_config(&["fleet-a", "fleet-b"], "");
+    files.write_config(&files.config(&["fleet-a", "fleet-b"]));
     reloads(&broker, "ok", 1.0).await;
     assert!(guard(broker.get("fleet-b")).await.is_ok());
     assert_eq!(fake.calls(&user("fleet-a"), Grant::Password), 1);
@@ -203,11 +210,15 @@ async fn a_removed_account_stops_refreshing() {
     let mut files = Files::new(fake.token_url());
     files.write_secret("keep", "pw-keep-Zq9");
     files.write_secret("drop", "pw-drop-Zq9");
-    let extra = "refresh:\n  lifetime_fraction: 0.3\n  expiry_margin: 1s";
-    files.write_config(&["keep", "drop"], extra);
-    let broker = Broker::start_config(Config::load(&files.config_path()).unwrap()).await;
+    let short_refresh = |config: BrokerConfig| {
+        config
+            .lifetime_fraction(0.3)
+            .expiry_margin(Duration::from_secs(1))
+    };
+    files.write_config(&short_refresh(files.config(&["keep", "drop"])));
+    let broker = BrokerServer::start_config(Config::load(&files.config_path()).unwrap()).await;
     guard(fake.wait_for_calls(&user("drop"), Grant::Refresh, 1)).await;
-    files.write_config(&["keep"], extra);
+    files.write_config(&short_refresh(files.config(&["keep"])));
     reloads(&broker, "ok", 1.0).await;
     let dropped_at = fake.calls(&user("drop"), Grant::Refresh);
     // "keep" refreshes three more times (about a second each); "drop" never again (at most a

@@ -1,19 +1,18 @@
 //! WatchToken, ListAccounts (and `status`), and verified Invalidate, over the wire against
 //! the fake BACE.
 
-mod common;
-
 use std::time::Duration;
 
-use bace_token_broker::{
-    fake::{ErrorShape, Grant, Step},
-    proto,
-};
-use common::{Broker, config_yaml, fake, fake_account, guard, user};
+use bace_token_broker::proto;
+use fake_bace::{ErrorShape, FakeBace, Grant, Step};
+use testkit::{BrokerConfig, BrokerServer, fake, fake_account, get_min, guard, user};
 use tokio::task::JoinSet;
 use tonic::Code;
 
-async fn watch(broker: &Broker, account: &str) -> tonic::Streaming<proto::WatchTokenResponse> {
+async fn watch(
+    broker: &BrokerServer,
+    account: &str,
+) -> tonic::Streaming<proto::WatchTokenResponse> {
     broker
         .new_client()
         .await
@@ -45,8 +44,10 @@ async fn watch_sends_the_current_token_then_each_refresh() {
     account.login_lifetime = Duration::from_secs(4);
     account.refresh_lifetime = Duration::from_secs(4);
     fake.add_account(account);
-    let extra = "refresh:\n  lifetime_fraction: 0.4\n  expiry_margin: 1s";
-    let broker = Broker::ready(&config_yaml(&fake, &["fleet-a"], extra)).await;
+    let config = BrokerConfig::for_fake(&fake, &["fleet-a"])
+        .lifetime_fraction(0.4)
+        .expiry_margin(Duration::from_secs(1));
+    let broker = BrokerServer::ready(&config).await;
     let current = broker.get("fleet-a").await.unwrap();
     let mut stream = watch(&broker, "fleet-a").await;
     let first = next_token(&mut stream).await;
@@ -87,8 +88,11 @@ async fn a_cold_account_is_sent_its_first_token_after_the_login() {
         Grant::Password,
         [Step::Status(503, ErrorShape::Yii)],
     );
-    let extra = "refresh:\n  backoff_initial: 1h\n  backoff_max: 1h\ninvalidate_cooldown: 0s";
-    let broker = Broker::ready(&config_yaml(&fake, &["fleet-a"], extra)).await;
+    let config = BrokerConfig::for_fake(&fake, &["fleet-a"])
+        .backoff_initial(Duration::from_secs(3600))
+        .backoff_max(Duration::from_secs(3600))
+        .invalidate_cooldown(Duration::ZERO);
+    let broker = BrokerServer::ready(&config).await;
     assert_eq!(
         broker.get("fleet-a").await.unwrap_err().code(),
         Code::Unavailable
@@ -104,7 +108,7 @@ async fn a_cold_account_is_sent_its_first_token_after_the_login() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_thousand_watchers_see_a_rotation_without_upstream_calls_and_leave_nothing() {
     let fake = fake(&["fleet-a"]).await;
-    let broker = Broker::ready(&config_yaml(&fake, &["fleet-a"], "")).await;
+    let broker = BrokerServer::ready(&BrokerConfig::for_fake(&fake, &["fleet-a"])).await;
     let old = broker.get("fleet-a").await.unwrap();
     let mut clients = Vec::new();
     for _ in 0..10 {
@@ -164,7 +168,7 @@ async fn five_thousand_watchers_see_a_rotation_without_upstream_calls_and_leave_
 #[tokio::test]
 async fn watchers_end_cleanly_on_shutdown() {
     let fake = fake(&["fleet-a"]).await;
-    let broker = Broker::ready(&config_yaml(&fake, &["fleet-a"], "")).await;
+    let broker = BrokerServer::ready(&BrokerConfig::for_fake(&fake, &["fleet-a"])).await;
     let mut stream = watch(&broker, "fleet-a").await;
     next_token(&mut stream).await;
     let stopped = tokio::spawn(broker.stop());
@@ -183,7 +187,7 @@ fn state_of(list: &proto::ListAccountsResponse, account: &str) -> proto::Account
         .unwrap_or_else(|| panic!("{account} not listed"))
 }
 
-async fn list(broker: &Broker) -> proto::ListAccountsResponse {
+async fn list(broker: &BrokerServer) -> proto::ListAccountsResponse {
     broker
         .client
         .clone()
@@ -202,9 +206,11 @@ async fn list_accounts_reflects_each_state() {
         Grant::Password,
         [Step::Status(503, ErrorShape::Yii)],
     );
-    let extra = "refresh:\n  backoff_initial: 1h\n  backoff_max: 1h";
     let names = ["healthy", "degraded", "down", "rejected", "busy"];
-    let broker = Broker::ready(&config_yaml(&fake, &names, extra)).await;
+    let config = BrokerConfig::for_fake(&fake, &names)
+        .backoff_initial(Duration::from_secs(3600))
+        .backoff_max(Duration::from_secs(3600));
+    let broker = BrokerServer::ready(&config).await;
     // "degraded": its refresh fails (a caller asking for two days makes the broker try).
     fake.script(
         &user("degraded"),
@@ -217,7 +223,7 @@ async fn list_accounts_reflects_each_state() {
         [Step::Status(503, ErrorShape::Yii)],
     );
     let mut client = broker.client.clone();
-    let status = common::get_min(
+    let status = get_min(
         &mut client,
         "degraded",
         Some(Duration::from_secs(2 * 86_400)),
@@ -294,7 +300,7 @@ async fn list_accounts_reflects_each_state() {
     assert!(m["bace_broker_survives_outage_seconds{account=\"healthy\"}"] > 86_000.0);
 
     // The status command renders it.
-    let table = bace_token_broker::cli::status_table(&l.accounts, std::time::SystemTime::now());
+    let table = bace_token_broker::status_table(&l.accounts, std::time::SystemTime::now());
     let lines: Vec<&str> = table.lines().collect();
     assert!(lines[0].starts_with("ACCOUNT") && lines[0].contains("SURVIVES OUTAGE"));
     assert!(lines.iter().any(|l| l.starts_with("rejected")
@@ -312,13 +318,12 @@ async fn list_accounts_reflects_each_state() {
 }
 
 /// A broker for fleet-a that verifies reported tokens at the fake's API, with no cooldown.
-async fn with_verify_url() -> (bace_token_broker::fake::FakeBace, Broker) {
+async fn with_verify_url() -> (FakeBace, BrokerServer) {
     let fake = fake(&["fleet-a"]).await;
-    let extra = format!(
-        "upstream:\n  verify_url: \"{}\"\ninvalidate_cooldown: 0s",
-        fake.api_url()
-    );
-    let broker = Broker::ready(&config_yaml(&fake, &["fleet-a"], &extra)).await;
+    let config = BrokerConfig::for_fake(&fake, &["fleet-a"])
+        .verify_url(fake.api_url())
+        .invalidate_cooldown(Duration::ZERO);
+    let broker = BrokerServer::ready(&config).await;
     (fake, broker)
 }
 

@@ -57,7 +57,11 @@ impl KeySet {
         }
     }
 
-    pub(super) fn new(keys: Vec<ParsedKey>, config: &KubernetesConfig, fetched_at: Option<Instant>) -> Self {
+    pub(super) fn new(
+        keys: Vec<ParsedKey>,
+        config: &KubernetesConfig,
+        fetched_at: Option<Instant>,
+    ) -> Self {
         let mut set = Self::empty();
         set.fetched_at = fetched_at;
         for parsed in keys {
@@ -122,13 +126,12 @@ impl Fetcher {
             .get(self.url.clone())
             .header(reqwest::header::ACCEPT, "application/json");
         if let Some(path) = &self.bearer_token_file {
-            let token =
-                tokio::fs::read_to_string(path)
-                    .await
-                    .map_err(|source| FetchError::BearerToken {
-                        path: path.clone(),
-                        source,
-                    })?;
+            let token = tokio::fs::read_to_string(path).await.map_err(|source| {
+                FetchError::BearerToken {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
             request = request.bearer_auth(token.trim());
         }
         let transport = |e: reqwest::Error| FetchError::Transport(error_chain(&e));
@@ -157,4 +160,3 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     }
     text
 }
-

@@ -10,7 +10,8 @@ use tokio::{sync::watch, time::Instant};
 use tracing::{debug, info, warn};
 
 use super::{
-    AuthError, Denied, JWKS_MAX_AGE, JWKS_TIMEOUT, MAX_FETCHES_PER_WINDOW, MAX_TOKEN_BYTES, REFETCH_WINDOW,
+    AuthError, Denied, JWKS_MAX_AGE, JWKS_TIMEOUT, MAX_FETCHES_PER_WINDOW, MAX_TOKEN_BYTES,
+    REFETCH_WINDOW,
     jwks::{FetchError, FetchState, Fetcher, Key, KeySet},
 };
 use crate::config::{FieldError, JwksSource, KubernetesConfig, ca_certificates, parse_jwks};
@@ -219,8 +220,6 @@ fn rejection(kind: &ErrorKind) -> Denied {
     }
 }
 
-
-
 /// The claims that name the caller (the checked ones are read by `jsonwebtoken`).
 #[derive(Deserialize)]
 pub(super) struct Claims {
@@ -277,4 +276,3 @@ fn is_object_name(name: &str) -> bool {
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
 }
-

@@ -82,7 +82,6 @@ pub enum AuthError {
 
 // === Denied ===
 
-
 /// Why a caller is turned away. [`Denied::reason`] is a short, bounded label for logs and the
 /// `reason` label of the denial metric.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -220,7 +219,8 @@ impl Authorizer {
                 _ => return Ok(identity),
             },
         };
-        let account: Option<String> = account.map(|a| a.chars().take(MAX_ACCOUNT_NAME_LEN).collect());
+        let account: Option<String> =
+            account.map(|a| a.chars().take(MAX_ACCOUNT_NAME_LEN).collect());
         warn!(
             rpc,
             caller,

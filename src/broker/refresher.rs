@@ -19,7 +19,6 @@ use super::{
     slot::Slot,
 };
 
-
 /// The background task that refreshes each token when due and retries failed fetches: one
 /// timer queue for all accounts, owned by one task, stopped by [`Broker::shutdown`].
 ///

@@ -21,7 +21,12 @@ pub(crate) const DEFAULT_LOGIN_LIFETIME: Duration = Duration::from_secs(24 * 360
 /// `fraction` of the lifetime, moved by `jitter` (in `[-1, 1]`, scaled to ±[`REFRESH_JITTER`]),
 /// and never later than the point where the token stops being served (`lifetime - margin`).
 /// Tokens too short-lived to be served at all are refreshed after [`MIN_REFRESH_DELAY`].
-pub(crate) fn refresh_delay(lifetime: Duration, fraction: f64, margin: Duration, jitter: f64) -> Duration {
+pub(crate) fn refresh_delay(
+    lifetime: Duration,
+    fraction: f64,
+    margin: Duration,
+    jitter: f64,
+) -> Duration {
     let servable = lifetime.saturating_sub(margin);
     let factor = fraction * (1.0 + REFRESH_JITTER * jitter.clamp(-1.0, 1.0));
     let planned = lifetime.mul_f64(factor.clamp(0.0, 1.0));

@@ -215,7 +215,10 @@ impl Slot {
         if state.generation != generation {
             // An invalidation replaced this fetch: its token (likely the invalidated one) is
             // not installed, and its waiters look again.
-            debug!(grant = fetched.what(), "fetch superseded by an invalidation");
+            debug!(
+                grant = fetched.what(),
+                "fetch superseded by an invalidation"
+            );
             return Landed::Superseded;
         }
         state.flight = None;

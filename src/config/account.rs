@@ -138,7 +138,11 @@ pub(super) struct RawAccount {
 }
 
 impl RawAccount {
-    pub(super) fn validate(self, name: &str, default_url: &Arc<Url>) -> Result<AccountConfig, ConfigError> {
+    pub(super) fn validate(
+        self,
+        name: &str,
+        default_url: &Arc<Url>,
+    ) -> Result<AccountConfig, ConfigError> {
         let err = |field: &'static str, problem: String| ConfigError::Account {
             path: None,
             account: name.to_owned(),

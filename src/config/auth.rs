@@ -22,7 +22,6 @@ use crate::token::AccountName;
 /// The audience a token must name when `auth.kubernetes.audience` is not set.
 pub const DEFAULT_AUDIENCE: &str = "bace-token-broker";
 
-
 /// The `auth` section as written in the YAML file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -297,7 +296,6 @@ pub(crate) fn ca_certificates(pem: &[u8]) -> Result<Vec<reqwest::Certificate>, S
 }
 
 // === JWKS documents ===
-
 
 /// A usable key of a JWKS document.
 pub(crate) struct ParsedKey {

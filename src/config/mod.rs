@@ -102,10 +102,7 @@ impl Config {
         let mut config = schema::RawConfig::defaults()
             .validate_with(schema::Accounts::AddedLater)
             .unwrap_or_else(|e| unreachable!("the defaults are valid: {e}"));
-        config.accounts = accounts
-            .into_iter()
-            .map(|a| (a.name.clone(), a))
-            .collect();
+        config.accounts = accounts.into_iter().map(|a| (a.name.clone(), a)).collect();
         config
     }
 

@@ -18,7 +18,6 @@ use super::{
     tls::RawTls,
 };
 
-
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 50051))
 }
@@ -144,7 +143,6 @@ impl Default for RawRefresh {
     }
 }
 
-
 /// The longest duration any key accepts (keeps every deadline computation far from overflow).
 const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
 
@@ -168,7 +166,6 @@ pub(super) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::E
     }
     d.deserialize_str(Humantime)
 }
-
 
 impl RawConfig {
     /// The defaults of every key, and no accounts.

@@ -18,7 +18,6 @@ use tokio_rustls::rustls::{
 
 use super::FieldError;
 
-
 /// The `tls` section as written in the YAML file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -160,5 +160,4 @@ mod tests {
         reply.clear();
         assert_eq!(reply.encoded_len(), 0);
     }
-
 }

@@ -22,14 +22,14 @@ use tonic::{Request, Response, Status};
 use tracing::debug;
 
 pub(crate) use self::convert::{status_to_proto, token_to_proto};
+use self::{
+    convert::{min_validity, outcome_to_proto},
+    status::{denied_status, no_longer_allowed},
+};
 pub use self::{
     encode::GetTokenReply,
     metrics::{CallCount, CallCounts},
     status::code_name,
-};
-use self::{
-    convert::{min_validity, outcome_to_proto},
-    status::{denied_status, no_longer_allowed},
 };
 use crate::{
     auth::Authorizer,
@@ -83,7 +83,12 @@ impl TokenBrokerApi {
             .get("authorization")
             .and_then(|v| v.to_str().ok());
         match auth
-            .admit(rpc, authorization, certs.as_deref().map(Vec::as_slice), account)
+            .admit(
+                rpc,
+                authorization,
+                certs.as_deref().map(Vec::as_slice),
+                account,
+            )
             .await
         {
             Ok(identity) => Ok(Some(identity)),

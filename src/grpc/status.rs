@@ -44,7 +44,9 @@ impl From<BrokerError> for Status {
 /// The status of a denied call; `account` is the (bounded) account the caller asked for.
 pub(super) fn denied_status(denied: Denied, account: Option<&str>) -> Status {
     match denied {
-        Denied::Unauthenticated(reason) => Status::unauthenticated(format!("unauthenticated: {reason}")),
+        Denied::Unauthenticated(reason) => {
+            Status::unauthenticated(format!("unauthenticated: {reason}"))
+        }
         Denied::PermissionDenied => Status::permission_denied(match account {
             Some(a) => format!("caller may not use account {a:?}"),
             None => "caller may not use this account".to_owned(),

@@ -3,7 +3,6 @@
 use tokio_rustls::rustls::pki_types::CertificateDer;
 use x509_parser::{certificate::X509Certificate, extensions::GeneralName, prelude::FromDer};
 
-
 /// The caller identity in a client certificate chain: the leaf's first URI SAN (e.g. a SPIFFE
 /// ID), else its first DNS SAN. `None` for an empty chain, an unparsable leaf or a leaf with
 /// neither.

@@ -26,7 +26,6 @@ use super::{
     ACCEPT_ERROR_BACKOFF, HANDSHAKE_TIMEOUT, MAX_PENDING_HANDSHAKES, TlsAcceptor, peer_identity,
 };
 
-
 /// The stream of established TLS connections on `listener`, for tonic's
 /// `serve_with_incoming[_shutdown]`.
 ///
@@ -226,4 +225,3 @@ impl AsyncWrite for TlsConn {
         Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
-

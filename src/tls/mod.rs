@@ -44,7 +44,9 @@ pub use self::{
     identity::peer_identity,
     incoming::{TlsConn, TlsConnInfo, incoming},
 };
-use crate::config::{FieldError, TlsConfig, TlsMaterial, client_verifier, tls_provider as provider};
+use crate::config::{
+    FieldError, TlsConfig, TlsMaterial, client_verifier, tls_provider as provider,
+};
 
 /// Why a TLS setup cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -223,4 +225,3 @@ impl ResolvesServerCert for CertResolver {
         Some(self.0.load_full())
     }
 }
-

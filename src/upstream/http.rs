@@ -12,7 +12,6 @@ use crate::{
     token::Token,
 };
 
-
 /// [`Upstream`] over HTTP(S) with reqwest and rustls.
 #[derive(Clone)]
 pub struct HttpUpstream {

@@ -23,7 +23,6 @@ pub use bace_wire::Grant;
 pub use self::{http::HttpUpstream, parse::parse_answer};
 use crate::{config::AccountConfig, token::Token};
 
-
 /// Largest answer body read from BACE; a token answer is a few hundred bytes.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 

@@ -210,10 +210,7 @@ mod tests {
         ) else {
             panic!();
         };
-        assert_eq!(
-            expires,
-            parse_bace_expires("2022-04-04 14:19:49", AMS)
-        );
+        assert_eq!(expires, parse_bace_expires("2022-04-04 14:19:49", AMS));
         let Ok(Issued::Extended { expires }) = parse(200, r#"{"refreshed": true, "expires": 12}"#)
         else {
             panic!();

@@ -297,7 +297,10 @@ impl BrokerConfig {
             ("token_url", self.token_url.as_deref().map(quote)),
             ("timeout", self.upstream_timeout.map(duration)),
             ("verify_url", self.verify_url.as_deref().map(quote)),
-            ("expires_timezone", self.expires_timezone.as_deref().map(quote)),
+            (
+                "expires_timezone",
+                self.expires_timezone.as_deref().map(quote),
+            ),
         ];
         section(&mut line, "upstream", &upstream);
         let refresh: Vec<(&str, Option<String>)> = self
