@@ -260,10 +260,17 @@ impl Collector for Sources {
             "bace_broker_singleflight_waiters",
             "Callers that joined a token fetch already in flight.",
             Empty::Omit,
-            accounts
-                .iter()
-                .filter(|a| a.counts.joined > 0)
-                .map(|a| (label(a), a.counts.joined)),
+            self.broker
+                .singleflight_joins()
+                .into_iter()
+                .map(|(account, n)| {
+                    (
+                        AccountLabels {
+                            account: known(&account),
+                        },
+                        n,
+                    )
+                }),
         )?;
         counters(
             e,

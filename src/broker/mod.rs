@@ -388,6 +388,11 @@ impl Broker {
         self.inner.metrics.upstream_counts()
     }
 
+    /// Callers that joined a fetch already in flight, by account (single flight at work).
+    pub fn singleflight_joins(&self) -> Vec<(AccountName, u64)> {
+        self.inner.metrics.joins()
+    }
+
     /// How long token endpoint requests took, by grant.
     pub(crate) fn upstream_durations(&self) -> [(Grant, HistogramSnapshot); 2] {
         self.inner.metrics.upstream_durations()
@@ -434,6 +439,12 @@ enum Acquired {
 // === impl Inner ===
 
 impl Inner {
+    /// Joins `flight` of `slot` as one more waiter (counted).
+    fn join(&self, slot: &Slot, flight: &Flight) -> Flight {
+        self.metrics.joined(&slot.account.name);
+        flight.join()
+    }
+
     fn slot(&self, account: &str) -> Result<Arc<Slot>, BrokerError> {
         AccountName::validate(account).map_err(BrokerError::InvalidAccountName)?;
         // Clone the Arc out; the map guard drops at the end of this statement.
@@ -457,7 +468,7 @@ impl Inner {
             return Ok(Acquired::Ready(token.clone()));
         }
         if let Some(flight) = &state.flight {
-            return Ok(Acquired::Wait(slot.join(flight)));
+            return Ok(Acquired::Wait(self.join(slot, flight)));
         }
         if let Some(error) = state.backing_off(now) {
             return Err(error);
@@ -504,7 +515,7 @@ impl Inner {
             // Another caller is already replacing this very token: share its login.
             return Ok(match forced {
                 Some(f) if reported.is_some() && reported == state.replaced => {
-                    Invalidation::Replace(slot.join(&f))
+                    Invalidation::Replace(self.join(slot, &f))
                 }
                 _ => Invalidation::Keep(InvalidateOutcome::AlreadyReplaced),
             });
@@ -513,7 +524,7 @@ impl Inner {
         // (a login): share it rather than start a second login.
         let running = forced.or_else(|| state.flight.clone().filter(|_| current.is_none()));
         if let Some(flight) = running {
-            return Ok(Invalidation::Replace(slot.join(&flight)));
+            return Ok(Invalidation::Replace(self.join(slot, &flight)));
         }
         if state
             .last_forced_at

@@ -193,12 +193,6 @@ impl Slot {
         }
     }
 
-    /// Joins `flight` as one more waiter (counted).
-    pub(super) fn join(&self, flight: &Flight) -> Flight {
-        self.counters.joined();
-        flight.join()
-    }
-
     /// Records a finished fetch: installs the token or the backoff, logs, plans the next
     /// refresh or retry (under the lock, so plans reach the refresher in order), and returns
     /// what waiters get.
@@ -359,4 +353,23 @@ impl SlotState {
 /// A uniform jitter in `[-1, 1]` for [`schedule::refresh_delay`].
 fn jitter() -> f64 {
     rand::random::<f64>() * 2.0 - 1.0
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With 100,000 accounts every byte of a slot counts 100,000 times, and jemalloc rounds an
+    /// allocation up to its size class: an `Arc<Slot>` (two counts and the slot) must stay
+    /// within the 256-byte class (the next is 320).
+    #[test]
+    fn a_slot_allocation_fits_the_256_byte_class() {
+        let arc_counts = 2 * std::mem::size_of::<usize>();
+        assert!(
+            std::mem::size_of::<Slot>() + arc_counts <= 256,
+            "Slot is {} bytes",
+            std::mem::size_of::<Slot>()
+        );
+    }
 }
