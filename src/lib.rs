@@ -70,7 +70,10 @@ pub use crate::{
     grpc::{CallCount, CallCounts, GetTokenReply, TokenBrokerApi, WatchResponses, code_name},
     reload::{DEBOUNCE, ReloadCounts, Reloader},
     telemetry::Sources as TelemetrySources,
-    tls::{PreparedTls, TlsAcceptor, TlsConn, TlsConnInfo, TlsError, incoming, peer_identity},
+    tls::{
+        HANDSHAKE_TIMEOUT, PreparedTls, TlsAcceptor, TlsConn, TlsConnInfo, TlsError, incoming,
+        peer_identity,
+    },
     token::{AccountName, AccountNameError, Fingerprint, MAX_ACCOUNT_NAME_LEN, Token},
     upstream::{
         BoxFuture, Call, Grant, HttpUpstream, Issued, MAX_BODY_BYTES, Upstream, UpstreamError,

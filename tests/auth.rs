@@ -1,5 +1,5 @@
-//! Caller identity with real components: mTLS through `tls::incoming` with certificates made
-//! here (rcgen), a tonic server and client; Kubernetes service-account tokens signed here and
+//! Caller identity with real components: mTLS through `incoming` with certificates made
+//! here (rcgen, `testkit::pki`), a tonic server and client; Kubernetes service-account tokens signed here and
 //! checked against a JWKS served by a loopback fake that counts its requests. Real time,
 //! loopback only, no fixed sleeps.
 
@@ -19,17 +19,18 @@ use axum::{
     http::{HeaderMap, StatusCode},
     routing::get,
 };
-#[path = "common/pki.rs"]
-mod pki;
-
 use bace_token_broker::{
-    auth::{Authorizer, Denied, RawAuth},
-    tls::{self, RawTls, TlsAcceptor, TlsConfig, TlsConnInfo},
+    Authorizer, Denied, HANDSHAKE_TIMEOUT, TlsAcceptor, TlsConnInfo,
+    config::{RawAuth, RawTls, TlsConfig},
+    incoming, peer_identity,
 };
-use jsonwebtoken::{Algorithm, EncodingKey, Header, jwk::Jwk};
-use pki::{Ca, Leaf, dns, now, sa_claims as claims, uri};
-use rcgen::{KeyPair, SanType};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use rcgen::SanType;
 use serde_json::{Value, json};
+use testkit::{
+    guard,
+    pki::{self, AUDIENCE, Ca, ISSUER, Leaf, SigningKey, dns, now, sa_claims as claims, uri},
+};
 use tokio::{
     io::AsyncWriteExt,
     net::{TcpListener, TcpStream},
@@ -51,16 +52,9 @@ use tonic_health::{
 };
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-const HANG_GUARD: Duration = Duration::from_secs(20);
 const SPIFFE_ID: &str = "spiffe://cluster.local/ns/ingest/sa/worker";
 
-async fn guard<F: std::future::Future>(f: F) -> F::Output {
-    tokio::time::timeout(HANG_GUARD, f)
-        .await
-        .expect("hang guard")
-}
-
-// === Certificates: tests/common/pki.rs ===
+// === Certificates: testkit::pki ===
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
@@ -81,7 +75,7 @@ fn tls_files(dir: &Path, server: &Leaf, client_ca: Option<&Ca>) -> TlsConfig {
 
 // === A TLS server and clients ===
 
-/// tonic's health service behind `tls::incoming`, with an interceptor that records each
+/// tonic's health service behind `incoming`, with an interceptor that records each
 /// request's [`TlsConnInfo`] and refuses requests without a certificate identity.
 struct TestServer {
     addr: SocketAddr,
@@ -117,7 +111,7 @@ impl TestServer {
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(service)
-                .serve_with_incoming_shutdown(tls::incoming(listener, acceptor.clone()), async {
+                .serve_with_incoming_shutdown(incoming(listener, acceptor.clone()), async {
                     let _ = stopped.await;
                 }),
         );
@@ -264,7 +258,7 @@ async fn client_certificates_name_the_caller() {
         other => panic!("{other:?}"),
     }
     let certs = server.last_seen().peer_certs.unwrap();
-    assert_eq!(tls::peer_identity(&certs), None);
+    assert_eq!(peer_identity(&certs), None);
     assert_eq!(
         auth.authenticate(None, Some(&certs)).await,
         Err(Denied::NO_IDENTITY)
@@ -337,7 +331,7 @@ async fn a_silent_client_does_not_hold_up_the_others() {
 
     // Well within the handshake timeout: only concurrent handshakes make this.
     let good = clients.client(vec![uri(SPIFFE_ID)]);
-    let budget = tls::HANDSHAKE_TIMEOUT / 2;
+    let budget = HANDSHAKE_TIMEOUT / 2;
     tokio::time::timeout(budget, call(server.addr, &server_ca, Some(&good)))
         .await
         .expect("a good client waited for silent ones")
@@ -400,7 +394,7 @@ async fn rotation_serves_new_connections_and_keeps_old_ones() {
 
     // A failed reload changes nothing.
     std::fs::write(&config.key_file, first.key_pem.as_bytes()).unwrap();
-    let error = server.acceptor.reload(&config).unwrap_err();
+    let error = server.acceptor.reload(&config).unwrap_err().to_string();
     assert!(error.contains("tls.key_file"), "{error}");
     let served = served_certificate(server.addr, &[&ca2], &client2).await;
     assert_eq!(served, second.der);
@@ -442,7 +436,7 @@ fn tls_config_errors_name_the_field() {
         ),
     ];
     for (raw, wants) in cases {
-        let msg = raw.clone().validate().unwrap_err();
+        let msg = raw.clone().validate().unwrap_err().to_string();
         for want in wants {
             assert!(msg.contains(want), "{raw:?}: {msg:?} lacks {want:?}");
         }
@@ -459,53 +453,6 @@ fn tls_config_errors_name_the_field() {
 }
 
 // === Kubernetes service-account tokens ===
-
-use pki::{AUDIENCE, ISSUER};
-
-struct SigningKey {
-    kid: String,
-    alg: Algorithm,
-    key: EncodingKey,
-    jwk: Value,
-}
-
-impl SigningKey {
-    fn es256(kid: &str) -> Self {
-        let pair = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        Self::new(
-            kid,
-            Algorithm::ES256,
-            EncodingKey::from_ec_der(pair.serialized_der()),
-        )
-    }
-
-    fn rs256(kid: &str) -> Self {
-        let pair = KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
-        let key = EncodingKey::from_rsa_pem(pair.serialize_pem().as_bytes()).unwrap();
-        Self::new(kid, Algorithm::RS256, key)
-    }
-
-    fn new(kid: &str, alg: Algorithm, key: EncodingKey) -> Self {
-        let mut jwk = Jwk::from_encoding_key(&key, alg).unwrap();
-        jwk.common.key_id = Some(kid.to_owned());
-        Self {
-            kid: kid.to_owned(),
-            alg,
-            key,
-            jwk: serde_json::to_value(jwk).unwrap(),
-        }
-    }
-
-    fn sign(&self, claims: &Value) -> String {
-        let mut header = Header::new(self.alg);
-        header.kid = Some(self.kid.clone());
-        jsonwebtoken::encode(&header, claims, &self.key).unwrap()
-    }
-
-    fn bearer(&self, claims: &Value) -> String {
-        format!("Bearer {}", self.sign(claims))
-    }
-}
 
 fn with(mut claims: Value, key: &str, value: Value) -> Value {
     claims[key] = value;
@@ -559,7 +506,7 @@ impl JwksFake {
     }
 
     fn publish(&self, keys: &[&SigningKey]) {
-        *self.keys.lock().unwrap() = keys.iter().map(|k| k.jwk.clone()).collect();
+        *self.keys.lock().unwrap() = keys.iter().map(|k| k.jwk().clone()).collect();
     }
 
     fn requests(&self) -> usize {
@@ -824,7 +771,7 @@ async fn jwks_file_and_allow_list_reload() {
     let (a, b) = (SigningKey::es256("a"), SigningKey::rs256("b"));
     let dir = tempfile::tempdir().unwrap();
     let jwks = |keys: &[&SigningKey]| {
-        let keys: Vec<Value> = keys.iter().map(|k| k.jwk.clone()).collect();
+        let keys: Vec<Value> = keys.iter().map(|k| k.jwk().clone()).collect();
         write(
             dir.path(),
             "jwks.json",
@@ -881,7 +828,7 @@ async fn jwks_file_and_allow_list_reload() {
 
     // A broken file is refused at validation and the authorizer keeps what it has.
     std::fs::write(&path, "{\"keys\": []}").unwrap();
-    let error = config(&yaml("[fleet-b]")).unwrap_err();
+    let error = config(&yaml("[fleet-b]")).unwrap_err().to_string();
     assert!(error.contains("auth.kubernetes.jwks_file"), "{error}");
     assert!(
         auth.authenticate(Some(&b.bearer(&worker)), None)

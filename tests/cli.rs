@@ -7,13 +7,14 @@
 use std::{
     fs,
     io::Write,
-    net::TcpListener,
+    net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
     time::{Duration, Instant},
 };
 
-use bace_token_broker::fake::{FakeAccount, FakeBace, FakeOptions, Grant};
+use fake_bace::{FakeAccount, FakeBace, FakeOptions, Grant};
+use testkit::{Account, BrokerConfig};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
@@ -226,6 +227,11 @@ fn config_with_account(account: &str) -> String {
 
 const GOOD_ACCOUNT: &str = "    client_id: cid\n    client_secret: csecret\n    username: ops@example.com\n    password: pw\n";
 
+/// The account of [`GOOD_ACCOUNT`], named `name`, for [`BrokerConfig`].
+fn good_account(name: &str) -> Account {
+    Account::new(name, "cid", "csecret", "ops@example.com", "pw")
+}
+
 fn check_config(dir: &Path, yaml: &str) -> Output {
     let path = dir.join("config.yaml");
     fs::write(&path, yaml).expect("write config");
@@ -242,29 +248,22 @@ fn check_config_accepts_a_good_config_with_secret_files() {
     let password = dir.path().join("password");
     fs::write(&secret, "csecret\n").expect("write");
     fs::write(&password, "pw\n").expect("write");
-    let yaml = format!(
-        "listen: 127.0.0.1:6000
-upstream:
-  token_url: http://127.0.0.1:1/oauth2/token
-  timeout: 2s
-  expires_timezone: UTC
-refresh:
-  lifetime_fraction: 0.5
-  expiry_margin: 1m
-  refreshed_lifetime: 7d
-invalidate_cooldown: 30s
-accounts:
-  fleet-a:
-    client_id: cid
-    client_secret_file: {}
-    username: ops@example.com
-    password_file: {}
-  fleet-b:
-{GOOD_ACCOUNT}",
-        secret.display(),
-        password.display()
-    );
-    let out = ok(check_config(dir.path(), &yaml));
+    let config = BrokerConfig::new()
+        .listen(SocketAddr::from(([127, 0, 0, 1], 6000)))
+        .token_url("http://127.0.0.1:1/oauth2/token")
+        .upstream_timeout(Duration::from_secs(2))
+        .expires_timezone("UTC")
+        .lifetime_fraction(0.5)
+        .expiry_margin(Duration::from_secs(60))
+        .refreshed_lifetime(Duration::from_secs(7 * 24 * 3600))
+        .invalidate_cooldown(Duration::from_secs(30))
+        .account(
+            good_account("fleet-a")
+                .client_secret_file(&secret)
+                .password_file(&password),
+        )
+        .account(good_account("fleet-b"));
+    let out = ok(check_config(dir.path(), &config.to_yaml()));
     assert!(
         out.contains("fleet-a") && out.contains("fleet-b"),
         "stdout names the accounts: {out}"
@@ -274,8 +273,9 @@ accounts:
 #[test]
 fn check_config_reads_the_path_from_the_environment() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("config.yaml");
-    fs::write(&path, config_with_account(GOOD_ACCOUNT)).expect("write config");
+    let path = BrokerConfig::new()
+        .account(good_account("fleet-a"))
+        .write(dir.path(), "config.yaml");
     let out = ok(run_with(
         command()
             .arg("check-config")
@@ -474,35 +474,29 @@ fn fake_with_accounts(rt: &tokio::runtime::Runtime) -> FakeBace {
 /// returns its path and the metrics port it names.
 fn write_config(dir: &Path, fake: &FakeBace) -> (PathBuf, u16) {
     let metrics_port = free_port();
-    let mut yaml = format!(
-        "metrics_listen: \"127.0.0.1:{metrics_port}\"\nupstream:\n  token_url: \"{}\"\n  timeout: 5s\nshutdown_grace: 5s\naccounts:\n",
-        fake.token_url()
-    );
+    let mut config = BrokerConfig::new()
+        .metrics_listen(Some(SocketAddr::from(([127, 0, 0, 1], metrics_port))))
+        .token_url(fake.token_url())
+        .upstream_timeout(Duration::from_secs(5))
+        .shutdown_grace(Duration::from_secs(5));
     for a in &ACCOUNTS {
-        yaml.push_str(&format!(
-            "  {}:\n    client_id: cid-{}\n    username: {}\n",
-            a.name, a.name, a.username
-        ));
+        let mut account = Account::new(
+            a.name,
+            format!("cid-{}", a.name),
+            a.client_secret,
+            a.username,
+            a.password,
+        );
         if a.from_files {
             let secret = dir.join(format!("{}.client_secret", a.name));
             let password = dir.join(format!("{}.password", a.name));
             fs::write(&secret, format!("{}\n", a.client_secret)).expect("write");
             fs::write(&password, format!("{}\n", a.password)).expect("write");
-            yaml.push_str(&format!(
-                "    client_secret_file: {}\n    password_file: {}\n",
-                secret.display(),
-                password.display()
-            ));
-        } else {
-            yaml.push_str(&format!(
-                "    client_secret: \"{}\"\n    password: \"{}\"\n",
-                a.client_secret, a.password
-            ));
+            account = account.client_secret_file(secret).password_file(password);
         }
+        config = config.account(account);
     }
-    let path = dir.join("config.yaml");
-    fs::write(&path, yaml).expect("write config");
-    (path, metrics_port)
+    (config.write(dir, "config.yaml"), metrics_port)
 }
 
 #[test]

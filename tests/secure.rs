@@ -1,15 +1,19 @@
 //! Caller identity and per-account authorization over the wire: a real broker with mTLS and
 //! with Kubernetes service-account tokens, real tonic clients, the fake BACE.
 
-mod common;
-#[path = "common/pki.rs"]
-mod pki;
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
-use std::{net::SocketAddr, time::Duration};
-
-use bace_token_broker::{app, config::Config, proto};
-use common::{config_yaml, fake, guard, user};
-use pki::{Ca, Leaf, SigningKey, sa_claims};
+use bace_token_broker::{Config, Listeners, READINESS_SERVICE, proto};
+use fake_bace::Grant;
+use testkit::{
+    BrokerConfig, Jwks, Kubernetes, fake, guard,
+    pki::{self, Ca, Leaf, SigningKey, sa_claims},
+    user,
+};
 use tokio::sync::oneshot;
 use tonic::{
     Code, Request,
@@ -43,12 +47,12 @@ async fn start(config: Config) -> Secure {
         metrics.local_addr().unwrap(),
     );
     let (stop, stopped) = oneshot::channel::<()>();
-    let listeners = app::Listeners {
+    let listeners = Listeners {
         grpc,
         metrics: Some(metrics),
         health,
     };
-    let server = tokio::spawn(app::serve(config, listeners, async {
+    let server = tokio::spawn(bace_token_broker::serve(config, listeners, async {
         let _ = stopped.await;
     }));
     Secure {
@@ -91,6 +95,13 @@ async fn tls_client(
     Ok(proto::token_broker_service_client::TokenBrokerServiceClient::new(channel))
 }
 
+/// Writes `text` to `dir/name`; the path.
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 fn get(account: &str) -> proto::GetTokenRequest {
     proto::GetTokenRequest {
         account: account.into(),
@@ -108,7 +119,7 @@ async fn wait_ready(addr: SocketAddr) {
             {
                 let ready = HealthClient::new(channel)
                     .check(HealthCheckRequest {
-                        service: app::READINESS_SERVICE.into(),
+                        service: READINESS_SERVICE.into(),
                     })
                     .await
                     .is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32);
@@ -128,19 +139,15 @@ async fn mtls_callers_get_only_the_accounts_they_are_allowed() {
     let dir = tempfile::tempdir().unwrap();
     let (ca, other_ca) = (Ca::new("broker CA"), Ca::new("someone else"));
     let server = ca.server(1);
-    let write = |name: &str, text: &str| {
-        let path = dir.path().join(name);
-        std::fs::write(&path, text).unwrap();
-        path.display().to_string()
-    };
-    let extra = format!(
-        "tls:\n  cert_file: {}\n  key_file: {}\n  client_ca_file: {}\nauth:\n  allow:\n    - caller: \"{WORKER}\"\n      accounts: [fleet-a]\n",
-        write("tls.crt", &server.cert_pem),
-        write("tls.key", &server.key_pem),
-        write("ca.crt", &ca.pem()),
-    );
-    let broker =
-        start(Config::parse(&config_yaml(&fake, &["fleet-a", "fleet-b"], &extra)).unwrap()).await;
+    let write = |name: &str, text: &str| write(dir.path(), name, text);
+    let config = BrokerConfig::for_fake(&fake, &["fleet-a", "fleet-b"])
+        .tls(
+            &write("tls.crt", &server.cert_pem),
+            &write("tls.key", &server.key_pem),
+            Some(&write("ca.crt", &ca.pem())),
+        )
+        .allow(WORKER, &["fleet-a"]);
+    let broker = start(config.build()).await;
     // Probes use the plaintext health port: no certificate needed there.
     wait_ready(broker.health.unwrap()).await;
 
@@ -229,10 +236,7 @@ async fn mtls_callers_get_only_the_accounts_they_are_allowed() {
             .await,
         6.0
     );
-    assert_eq!(
-        fake.calls(&user("fleet-b"), bace_token_broker::fake::Grant::Password),
-        1
-    );
+    assert_eq!(fake.calls(&user("fleet-b"), Grant::Password), 1);
     broker.stop().await;
 }
 
@@ -243,13 +247,11 @@ async fn service_account_tokens_identify_callers() {
     let key = SigningKey::es256("k1");
     let jwks = dir.path().join("jwks.json");
     std::fs::write(&jwks, key.jwks()).unwrap();
-    let extra = format!(
-        "auth:\n  kubernetes:\n    issuer: \"{}\"\n    jwks_file: {}\n  allow:\n    - caller: system:serviceaccount:reports:exporter\n      accounts: [\"*\"]\n    - caller: system:serviceaccount:ingest:worker\n      accounts: [fleet-b]\n",
-        pki::ISSUER,
-        jwks.display()
-    );
-    let broker =
-        start(Config::parse(&config_yaml(&fake, &["fleet-a", "fleet-b"], &extra)).unwrap()).await;
+    let config = BrokerConfig::for_fake(&fake, &["fleet-a", "fleet-b"])
+        .kubernetes(Kubernetes::new(pki::ISSUER, Jwks::File(jwks)))
+        .allow("system:serviceaccount:reports:exporter", &["*"])
+        .allow("system:serviceaccount:ingest:worker", &["fleet-b"]);
+    let broker = start(config.build()).await;
     wait_ready(broker.grpc).await;
     let channel = Endpoint::from_shared(format!("http://{}", broker.grpc))
         .unwrap()
@@ -340,7 +342,7 @@ async fn allow_list_and_server_certificate_reload_live() {
         let tmp = dir.path().join(format!("{name}.tmp"));
         std::fs::write(&tmp, text).unwrap();
         std::fs::rename(&tmp, &path).unwrap();
-        path.display().to_string()
+        path
     };
     let server = ca.server(1);
     let (cert, key_file) = (
@@ -349,13 +351,13 @@ async fn allow_list_and_server_certificate_reload_live() {
     );
     let client_ca = write("ca.crt", &ca.pem());
     let config = |allowed: &str| {
-        let extra = format!(
-            "tls:\n  cert_file: {cert}\n  key_file: {key_file}\n  client_ca_file: {client_ca}\nauth:\n  allow:\n    - caller: \"{WORKER}\"\n      accounts: [{allowed}]\n"
-        );
-        write("config.yaml", &config_yaml(&fake, &["fleet-a"], &extra))
+        let config = BrokerConfig::for_fake(&fake, &["fleet-a"])
+            .tls(&cert, &key_file, Some(&client_ca))
+            .allow(WORKER, &[allowed]);
+        write("config.yaml", &config.to_yaml())
     };
     let path = config("none-yet");
-    let broker = start(Config::load(std::path::Path::new(&path)).unwrap()).await;
+    let broker = start(Config::load(&path).unwrap()).await;
     wait_ready(broker.health.unwrap()).await;
     let worker = ca.client_uri(WORKER);
     let mut client = tls_client(broker.grpc, &ca, Some(&worker)).await.unwrap();
@@ -413,20 +415,20 @@ async fn certificates_and_service_account_tokens_work_together_on_one_port() {
     let ca = Ca::new("broker CA");
     let server = ca.server(1);
     let key = SigningKey::es256("k1");
-    let write = |name: &str, text: &str| {
-        let path = dir.path().join(name);
-        std::fs::write(&path, text).unwrap();
-        path.display().to_string()
-    };
-    let extra = format!(
-        "tls:\n  cert_file: {}\n  key_file: {}\n  client_ca_file: {}\nauth:\n  kubernetes:\n    issuer: \"{}\"\n    jwks_file: {}\n  allow:\n    - caller: \"{WORKER}\"\n      accounts: [fleet-a]\n    - caller: system:serviceaccount:reports:exporter\n      accounts: [fleet-a]\n",
-        write("tls.crt", &server.cert_pem),
-        write("tls.key", &server.key_pem),
-        write("ca.crt", &ca.pem()),
-        pki::ISSUER,
-        write("jwks.json", &key.jwks()),
-    );
-    let broker = start(Config::parse(&config_yaml(&fake, &["fleet-a"], &extra)).unwrap()).await;
+    let write = |name: &str, text: &str| write(dir.path(), name, text);
+    let config = BrokerConfig::for_fake(&fake, &["fleet-a"])
+        .tls(
+            &write("tls.crt", &server.cert_pem),
+            &write("tls.key", &server.key_pem),
+            Some(&write("ca.crt", &ca.pem())),
+        )
+        .kubernetes(Kubernetes::new(
+            pki::ISSUER,
+            Jwks::File(write("jwks.json", &key.jwks())),
+        ))
+        .allow(WORKER, &["fleet-a"])
+        .allow("system:serviceaccount:reports:exporter", &["fleet-a"]);
+    let broker = start(config.build()).await;
     wait_ready(broker.health.unwrap()).await;
     // A client certificate identifies the caller...
     let mut with_cert = tls_client(broker.grpc, &ca, Some(&ca.client_uri(WORKER)))

@@ -9,7 +9,7 @@
 //!
 //! [`incoming`] (in `incoming`) turns a [`TcpListener`] into the stream tonic's
 //! `serve_with_incoming[_shutdown]` takes. Handshakes run as tasks with a timeout, at most
-//! [`MAX_PENDING_HANDSHAKES`] at once, so a slow or silent client never holds up the others; a
+//! `MAX_PENDING_HANDSHAKES` at once, so a slow or silent client never holds up the others; a
 //! failed handshake is logged at debug and skipped. Each [`TlsConn`] carries a [`TlsConnInfo`]
 //! (remote address, verified client certificate chain) that tonic puts into every request's
 //! extensions.
@@ -60,7 +60,7 @@ pub enum TlsError {
 }
 
 /// How long a client may take to complete its TLS handshake.
-pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes in progress at most; beyond this, new TCP connections wait in the listen backlog.
 pub(crate) const MAX_PENDING_HANDSHAKES: usize = 1024;
 /// Pause after an accept error such as "too many open files", so the loop does not spin.

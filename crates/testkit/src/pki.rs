@@ -87,24 +87,46 @@ pub fn uri(uri: &str) -> SanType {
 pub const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 pub const AUDIENCE: &str = "bace-token-broker";
 
-/// An ES256 signing key and its JWK.
+/// A signing key (ES256 or RS256) and its JWK.
 pub struct SigningKey {
     kid: String,
+    alg: Algorithm,
     key: EncodingKey,
     jwk: Value,
 }
 
 impl SigningKey {
+    /// A new P-256 key (ES256) named `kid`.
     pub fn es256(kid: &str) -> Self {
         let pair = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let key = EncodingKey::from_ec_der(pair.serialized_der());
-        let mut jwk = Jwk::from_encoding_key(&key, Algorithm::ES256).unwrap();
+        Self::new(
+            kid,
+            Algorithm::ES256,
+            EncodingKey::from_ec_der(pair.serialized_der()),
+        )
+    }
+
+    /// A new RSA key (RS256) named `kid`.
+    pub fn rs256(kid: &str) -> Self {
+        let pair = KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
+        let key = EncodingKey::from_rsa_pem(pair.serialize_pem().as_bytes()).unwrap();
+        Self::new(kid, Algorithm::RS256, key)
+    }
+
+    fn new(kid: &str, alg: Algorithm, key: EncodingKey) -> Self {
+        let mut jwk = Jwk::from_encoding_key(&key, alg).unwrap();
         jwk.common.key_id = Some(kid.to_owned());
         Self {
             kid: kid.to_owned(),
+            alg,
             key,
             jwk: serde_json::to_value(jwk).unwrap(),
         }
+    }
+
+    /// The public key as a JWK.
+    pub fn jwk(&self) -> &Value {
+        &self.jwk
     }
 
     /// A JWKS document holding this key.
@@ -112,14 +134,16 @@ impl SigningKey {
         json!({ "keys": [self.jwk] }).to_string()
     }
 
+    /// `claims`, signed: a compact JWT with this key's `kid`.
+    pub fn sign(&self, claims: &Value) -> String {
+        let mut header = Header::new(self.alg);
+        header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(&header, claims, &self.key).unwrap()
+    }
+
     /// `Bearer <signed claims>`.
     pub fn bearer(&self, claims: &Value) -> String {
-        let mut header = Header::new(Algorithm::ES256);
-        header.kid = Some(self.kid.clone());
-        format!(
-            "Bearer {}",
-            jsonwebtoken::encode(&header, claims, &self.key).unwrap()
-        )
+        format!("Bearer {}", self.sign(claims))
     }
 }
 
