@@ -103,8 +103,13 @@ async fn a_reload_refused_for_its_auth_section_changes_no_tls() {
 
     // A new certificate (good) and a JWKS CA that cannot be used (refused when the auth
     // section is put to use, after the whole config validated).
-    broker_config(dir.path(), &second, NOT_A_CERTIFICATE, "system:serviceaccount:a:new")
-        .write(dir.path(), "config.yaml");
+    broker_config(
+        dir.path(),
+        &second,
+        NOT_A_CERTIFICATE,
+        "system:serviceaccount:a:new",
+    )
+    .write(dir.path(), "config.yaml");
     Config::load(&path).expect("the new config validates");
     reloader.reload();
 
@@ -118,8 +123,13 @@ async fn a_reload_refused_for_its_auth_section_changes_no_tls() {
     assert!(!authorizer.authorize("system:serviceaccount:a:new", "fleet-a"));
 
     // Fixed, the same reload applies every section.
-    broker_config(dir.path(), &second, &ca.pem(), "system:serviceaccount:a:new")
-        .write(dir.path(), "config.yaml");
+    broker_config(
+        dir.path(),
+        &second,
+        &ca.pem(),
+        "system:serviceaccount:a:new",
+    )
+    .write(dir.path(), "config.yaml");
     reloader.reload();
     assert_eq!(served(&acceptor, &ca, leaves).await, 1);
     assert!(authorizer.authorize("system:serviceaccount:a:new", "fleet-a"));
