@@ -355,7 +355,6 @@ fn jitter() -> f64 {
     rand::random::<f64>() * 2.0 - 1.0
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,29 +4,25 @@ mTLS and with Kubernetes service-account tokens.
 Everything secret is made here with `cryptography`: a CA, a server certificate (SANs 127.0.0.1
 and localhost), client certificates whose URI SANs are SPIFFE IDs, and an RSA key whose JWKS the
 broker reads from a file; the service-account tokens (RS256 JWTs) are signed by hand. The
-broker runs `serve --config FILE` against a small fake of BACE's token endpoint (stdlib
-`http.server` on loopback), with two accounts, `fleet-a` and `fleet-b`:
+broker runs `serve --config FILE` against the Rust fake BACE (`crates/fake-bace`, run as the
+`fake-bace` process on loopback), with two accounts, `fleet-a` and `fleet-b`:
 
 - broker A: TLS with client certificates from the CA, an allow list of SPIFFE IDs, and the
   plaintext health-only listener (`health_listen`) that Kubernetes probes use;
 - broker B: plaintext, service-account tokens checked against the JWKS file, an allow list of
   service accounts.
 
-Environment: BROKER_BIN, the binary to run (default target/debug/bace-token-broker, honouring
-CARGO_TARGET_DIR).
+Environment: BROKER_BIN, the broker binary to run (default target/debug/bace-token-broker), and
+FAKE_BACE_BIN, the fake's (default target/debug/fake-bace), both honouring CARGO_TARGET_DIR.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import secrets
 import subprocess
-import threading
 import time
-import urllib.parse
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -55,87 +51,18 @@ EXPORTER = ("reports", "exporter")  # allowed every account
 STRANGER = ("reports", "stranger")  # not in the allow list
 
 
-# === a fake BACE token endpoint ===
-
-
-class FakeBace:
-    """`POST /oauth2/token` with a password (or refresh) grant for the configured accounts:
-    answers a fresh random access token valid for an hour. Remembers which token it issued to
-    which account."""
-
-    def __init__(self, credentials: dict[str, dict[str, str]]):
-        self.credentials = credentials  # account -> {client_id, client_secret, username, password}
-        self.issued: dict[str, str] = {}  # access token -> account
-        self.calls = 0
-        self._lock = threading.Lock()
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 (http.server's naming)
-                length = int(self.headers.get("Content-Length") or 0)
-                form = dict(urllib.parse.parse_qsl(self.rfile.read(length).decode()))
-                status, body = fake.answer(self.path, form)
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):  # quiet
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def token_url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}/oauth2/token"
-
-    def answer(self, path: str, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
-        with self._lock:
-            self.calls += 1
-        if path != "/oauth2/token":
-            return 404, {"error": "not_found"}
-        grant = form.get("grant_type")
-        if grant == "password":
-            account = next(
-                (
-                    name
-                    for name, c in self.credentials.items()
-                    if all(form.get(k) == v for k, v in c.items())
-                ),
-                None,
-            )
-        elif grant == "refresh_token":
-            account = next(
-                (a for t, a in self.issued.items() if form.get("refresh_token") == f"r-{t}"), None
-            )
-        else:
-            return 400, {"error": "unsupported_grant_type"}
-        if account is None:
-            return 401, {"error": "invalid_grant", "error_description": "bad credentials"}
-        token = secrets.token_hex(20)
-        with self._lock:
-            self.issued[token] = account
-        return 200, {
-            "access_token": token,
-            "expires_in": 3600,
-            "token_type": "Bearer",
-            "scope": None,
-            "refresh_token": f"r-{token}",
-        }
-
-    def __enter__(self) -> FakeBace:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+# The broker's credentials for each account; the fake BACE has an account for each (keyed by
+# username, checking the password, client id and client secret).
+CREDENTIALS = {
+    name: {
+        "client_id": f"{name}-client",
+        "client_secret": f"{name}-client-secret",
+        "username": f"ops@{name}.example.com",
+        "password": f"{name}-password",
+    }
+    for name in ACCOUNTS
+}
+FAKE_LOGIN_LIFETIME_S = 3600  # tokens from the password grant live an hour
 
 
 # === service-account tokens, signed by hand ===
@@ -259,32 +186,43 @@ class Broker:
 def binary() -> Path:
     path = testkit.broker_bin()
     if not path.is_file():
-        pytest.fail(f"broker binary not found at {path}; run `cargo build --bins` first")
+        pytest.fail(f"broker binary not found at {path}; run `cargo build --workspace --bins`")
     return path
 
 
 @pytest.fixture(scope="module")
-def fake_bace():
-    credentials = {
-        name: {
-            "client_id": f"{name}-client",
-            "client_secret": f"{name}-client-secret",
-            "username": f"ops@{name}.example.com",
-            "password": f"{name}-password",
-        }
-        for name in ACCOUNTS
-    }
-    with FakeBace(credentials) as fake:
+def fake_bace(tmp_path_factory):
+    """The Rust fake BACE (`fake-bace`) with an account per entry of CREDENTIALS."""
+    path = testkit.fake_bace_bin()
+    if not path.is_file():
+        pytest.fail(f"fake BACE binary not found at {path}; run `cargo build --workspace --bins`")
+    accounts = [
+        dict(creds, login_lifetime_secs=FAKE_LOGIN_LIFETIME_S) for creds in CREDENTIALS.values()
+    ]
+    try:
+        fake = testkit.FakeBaceProcess(path, accounts, tmp_path_factory.mktemp("fake-bace"))
+    except testkit.FakeBaceNotReady as e:
+        pytest.fail(str(e))
+    try:
         yield fake
+    finally:
+        code = fake.stop()
+    assert code == 0, f"fake BACE exited with {code} after SIGTERM; log:\n{fake.log_text()}"
 
 
-def _base_config(fake: FakeBace) -> dict[str, Any]:
+def issued_to(fake: testkit.FakeBaceProcess, access_token: str) -> str | None:
+    """The account (of ACCOUNTS) the fake issued `access_token` to, if it issued it."""
+    username = fake.issued_to(access_token)
+    return next((name for name, c in CREDENTIALS.items() if c["username"] == username), None)
+
+
+def _base_config(fake: testkit.FakeBaceProcess) -> dict[str, Any]:
     return {
         "listen": f"127.0.0.1:{testkit.free_port()}",
         "metrics_listen": "",
         "shutdown_grace": "2s",
         "accounts": {
-            name: dict(creds, token_url=fake.token_url) for name, creds in fake.credentials.items()
+            name: dict(creds, token_url=fake.token_url) for name, creds in CREDENTIALS.items()
         },
     }
 
@@ -406,7 +344,7 @@ def expect_code(code: grpc.StatusCode, call, *args, **kwargs) -> grpc.RpcError:
 def test_mtls_allowed_identity_gets_its_account(pb, worker, fake_bace):
     tok = get_token(pb, worker, "fleet-a")
     assert tok.account == "fleet-a"
-    assert fake_bace.issued.get(tok.access_token) == "fleet-a", "a token the fake issued to fleet-a"
+    assert issued_to(fake_bace, tok.access_token) == "fleet-a", "a token the fake issued to fleet-a"
     assert tok.authorization == "Bearer " + tok.access_token
 
 
@@ -492,7 +430,7 @@ def test_sa_token_allowed_every_account(pb, plain_b, signing_key, fake_bace):
     for account in ACCOUNTS:
         tok = get_token(pb, plain_b, account, md)
         assert tok.account == account
-        assert fake_bace.issued.get(tok.access_token) == account
+        assert issued_to(fake_bace, tok.access_token) == account
     assert list_accounts(pb, plain_b, md) == list(ACCOUNTS)
 
 

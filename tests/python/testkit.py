@@ -1,19 +1,25 @@
-"""Helpers shared by the Python tests (not a test module): where the broker binary is, free
-ports, waiting for a broker to turn ready and stopping it, and a throwaway PKI made with
-`cryptography` (a CA issuing server and client certificates)."""
+"""Helpers shared by the Python tests (not a test module): where the broker and fake BACE
+binaries are, free ports, waiting for a broker to turn ready and stopping it, the Rust fake BACE
+as a subprocess, and a throwaway PKI made with `cryptography` (a CA issuing server and client
+certificates)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 import os
+import select
 import signal
 import socket
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
+from urllib.error import HTTPError
+from urllib.parse import quote
+from urllib.request import ProxyHandler, build_opener
 
 import grpc
 from cryptography import x509
@@ -26,15 +32,28 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 READINESS_SERVICE = "bace.tokenbroker.v1.TokenBrokerService"
 
 
+def _debug_bin(name: str) -> Path:
+    """target/debug/NAME, honouring CARGO_TARGET_DIR."""
+    target = Path(os.environ.get("CARGO_TARGET_DIR", REPO_ROOT / "target"))
+    if not target.is_absolute():
+        target = REPO_ROOT / target
+    return target / "debug" / name
+
+
 def broker_bin() -> Path:
     """The broker binary: BROKER_BIN, else target/debug/bace-token-broker (honouring
     CARGO_TARGET_DIR)."""
     if env := os.environ.get("BROKER_BIN"):
         return Path(env)
-    target = Path(os.environ.get("CARGO_TARGET_DIR", REPO_ROOT / "target"))
-    if not target.is_absolute():
-        target = REPO_ROOT / target
-    return target / "debug" / "bace-token-broker"
+    return _debug_bin("bace-token-broker")
+
+
+def fake_bace_bin() -> Path:
+    """The fake BACE binary (crates/fake-bace, built by `cargo build --workspace --bins`):
+    FAKE_BACE_BIN, else target/debug/fake-bace (honouring CARGO_TARGET_DIR)."""
+    if env := os.environ.get("FAKE_BACE_BIN"):
+        return Path(env)
+    return _debug_bin("fake-bace")
 
 
 def free_port() -> int:
@@ -102,6 +121,127 @@ def stop(proc: subprocess.Popen, timeout: float = 15.0) -> int | None:
         proc.kill()
         proc.wait()
         return None
+
+
+# === the fake BACE, as a process ===
+
+
+class FakeBaceNotReady(Exception):
+    """The fake BACE exited, or did not announce its URLs in time (the message says which)."""
+
+
+# Loopback only: never through an HTTP proxy from the environment.
+_NO_PROXY = build_opener(ProxyHandler({}))
+
+
+class FakeBaceProcess:
+    """The Rust fake BACE (`crates/fake-bace`, the `fake-bace` binary) as a subprocess, with
+    these accounts (dicts as in its accounts file: username, password, client_id,
+    client_secret, optionally login_lifetime_secs, refresh_lifetime_secs, refresh_style,
+    error_shape). Accounts are keyed by username; both grants check client_id and
+    client_secret too, the password grant the password.
+
+    Starts on a free loopback port and waits for the JSON line with its URLs (`base_url`,
+    `token_url`, `api_url`). What it issued and how often it was called come from its
+    introspection endpoints under `/_fake/`. Its stdin is a pipe: if this process dies, the
+    fake sees the end of stdin and stops too. A context manager; `stop()` sends SIGTERM."""
+
+    def __init__(
+        self,
+        binary: Path,
+        accounts: Iterable[dict[str, Any]],
+        workdir: Path,
+        *,
+        timeout: float = 30.0,
+    ):
+        accounts_path = workdir / "fake-bace-accounts.json"
+        accounts_path.write_text(json.dumps({"accounts": list(accounts)}))
+        self.log_path = workdir / "fake-bace.log"
+        self.exit_code: int | None = None
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [str(binary), "--accounts", str(accounts_path)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                cwd=workdir,
+            )
+        try:
+            urls = json.loads(self._read_line(timeout))
+        except BaseException:
+            self.proc.kill()
+            self._close()
+            raise
+        self.base_url: str = urls["base_url"]
+        self.token_url: str = urls["token_url"]
+        self.api_url: str = urls["api_url"]
+
+    def _read_line(self, timeout: float) -> str:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            raise FakeBaceNotReady(
+                f"fake BACE printed no URL line within {timeout:.0f} s; log:\n{self.log_text()}"
+            )
+        line = self.proc.stdout.readline().decode()
+        if not line:
+            code = self.proc.wait()
+            raise FakeBaceNotReady(
+                f"fake BACE exited with {code} before listening; log:\n{self.log_text()}"
+            )
+        return line
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def _get(self, path: str) -> dict[str, Any] | None:
+        """GET a fake-only endpoint: its JSON, or None on 404."""
+        try:
+            with _NO_PROXY.open(self.base_url + path, timeout=10) as resp:
+                return json.load(resp)
+        except HTTPError as e:
+            if e.code == 404:
+                return None
+            raise
+
+    def token_info(self, access_token: str) -> dict[str, Any] | None:
+        """What the fake knows of an access token (`username`, `valid`, `revoked`,
+        `expires_at`), or None if it did not issue it."""
+        return self._get("/_fake/tokens/" + quote(access_token, safe=""))
+
+    def issued_to(self, access_token: str) -> str | None:
+        """The username of the account the fake issued this access token to, if it did."""
+        info = self.token_info(access_token)
+        return None if info is None else info["username"]
+
+    @property
+    def calls(self) -> int:
+        """Token requests the fake received, whatever their account or grant."""
+        counts = self._get("/_fake/calls")
+        assert counts is not None
+        return counts["total"]
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM, then the exit code (0 on a clean stop); None (after a SIGKILL) when it did
+        not exit in time. Idempotent."""
+        if self.proc.poll() is None:
+            self.exit_code = stop(self.proc, timeout)
+        elif self.exit_code is None:
+            self.exit_code = self.proc.returncode
+        self._close()
+        return self.exit_code
+
+    def _close(self) -> None:
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
+        self.proc.wait()
+
+    def __enter__(self) -> FakeBaceProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 # === a throwaway PKI ===

@@ -25,6 +25,18 @@
 //! ([`FakeBace::last_request`]) and direct access to the token table ([`FakeBace::is_valid`],
 //! [`FakeBace::expires_at`], [`FakeBace::revoke`]).
 //!
+//! **Introspection** for tests that drive the fake from outside the process (the `fake-bace`
+//! binary below), under `/_fake/`, which BACE does not have. These requests are not token
+//! requests: they are neither counted nor recorded.
+//!
+//! - `GET /_fake/tokens/{access_token}`: `200 {"username": "...", "valid": true, "revoked": false,
+//!   "expires_at": UNIX_SECONDS}` for a token the fake issued (what [`FakeBace::issued_to`],
+//!   [`FakeBace::is_valid`] and [`FakeBace::expires_at`] say), else `404` with an OAuth2-shaped
+//!   error (`unknown_token`).
+//! - `GET /_fake/calls`: `200 {"total": N, "password": {USERNAME: N, ...}, "refresh_token":
+//!   {USERNAME: N, ...}}`, the counts of [`FakeBace::total_calls`] and [`FakeBace::calls`] (keyed
+//!   by `grant_type`; a refresh counts under the owner of its Bearer token, `""` when unknown).
+//!
 //! Processing order of one token request: it is counted and recorded on arrival, then waits at the
 //! gate (if held), then the outage step (if any) or else the next scripted step for its
 //! (account, grant) applies, then it is processed normally.
@@ -34,6 +46,38 @@
 //!
 //! Test equipment, not product: the broker's tests and benchmarks use it, and the broker's
 //! `serve --demo` brings it in through the default-on cargo feature `demo`.
+//!
+//! # The `fake-bace` binary
+//!
+//! `src/main.rs` runs the fake as a process, for tests in other languages (the Python tests in
+//! `tests/python` use it through `testkit.FakeBaceProcess`). Built by `cargo build --workspace
+//! --bins` (or `-p fake-bace`) as `target/debug/fake-bace`.
+//!
+//! ```text
+//! fake-bace [--listen ADDR] [--account USERNAME:PASSWORD:CLIENT_ID:CLIENT_SECRET]...
+//!           [--accounts FILE] [--expires-timezone TZ] [--ignore-stdin]
+//! ```
+//!
+//! - `--listen`: address to bind, default `127.0.0.1:0` (a free loopback port).
+//! - `--account` (repeatable): an account with the default lifetimes, refresh style and error
+//!   shape. Split at the first three colons, so only the client secret may contain `:`.
+//! - `--accounts FILE`: a JSON file `{"accounts": [ACCOUNT, ...]}`, where an account is
+//!   `{"username", "password", "client_id", "client_secret"}` (strings) plus, optionally,
+//!   `"login_lifetime_secs"` and `"refresh_lifetime_secs"` (numbers), `"refresh_style"`
+//!   (`"bace"`, the default; `"oauth2"`, a new access token on refresh; `"oauth2-rotate"`, a new
+//!   refresh token too) and `"error_shape"` (`"yii"`, the default, or `"oauth2"`). Unknown fields
+//!   are an error. Accounts from both options are added; a later username replaces an earlier one.
+//! - `--expires-timezone`: time zone of `expires` in BACE-style refresh answers (default
+//!   `Europe/Amsterdam`).
+//!
+//! Once listening it prints one JSON line on stdout, `{"base_url": "http://127.0.0.1:PORT",
+//! "token_url": "http://127.0.0.1:PORT/oauth2/token", "api_url":
+//! "http://127.0.0.1:PORT/api/v2/physical-device"}`, then serves until SIGTERM, SIGINT or the end
+//! of its stdin (a parent that dies closes the pipe, so the fake never outlives it), and exits 0.
+//! `--ignore-stdin` stops on the signals only: needed when stdin is `/dev/null` (e.g. `fake-bace &`
+//! in a script), where the fake would otherwise stop at once. Errors (bad options, an address in
+//! use) go to stderr with exit status 2 (usage) or 1. Scripting ([`Step`]), outages and the gate
+//! are not reachable from the command line; the introspection endpoints above are.
 #![forbid(unsafe_code)]
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -43,7 +87,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
-use axum::extract::State as AxumState;
+use axum::extract::{Path, State as AxumState};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -326,6 +370,8 @@ impl FakeBace {
         let app = Router::new()
             .route(bace_wire::TOKEN_PATH, post(token_endpoint))
             .route("/api/v2/physical-device", get(physical_device))
+            .route("/_fake/tokens/{access_token}", get(fake_token_info))
+            .route("/_fake/calls", get(fake_calls))
             .fallback(not_found)
             .with_state(inner.clone());
 
@@ -348,6 +394,12 @@ impl FakeBace {
     /// The address the server is bound to.
     pub fn addr(&self) -> SocketAddr {
         self.inner.addr
+    }
+
+    /// Base URL of the server, e.g. `http://127.0.0.1:PORT` (the introspection endpoints are
+    /// under `/_fake/`, see the crate docs).
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.inner.addr)
     }
 
     /// Full URL of the token endpoint, e.g. `http://127.0.0.1:PORT/oauth2/token`.
@@ -444,6 +496,16 @@ impl FakeBace {
     /// Whether `access_token` was issued by the fake, is not revoked and has not expired.
     pub fn is_valid(&self, access_token: &str) -> bool {
         self.inner.token_is_valid(access_token)
+    }
+
+    /// The username of the account the fake issued `access_token` to, if it issued it (valid or
+    /// not).
+    pub fn issued_to(&self, access_token: &str) -> Option<String> {
+        self.inner
+            .lock()
+            .tokens
+            .get(access_token)
+            .map(|t| t.username.clone())
     }
 
     /// When `access_token` expires (or expired), if the fake issued it.
@@ -787,6 +849,51 @@ async fn physical_device(AxumState(inner): AxumState<Arc<Inner>>, headers: Heade
         }
         _ => yii_error(StatusCode::UNAUTHORIZED, YII_UNAUTHORIZED),
     }
+}
+
+/// `GET /_fake/tokens/{access_token}`: what the fake knows of a token (introspection, not BACE).
+async fn fake_token_info(
+    AxumState(inner): AxumState<Arc<Inner>>,
+    Path(access_token): Path<String>,
+) -> Response {
+    let now = SystemTime::now();
+    let info = inner.lock().tokens.get(&access_token).map(|t| {
+        json!({
+            "username": t.username,
+            "valid": t.is_valid_at(now),
+            "revoked": t.revoked,
+            "expires_at": t.expires_at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        })
+    });
+    match info {
+        Some(info) => json_response(StatusCode::OK, &info),
+        None => oauth2_error(
+            StatusCode::NOT_FOUND,
+            "unknown_token",
+            "The fake BACE did not issue this access token",
+        ),
+    }
+}
+
+/// `GET /_fake/calls`: the token request counts (introspection, not BACE).
+async fn fake_calls(AxumState(inner): AxumState<Arc<Inner>>) -> Response {
+    let body = {
+        let calls = inner.calls.borrow();
+        let mut body = serde_json::Map::new();
+        body.insert("total".to_owned(), json!(calls.total));
+        for grant in Grant::ALL {
+            let per: serde_json::Map<String, Value> = calls
+                .per
+                .get(&grant)
+                .into_iter()
+                .flatten()
+                .map(|(username, n)| (username.clone(), json!(n)))
+                .collect();
+            body.insert(grant.as_str().to_owned(), Value::Object(per));
+        }
+        Value::Object(body)
+    };
+    json_response(StatusCode::OK, &body)
 }
 
 async fn not_found() -> Response {
@@ -1410,6 +1517,76 @@ mod tests {
         refresh(&fake, "not-a-token", &refresh_token).await;
         assert_eq!(fake.calls("", Grant::Refresh), 1);
         assert!(fake.last_request("", Grant::Refresh).is_some());
+    }
+
+    #[tokio::test]
+    async fn introspection_reports_tokens_and_calls_without_counting() {
+        let mut acct = account();
+        acct.refresh_style = RefreshStyle::OAuth2 {
+            rotate_refresh_token: true,
+            expires_in_as_string: false,
+        };
+        let fake = start_with(acct).await;
+        let get = |path: String| {
+            let url = format!("{}{path}", fake.base_url());
+            async move {
+                let (status, body) = send(client().get(url)).await;
+                (status, parse(&body))
+            }
+        };
+
+        let (status, body) = get("/_fake/calls".to_owned()).await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            body,
+            json!({ "total": 0, "password": {}, "refresh_token": {} })
+        );
+
+        let (access, refresh_token) = login(&fake).await;
+        assert_eq!(fake.issued_to(&access).as_deref(), Some(USER));
+        let (status, body) = get(format!("/_fake/tokens/{access}")).await;
+        assert_eq!(status, 200);
+        assert_eq!(body["username"], USER);
+        assert_eq!(body["valid"], true);
+        assert_eq!(body["revoked"], false);
+        let exp = fake.expires_at(&access).expect("issued");
+        let exp_secs = exp
+            .duration_since(UNIX_EPOCH)
+            .expect("after epoch")
+            .as_secs();
+        assert_eq!(body["expires_at"], exp_secs);
+
+        // A rotated-out token is still known (and says so); a new one belongs to the same account.
+        let (_, answer) = refresh(&fake, &access, &refresh_token).await;
+        let new_access = answer["access_token"].as_str().expect("new token");
+        let (status, body) = get(format!("/_fake/tokens/{access}")).await;
+        assert_eq!(status, 200);
+        assert_eq!(body["valid"], false);
+        assert_eq!(body["revoked"], true);
+        let (_, body) = get(format!("/_fake/tokens/{new_access}")).await;
+        assert_eq!(body["username"], USER);
+        assert_eq!(body["valid"], true);
+
+        // Unknown tokens: 404 here, `None` on the handle.
+        let (status, body) = get("/_fake/tokens/not-a-token".to_owned()).await;
+        assert_eq!((status, &body["error"]), (404, &json!("unknown_token")));
+        assert_eq!(fake.issued_to("not-a-token"), None);
+
+        // Counts as the handle reports them; the introspection requests were not counted.
+        login_as(&fake, "nobody@example.com", PASS).await;
+        refresh(&fake, "not-a-token", &refresh_token).await;
+        let (status, body) = get("/_fake/calls".to_owned()).await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            body,
+            json!({
+                "total": 4,
+                "password": { USER: 1, "nobody@example.com": 1 },
+                "refresh_token": { USER: 1, "": 1 },
+            })
+        );
+        assert_eq!(fake.total_calls(), 4);
+        fake.shutdown();
     }
 
     #[test]
