@@ -9,10 +9,9 @@
 #
 #   docker build -t bace-token-broker:0.1.0 .
 #
-# Try it without credentials (the demo's fake BACE runs inside the container):
-#
-#   docker run --rm -p 50051:50051 bace-token-broker:0.1.0 serve --demo --listen 0.0.0.0:50051
-#   bace-token-broker get demo-fleet-a --addr http://127.0.0.1:50051
+# The image's server is built without the fake BACE (`--no-default-features` drops the feature
+# `demo`), so it has no `serve --demo`: try the demo from a checkout instead,
+# `cargo run -- serve --demo`.
 #
 # Then push it where your cluster pulls from and set the chart's image.repository and
 # image.tag (default: the chart's appVersion, which follows Cargo.toml's version).
@@ -30,11 +29,14 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto ./proto
 COPY src ./src
-# Cargo.toml declares the benchmark target, so its file must exist for the manifest to load.
-COPY benches ./benches
+# The workspace's members (crates/*: the BACE wire types the server links, and the test kit,
+# fake BACE and benchmarks it does not): Cargo loads every member's manifest, and `--locked`
+# checks Cargo.lock against all of them, so the build needs the whole directory.
+COPY crates ./crates
+# `--no-default-features`: the server without the feature `demo` (the embedded fake BACE).
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin bace-token-broker \
+    cargo build --release --locked --no-default-features --bin bace-token-broker \
     && mkdir -p /out \
     && cp target/release/bace-token-broker /out/ \
     && strip --strip-debug /out/bace-token-broker

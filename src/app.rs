@@ -115,18 +115,8 @@ pub async fn serve_with(
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let acceptor = config
-        .tls
-        .as_ref()
-        .map(TlsAcceptor::new)
-        .transpose()
-        .context("tls")?;
-    let authorizer = config
-        .auth
-        .clone()
-        .map(Authorizer::new)
-        .transpose()
-        .context("auth")?;
+    let acceptor = config.tls.as_ref().map(TlsAcceptor::new).transpose()?;
+    let authorizer = config.auth.clone().map(Authorizer::new).transpose()?;
     if authorizer.is_none() {
         warn!(
             "no `auth` configured: any caller that reaches the port may fetch every account's token"
@@ -138,6 +128,8 @@ pub async fn serve_with(
     // Everything is built; from here on, background work is spawned, and all of it ends
     // through the one shutdown sequence below.
     let stopping = CancellationToken::new();
+    // Reloads stop first: nothing is applied once the shutdown has begun.
+    let reloads_stop = stopping.child_token();
     let metrics_server = match listeners.metrics {
         Some(metrics_listener) => {
             let metrics_addr = metrics_listener.local_addr()?;
@@ -179,7 +171,7 @@ pub async fn serve_with(
         authorizer,
         reloads,
     )
-    .map(|reloader| tokio::spawn(reloader.run(stopping.clone())));
+    .map(|reloader| tokio::spawn(reloader.run(reloads_stop.clone())));
     let mut refresher = tokio::spawn(refresher.run());
     let warm_up = tokio::spawn(warm_up(broker.clone(), health.clone()));
 
@@ -236,6 +228,7 @@ pub async fn serve_with(
             info!(grace = %humantime::format_duration(config.shutdown_grace), "shutting down: readiness off, draining")
         }
     }
+    reloads_stop.cancel();
     warm_up.abort();
     // Wait for the abort, so a warm-up ending right now cannot flip readiness back on.
     let _ = warm_up.await;

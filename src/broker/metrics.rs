@@ -109,7 +109,7 @@ impl BrokerMetrics {
 
     /// Records how long a token endpoint request took.
     pub(crate) fn upstream_duration(&self, grant: Grant, took: std::time::Duration) {
-        self.durations[grant as usize].observe(took);
+        self.durations[grant_index(grant)].observe(took);
     }
 
     /// The upstream request series kept here (see [`BrokerMetrics::upstream`]).
@@ -138,6 +138,14 @@ impl BrokerMetrics {
 
     /// The request duration histogram of each grant.
     pub(crate) fn upstream_durations(&self) -> [(Grant, HistogramSnapshot); 2] {
-        Grant::ALL.map(|g| (g, self.durations[g as usize].snapshot()))
+        Grant::ALL.map(|g| (g, self.durations[grant_index(g)].snapshot()))
+    }
+}
+
+/// The place of `grant`'s histogram.
+fn grant_index(grant: Grant) -> usize {
+    match grant {
+        Grant::Password => 0,
+        Grant::Refresh => 1,
     }
 }

@@ -196,9 +196,8 @@ impl TokenBrokerService for TokenBrokerApi {
             _ => None,
         };
         Ok(Response::new(WatchResponses {
-            tokens: watch.into_stream(),
+            tokens: Some(watch.into_stream()),
             recheck,
-            done: false,
         }))
     }
 
@@ -226,9 +225,9 @@ impl TokenBrokerService for TokenBrokerApi {
 /// per watcher: tonic polls it directly. Ends after an error (the account was removed, or the
 /// caller may no longer use it) and when the broker drains.
 pub struct WatchResponses {
-    tokens: TokenStream,
+    /// `None` once the stream ended: the watcher goes as soon as it is done with.
+    tokens: Option<TokenStream>,
     recheck: Option<Recheck>,
-    done: bool,
 }
 
 /// A caller's right to the watched account, checked again before each token.
@@ -242,10 +241,10 @@ impl Stream for WatchResponses {
     type Item = Result<proto::WatchTokenResponse, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if self.done {
+        let Some(tokens) = self.tokens.as_mut() else {
             return Poll::Ready(None);
-        }
-        let next = std::task::ready!(Pin::new(&mut self.tokens).poll_next(cx));
+        };
+        let next = std::task::ready!(Pin::new(tokens).poll_next(cx));
         let allowed = |r: &Recheck| r.auth.authorize(&r.identity, &r.account);
         let message = match next {
             Some(Ok(_)) if !self.recheck.as_ref().is_none_or(allowed) => Err(no_longer_allowed()),
@@ -253,9 +252,14 @@ impl Stream for WatchResponses {
                 token: Some(token_to_proto(&token)),
             }),
             Some(Err(error)) => Err(Status::from(error)),
-            None => return Poll::Ready(None),
+            None => {
+                self.tokens = None;
+                return Poll::Ready(None);
+            }
         };
-        self.done = message.is_err();
+        if message.is_err() {
+            self.tokens = None;
+        }
         Poll::Ready(Some(message))
     }
 }

@@ -1,6 +1,8 @@
 """The container image, as far as it can be tested without a Docker engine.
 
-- The Dockerfile: a release build with `--locked`, a distroless `nonroot` runtime stage, a
+- The Dockerfile: a release build with `--locked` and without the demo (`--no-default-features`:
+  no fake BACE in the image), from the product's sources only (no benchmarks), a distroless
+  `nonroot` runtime stage, a
   numeric non-root USER equal to the Helm chart's runAsUser/runAsGroup, the binary as ENTRYPOINT,
   the chart's ports exposed; `.dockerignore` lets in everything the build copies.
 - The binary the image copies only links libraries that distroless/cc ships.
@@ -10,7 +12,8 @@
   ready over gRPC health and serves GetToken, and exits 0 on SIGTERM.
 
 Environment: BROKER_BIN, the binary to run (default target/debug/bace-token-broker, honouring
-CARGO_TARGET_DIR); the image builds the same sources with `--release`.
+CARGO_TARGET_DIR, built with the default `demo` feature); the image builds the same sources with
+`--release --no-default-features`.
 """
 
 from __future__ import annotations
@@ -129,6 +132,9 @@ def test_builder_stage(stages):
     builds = [r for r in builder.all("RUN") if "cargo build" in r]
     assert len(builds) == 1
     assert "--release" in builds[0] and "--locked" in builds[0]
+    assert "--no-default-features" in builds[0], "the image carries no fake BACE (demo feature)"
+    copied = [p for c in builder.all("COPY") for p in shlex.split(c) if not p.startswith("--")]
+    assert not any(p.rstrip("/").endswith("benches") for p in copied), copied
     copies = runtime.all("COPY")
     assert any(f"--from={builder.name}" in c for c in copies), copies
     # The manifest's minimum Rust version is at most the builder's.

@@ -408,8 +408,21 @@ fn section(line: &mut impl FnMut(String), name: &str, keys: &[(&str, Option<Stri
     }
 }
 
-/// A YAML double-quoted scalar.
+/// A YAML scalar for `text`: plain when it is a simple word (`fleet-a`, `cid`, `pw-1`) and
+/// cannot read as anything but a string, double-quoted otherwise (so configs of 100,000
+/// accounts stay the size hand-written ones have).
 fn quote(text: &str) -> String {
+    let plain = text.starts_with(|c: char| c.is_ascii_alphabetic())
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !matches!(
+            text.to_ascii_lowercase().as_str(),
+            "true" | "false" | "null" | "yes" | "no" | "on" | "off" | "y" | "n" | "inf" | "nan"
+        );
+    if plain {
+        return text.to_owned();
+    }
     let mut out = String::with_capacity(text.len() + 2);
     out.push('"');
     for c in text.chars() {
@@ -458,7 +471,8 @@ mod tests {
             .invalidate_cooldown(Duration::ZERO)
             .shutdown_grace(Duration::from_secs(2))
             .warmup_concurrency(3)
-            .account(Account::new("a", "c", "s\"\\", "u", "p: #x"))
+            .account(Account::new("a", "c", "s\"\\", "yes", "p: #x"))
+            .account(Account::new("b", "c", "1e3", "u@example.com", "~"))
             .build();
         assert_eq!(config.listen, "127.0.0.1:7000".parse().unwrap());
         assert_eq!(config.metrics_listen, None);
@@ -473,8 +487,13 @@ mod tests {
         assert_eq!(config.invalidate_cooldown, Duration::ZERO);
         assert_eq!(config.shutdown_grace, Duration::from_secs(2));
         assert_eq!(config.warmup_concurrency, 3);
-        let a = config.accounts.values().next().unwrap();
+        let a = &config.accounts["a"];
         assert_eq!(a.credentials.expose_client_secret(), "s\"\\");
+        assert_eq!(a.credentials.username(), "yes");
         assert_eq!(a.credentials.expose_password(), "p: #x");
+        let b = &config.accounts["b"];
+        assert_eq!(b.credentials.expose_client_secret(), "1e3");
+        assert_eq!(b.credentials.username(), "u@example.com");
+        assert_eq!(b.credentials.expose_password(), "~");
     }
 }

@@ -3,7 +3,7 @@
 //! encoder does). Target: ≤ 1 µs median, and no allocation beyond the response (counted and
 //! printed before the timings: none at all).
 //!
-//! Run: `cargo bench --bench cache_hit`.
+//! Run: `cargo bench -p bench --bench cache_hit` (`scripts/bench` runs it first).
 
 use std::{
     hint::black_box,
@@ -12,11 +12,10 @@ use std::{
     task::{Context, Poll, Waker},
 };
 
-use bace_token_broker::{
-    broker::Broker, config::Config, fake::InstantUpstream, metrics::Metrics, service::GetTokenReply,
-};
+use bace_token_broker::{Broker, GetTokenReply};
 use criterion::{Criterion, criterion_main};
 use prost::Message;
+use testkit::{Account, BrokerConfig, InstantUpstream};
 use tokio::time::Duration;
 
 /// Polls a future that must complete without waiting (the cached path never awaits).
@@ -29,15 +28,21 @@ fn now<F: std::future::Future>(f: F) -> F::Output {
 }
 
 fn broker(rt: &tokio::runtime::Runtime) -> Broker {
-    let mut yaml =
-        String::from("upstream:\n  token_url: http://127.0.0.1:9/oauth2/token\naccounts:\n");
-    for i in 0..1000 {
-        yaml.push_str(&format!(
-            "  fleet-{i}:\n    client_id: c\n    client_secret: s\n    username: u{i}\n    password: p\n"
-        ));
-    }
-    let config = Config::parse(&yaml).expect("config");
-    let (broker, _refresher) = Broker::new(&config, Arc::new(InstantUpstream), Metrics::new());
+    let config = (0..1000)
+        .fold(
+            BrokerConfig::new().token_url("http://127.0.0.1:9/oauth2/token"),
+            |config, i| {
+                config.account(Account::new(
+                    format!("fleet-{i}"),
+                    "c",
+                    "s",
+                    format!("u{i}"),
+                    "p",
+                ))
+            },
+        )
+        .build();
+    let (broker, _refresher) = Broker::new(&config, Arc::new(InstantUpstream));
     let report = rt.block_on(broker.warm_up());
     assert_eq!(report.failed, 0);
     broker

@@ -1,14 +1,16 @@
 //! Live heap per account at each stage of a broker's start: config parse, `Broker::new`, the
 //! config's accounts dropped, warm-up (every account holding a token).
 //!
-//! `cargo run --release --example memory_probe [ACCOUNTS]` (default 100,000). Counts the bytes
-//! requested from the allocator on one thread (a current-thread runtime; the upstream is an
-//! in-process [`InstantUpstream`] that mints 40-character tokens like BACE's), so the figures exclude
-//! allocator size classes and fragmentation: `scripts/bench --only B` measures the resident
-//! size of the real server.
-use std::{fmt::Write, sync::Arc, time::Duration};
+//! `cargo run --release -p bench --example memory_probe [ACCOUNTS]` (default 100,000). Counts
+//! the bytes requested from the allocator on one thread (a current-thread runtime; the upstream
+//! is an in-process [`InstantUpstream`] that mints 40-character tokens like BACE's), so the
+//! figures exclude allocator size classes and fragmentation: `scripts/bench --only B` measures
+//! the resident size of the real server (and runs this probe for its summary). The accounts are
+//! those of the harness (`acct-N`, see crates/bench/src/fixtures.rs).
+use std::{sync::Arc, time::Duration};
 
-use bace_token_broker::{broker::Broker, config::Config, fake::InstantUpstream, metrics::Metrics};
+use bace_token_broker::{Broker, Config};
+use testkit::{Account, BrokerConfig, InstantUpstream};
 
 fn main() {
     let n: usize = std::env::args()
@@ -18,14 +20,21 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let mut yaml =
-        String::from("upstream:\n  token_url: \"http://127.0.0.1:1/oauth2/token\"\naccounts:\n");
-    for i in 0..n {
-        let _ = writeln!(
-            yaml,
-            "  acct-{i}: {{client_id: cid, client_secret: csecret, username: \"acct-{i}@example.com\", password: \"pw-acct-{i}\"}}"
-        );
-    }
+    let yaml = (0..n)
+        .fold(
+            BrokerConfig::new().token_url("http://127.0.0.1:1/oauth2/token"),
+            |config, i| {
+                let name = format!("acct-{i}");
+                config.account(Account::new(
+                    &name,
+                    "cid",
+                    "csecret",
+                    format!("{name}@example.com"),
+                    format!("pw-{name}"),
+                ))
+            },
+        )
+        .to_yaml();
     let per = |b: i64| b as f64 / n as f64;
     let mut total = 0i64;
     let mut line = |stage: &str, bytes: i64, extra: String| {
@@ -42,11 +51,7 @@ fn main() {
     );
     let mut made = None;
     let m = allocation_counter::measure(|| {
-        made = Some(Broker::new(
-            &config,
-            Arc::new(InstantUpstream),
-            Metrics::new(),
-        ))
+        made = Some(Broker::new(&config, Arc::new(InstantUpstream)));
     });
     let (broker, refresher) = made.unwrap();
     line("Broker::new (slots)", m.bytes_current, String::new());

@@ -1,0 +1,13 @@
+//! The sections of the summary, each measuring one thing and writing its part of the markdown:
+//!
+//! - `cache_hit`: the criterion cache-hit figures (run by `scripts/bench` before the harness);
+//! - `throughput` (A): gRPC throughput and latency, GetToken against Health/Check;
+//! - `memory` (B): the broker's resident size with 1 and 100,000 accounts, and the memory probe;
+//! - `single_flight` (C): upstream calls for N cold callers on one account, M cold accounts;
+//! - `refresh_latency` (C iii): GetToken's p99 while refreshes run against steady state.
+
+pub(crate) mod cache_hit;
+pub(crate) mod memory;
+pub(crate) mod refresh_latency;
+pub(crate) mod single_flight;
+pub(crate) mod throughput;
