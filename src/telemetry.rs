@@ -174,27 +174,12 @@ impl Collector for Sources {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
         let e = &mut encoder;
         let accounts = self.broker.status();
+        // The event counts first, then the per-account families (the order of earlier
+        // releases).
         let label = |a: &AccountStatus| AccountLabels {
             account: known(&a.account),
         };
 
-        // GetToken: the accounts' served counts (code OK), then the service's failures.
-        let served = accounts.iter().filter(|a| a.counts.served > 0).map(|a| {
-            let labels = CallLabels {
-                account: known(&a.account),
-                code: "OK",
-            };
-            (labels, a.counts.served)
-        });
-        let failed = call_series(self.calls.get_token_failures())
-            .map(|(account, code, n)| (CallLabels { account, code }, n));
-        counters(
-            e,
-            "bace_broker_get_token",
-            "GetToken calls by account and gRPC code.",
-            Empty::Describe,
-            served.chain(failed),
-        )?;
         counters(
             e,
             "bace_broker_invalidate",
@@ -204,38 +189,6 @@ impl Collector for Sources {
                 .map(|(account, outcome, n)| (OutcomeLabels { account, outcome }, n)),
         )?;
 
-        // Upstream requests: the accounts' successful grants, then the rest.
-        let ok = accounts.iter().flat_map(|a| {
-            [
-                (Grant::Password, a.counts.logins),
-                (Grant::Refresh, a.counts.refreshes),
-            ]
-            .into_iter()
-            .filter(|(_, n)| *n > 0)
-            .map(|(grant, n)| {
-                let labels = UpstreamLabels {
-                    account: known(&a.account),
-                    grant: grant.as_str(),
-                    outcome: "ok",
-                };
-                (labels, n)
-            })
-        });
-        let rest = self.broker.upstream_counts().into_iter().map(|u| {
-            let labels = UpstreamLabels {
-                account: known(&u.account),
-                grant: u.call.as_str(),
-                outcome: u.outcome,
-            };
-            (labels, u.count)
-        });
-        counters(
-            e,
-            "bace_broker_upstream_requests",
-            "Requests to BACE's token endpoint by account, grant and outcome.",
-            Empty::Describe,
-            ok.chain(rest),
-        )?;
         let timed: Vec<_> = (self.broker.upstream_durations().into_iter())
             .filter(|(_, h)| h.count > 0)
             .collect();
@@ -293,6 +246,56 @@ impl Collector for Sources {
                 .map(|(reason, n)| (ReasonLabels { reason }, n)),
         )?;
 
+        // Families computed from the accounts at each scrape (always described).
+        // GetToken: the accounts' served counts (code OK), then the service's failures.
+        let served = accounts.iter().filter(|a| a.counts.served > 0).map(|a| {
+            let labels = CallLabels {
+                account: known(&a.account),
+                code: "OK",
+            };
+            (labels, a.counts.served)
+        });
+        let failed = call_series(self.calls.get_token_failures())
+            .map(|(account, code, n)| (CallLabels { account, code }, n));
+        counters(
+            e,
+            "bace_broker_get_token",
+            "GetToken calls by account and gRPC code.",
+            Empty::Describe,
+            served.chain(failed),
+        )?;
+        // Upstream requests: the accounts' successful grants, then the rest.
+        let ok = accounts.iter().flat_map(|a| {
+            [
+                (Grant::Password, a.counts.logins),
+                (Grant::Refresh, a.counts.refreshes),
+            ]
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(grant, n)| {
+                let labels = UpstreamLabels {
+                    account: known(&a.account),
+                    grant: grant.as_str(),
+                    outcome: "ok",
+                };
+                (labels, n)
+            })
+        });
+        let rest = self.broker.upstream_counts().into_iter().map(|u| {
+            let labels = UpstreamLabels {
+                account: known(&u.account),
+                grant: u.call.as_str(),
+                outcome: u.outcome,
+            };
+            (labels, u.count)
+        });
+        counters(
+            e,
+            "bace_broker_upstream_requests",
+            "Requests to BACE's token endpoint by account, grant and outcome.",
+            Empty::Describe,
+            ok.chain(rest),
+        )?;
         // Per-account gauges.
         gauges(
             e,
