@@ -19,8 +19,8 @@
 //!   every section, then applies all or nothing.
 //! - `grpc`: the tonic service; the one place where errors become `tonic::Status`es; the
 //!   direct GetToken encoder ([`GetTokenReply`]).
-//! - `auth`: caller identity (client-certificate SAN, Kubernetes service-account token), the
-//!   allow list, the admission of a request ([`Authorizer`]).
+//! - `auth`: caller identity (client-certificate SAN, Kubernetes service-account token, the
+//!   cache of verified tokens), the allow list, the admission of a request ([`Authorizer`]).
 //! - `tls`: server TLS with live certificate rotation; the accept stream ([`TlsAcceptor`]).
 //!
 //! The core:
@@ -60,7 +60,10 @@ mod upstream;
 
 pub use crate::{
     app::{Listeners, READINESS_SERVICE, serve, serve_with, shutdown_signal},
-    auth::{AuthError, Authorizer, Denied, PreparedAuth},
+    auth::{
+        AuthError, Authorizer, Denied, MAX_CACHED_TOKEN_BYTES, PreparedAuth, TOKEN_CACHE_CAPACITY,
+        TOKEN_CACHE_TTL, TokenCacheCounts,
+    },
     broker::{
         AccountCounts, AccountState, AccountStatus, Broker, BrokerError, InvalidateOutcome,
         Invalidated, Refresher, Reloaded, TokenStream, TokenWatch, UpstreamCount, WarmUp,

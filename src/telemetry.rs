@@ -1,12 +1,12 @@
 //! Prometheus export: reads, at scrape time, what each module counts of its own work (the
-//! broker's accounts and upstream requests, the gRPC service's calls, the authorizer's
-//! denials, the reloader's outcomes) and serves it as `GET /metrics` (classic Prometheus text
-//! format 0.0.4). Depends on those modules; none of them knows it exists.
+//! broker's accounts and upstream requests, the gRPC service's calls and their handling, the
+//! authorizer's denials, the reloader's outcomes) and serves it as `GET /metrics` (classic
+//! Prometheus text format 0.0.4). Depends on those modules; none of them knows it exists.
 //!
 //! Label values are bounded: accounts come from the config (unknown or malformed names asked
-//! for by callers are all `(unknown)`), codes, reasons and outcomes are fixed sets.
+//! for by callers are all `(unknown)`), codes, reasons, outcomes and RPCs are fixed sets.
 
-use std::{fmt, sync::Arc, time::SystemTime};
+use std::{borrow::Borrow, fmt, sync::Arc, time::SystemTime};
 
 use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
 use prometheus_client::{
@@ -23,7 +23,8 @@ use tokio::net::TcpListener;
 use crate::{
     auth::Authorizer,
     broker::{AccountState, AccountStatus, Broker},
-    grpc::{CallCount, CallCounts},
+    counts::HistogramSnapshot,
+    grpc::{CallCount, CallCounts, Rpc, RpcHandling},
     reload::ReloadCounts,
     token::AccountName,
     upstream::{Call, Grant},
@@ -109,8 +110,46 @@ struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ReloadLabels {
     outcome: &'static str,
+}
+
+/// The labels of grpc-ecosystem's Prometheus interceptors, in their order.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RpcLabels {
+    grpc_type: &'static str,
+    grpc_service: &'static str,
+    grpc_method: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RpcCodeLabels {
+    grpc_type: &'static str,
+    grpc_service: &'static str,
+    grpc_method: &'static str,
+    grpc_code: &'static str,
+}
+
+fn rpc_labels(rpc: Rpc) -> RpcLabels {
+    RpcLabels {
+        grpc_type: rpc.kind(),
+        grpc_service: Rpc::SERVICE,
+        grpc_method: rpc.name(),
+    }
+}
+
+fn rpc_code_labels(rpc: Rpc, grpc_code: &'static str) -> RpcCodeLabels {
+    RpcCodeLabels {
+        grpc_type: rpc.kind(),
+        grpc_service: Rpc::SERVICE,
+        grpc_method: rpc.name(),
+        grpc_code,
+    }
 }
 
 impl fmt::Debug for Sources {
@@ -164,6 +203,27 @@ where
     Ok(())
 }
 
+/// Encodes a histogram family from `(labels, reading)` pairs; left out while it has none.
+fn histograms<L: EncodeLabelSet, H: Borrow<HistogramSnapshot>>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: impl IntoIterator<Item = (L, H)>,
+) -> Result<(), fmt::Error> {
+    let mut series = series.into_iter().peekable();
+    if series.peek().is_none() {
+        return Ok(());
+    }
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
+    for (labels, h) in series {
+        let h = h.borrow();
+        family
+            .encode_family(&labels)?
+            .encode_histogram::<NoLabelSet>(h.sum, h.count, &h.buckets, None)?;
+    }
+    Ok(())
+}
+
 fn call_series(calls: Vec<CallCount>) -> impl Iterator<Item = (AccountLabel, &'static str, u64)> {
     calls
         .into_iter()
@@ -189,25 +249,19 @@ impl Collector for Sources {
                 .map(|(account, outcome, n)| (OutcomeLabels { account, outcome }, n)),
         )?;
 
-        let timed: Vec<_> = (self.broker.upstream_durations().into_iter())
-            .filter(|(_, h)| h.count > 0)
-            .collect();
-        if !timed.is_empty() {
-            let mut family = e.encode_descriptor(
-                "bace_broker_upstream_request_duration_seconds",
-                "Duration of requests to BACE's token endpoint, by grant.",
-                None,
-                MetricType::Histogram,
-            )?;
-            for (grant, h) in timed {
-                let labels = GrantLabels {
-                    grant: Call::Grant(grant).as_str(),
-                };
-                family
-                    .encode_family(&labels)?
-                    .encode_histogram::<NoLabelSet>(h.sum, h.count, &h.buckets, None)?;
-            }
-        }
+        histograms(
+            e,
+            "bace_broker_upstream_request_duration_seconds",
+            "Duration of requests to BACE's token endpoint, by grant.",
+            (self.broker.upstream_durations().into_iter())
+                .filter(|(_, h)| h.count > 0)
+                .map(|(grant, h)| {
+                    let labels = GrantLabels {
+                        grant: Call::Grant(grant).as_str(),
+                    };
+                    (labels, h)
+                }),
+        )?;
         counters(
             e,
             "bace_broker_singleflight_waiters",
@@ -244,6 +298,18 @@ impl Collector for Sources {
                 .iter()
                 .flat_map(Authorizer::denials)
                 .map(|(reason, n)| (ReasonLabels { reason }, n)),
+        )?;
+        counters(
+            e,
+            "bace_broker_auth_token_cache",
+            "Service-account tokens answered from the cache of verified tokens (hit) or verified (miss).",
+            Empty::Omit,
+            self.auth
+                .iter()
+                .map(Authorizer::token_cache_counts)
+                .flat_map(|c| [("hit", c.hits), ("miss", c.misses)])
+                .filter(|(_, n)| *n > 0)
+                .map(|(result, n)| (ResultLabels { result }, n)),
         )?;
 
         // Families computed from the accounts at each scrape (always described).
@@ -346,8 +412,43 @@ impl Collector for Sources {
                 })
             }),
         )?;
-        Ok(())
+        grpc_server(e, &self.calls.handling())
     }
+}
+
+/// The gRPC server's families, named, labelled and described as grpc-ecosystem's Prometheus
+/// interceptors (go-grpc-prometheus, go-grpc-middleware's providers/prometheus) do, so their
+/// dashboards and alerts apply. Started and handled are described from the first scrape, with
+/// a zero for every RPC and every code, as the interceptors' `InitializeMetrics` does: a
+/// code's first call then shows in `increase()`, and started − handled (the calls in
+/// progress) is defined before any call. The handling histogram (labelled by code too, which
+/// theirs is not: a failure's latency is not a success's) has the series with calls only.
+fn grpc_server(e: &mut DescriptorEncoder, handling: &[RpcHandling]) -> Result<(), fmt::Error> {
+    counters(
+        e,
+        "grpc_server_started",
+        "Total number of RPCs started on the server.",
+        Empty::Describe,
+        handling.iter().map(|h| (rpc_labels(h.rpc), h.started)),
+    )?;
+    let handled = || {
+        handling.iter().flat_map(|h| {
+            (h.handled.iter()).map(move |(code, reading)| (rpc_code_labels(h.rpc, code), reading))
+        })
+    };
+    counters(
+        e,
+        "grpc_server_handled",
+        "Total number of RPCs completed on the server, regardless of success or failure.",
+        Empty::Describe,
+        handled().map(|(labels, reading)| (labels, reading.count)),
+    )?;
+    histograms(
+        e,
+        "grpc_server_handling_seconds",
+        "Histogram of response latency (seconds) of gRPC that had been application-level handled by the server.",
+        handled().filter(|(_, reading)| reading.count > 0),
+    )
 }
 
 /// Serves `GET /metrics` from `registry` on `listener` until `shutdown` resolves.

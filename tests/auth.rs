@@ -1,7 +1,8 @@
 //! Caller identity with real components: mTLS through `incoming` with certificates made
 //! here (rcgen, `testkit::pki`), a tonic server and client; Kubernetes service-account tokens signed here and
-//! checked against a JWKS served by a loopback fake that counts its requests. Real time,
-//! loopback only, no fixed sleeps.
+//! checked against a JWKS served by a loopback fake that counts its requests, or read from a
+//! file; the cache of verified tokens, seen through its hit and miss counts. Real time (paused
+//! time for the cache's deadlines), loopback only, no fixed sleeps.
 
 use std::{
     net::SocketAddr,
@@ -20,7 +21,8 @@ use axum::{
     routing::get,
 };
 use bace_token_broker::{
-    Authorizer, Denied, HANDSHAKE_TIMEOUT, TlsAcceptor, TlsConnInfo,
+    Authorizer, Denied, HANDSHAKE_TIMEOUT, MAX_CACHED_TOKEN_BYTES, TOKEN_CACHE_CAPACITY,
+    TOKEN_CACHE_TTL, TlsAcceptor, TlsConn, TlsConnInfo, TokenCacheCounts,
     config::{RawAuth, RawTls, TlsConfig},
     incoming, peer_identity,
 };
@@ -45,7 +47,12 @@ use tokio_rustls::{
         pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject},
     },
 };
-use tonic::{Code, Request, Status, service::interceptor::InterceptedService, transport::Channel};
+use tokio_stream::StreamExt as _;
+use tonic::{
+    Code, Request, Status,
+    service::interceptor::InterceptedService,
+    transport::{Channel, server::Connected},
+};
 use tonic_health::{
     pb::{HealthCheckRequest, health_client::HealthClient},
     server::HealthReporter,
@@ -228,9 +235,20 @@ async fn client_certificates_name_the_caller() {
 
     // A DNS SAN listed first does not win over the URI SAN.
     let spiffe = clients.client(vec![dns("worker.ingest.svc"), uri(SPIFFE_ID)]);
-    call(server.addr, &server_ca, Some(&spiffe)).await.unwrap();
+    // Two requests on one connection see the identity read at its handshake: one parse.
+    let mut client = guard(connect(server.addr, &server_ca, Some(&spiffe)))
+        .await
+        .unwrap();
+    guard(check(&mut client)).await.unwrap();
+    let first = server.last_seen();
+    guard(check(&mut client)).await.unwrap();
     let info = server.last_seen();
     assert!(info.remote_addr.ip().is_loopback());
+    assert_eq!(info.identity.as_deref(), Some(SPIFFE_ID));
+    assert!(Arc::ptr_eq(
+        first.identity.as_ref().unwrap(),
+        info.identity.as_ref().unwrap()
+    ));
     assert_eq!(info.peer_identity().as_deref(), Some(SPIFFE_ID));
     let certs = info.peer_certs.clone().unwrap();
     // A verified certificate wins over whatever bearer value comes with it.
@@ -257,7 +275,9 @@ async fn client_certificates_name_the_caller() {
         Err(Failure::Status(Code::Unauthenticated)) => {}
         other => panic!("{other:?}"),
     }
-    let certs = server.last_seen().peer_certs.unwrap();
+    let seen = server.last_seen();
+    assert_eq!(seen.identity, None);
+    let certs = seen.peer_certs.unwrap();
     assert_eq!(peer_identity(&certs), None);
     assert_eq!(
         auth.authenticate(None, Some(&certs)).await,
@@ -311,7 +331,72 @@ async fn without_a_client_ca_no_certificate_is_asked_for() {
             other => panic!("{other:?}"),
         }
         assert!(server.last_seen().peer_certs.is_none());
+        assert!(server.last_seen().identity.is_none());
     }
+}
+
+#[tokio::test]
+async fn the_certificate_identity_is_read_at_the_handshake_and_the_allow_list_per_call() {
+    let (server_ca, clients) = (Ca::new("server-ca"), Ca::new("clients-ca"));
+    let dir = tempfile::tempdir().unwrap();
+    let config = tls_files(dir.path(), &server_ca.server(1), Some(&clients));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut conns = Box::pin(incoming(listener, TlsAcceptor::new(&config).unwrap()));
+    let spiffe = clients.client(vec![uri(SPIFFE_ID)]);
+
+    // The connection comes out of the accept stream with its identity: no request yet.
+    let trust = [&server_ca];
+    let (conn, _) =
+        guard(async { tokio::join!(conns.next(), served_certificate(addr, &trust, &spiffe)) })
+            .await;
+    let conn: TlsConn = conn.unwrap().unwrap();
+    let info = conn.info();
+    assert_eq!(info.identity.as_deref(), Some(SPIFFE_ID));
+    // What each request gets is a clone: the same identity, not parsed again.
+    let per_request = conn.connect_info();
+    assert!(Arc::ptr_eq(
+        info.identity.as_ref().unwrap(),
+        per_request.identity.as_ref().unwrap()
+    ));
+
+    // Admission takes that identity and applies the allow list in use at each call.
+    let allow =
+        |accounts: &str| format!("allow:\n  - caller: {SPIFFE_ID}\n    accounts: {accounts}\n");
+    let auth = authorizer(&allow("[fleet-a]"));
+    let identity = per_request.identity.as_deref();
+    let admit = |account: &'static str| auth.admit("GetToken", None, identity, Some(account));
+    assert_eq!(admit("fleet-a").await.as_deref(), Ok(SPIFFE_ID));
+    assert_eq!(admit("fleet-b").await, Err(Denied::PermissionDenied));
+    let config = |yaml: &str| {
+        bace_token_broker::config::from_yaml::<RawAuth>(yaml)
+            .unwrap()
+            .validate()
+            .unwrap()
+    };
+    auth.reload(config(&allow("[fleet-b]"))).unwrap();
+    assert_eq!(admit("fleet-a").await, Err(Denied::PermissionDenied));
+    assert_eq!(admit("fleet-b").await.as_deref(), Ok(SPIFFE_ID));
+    // The certificate wins over a bearer value, which is not even looked at.
+    assert_eq!(
+        auth.admit(
+            "GetToken",
+            Some("Bearer not-a-jwt"),
+            identity,
+            Some("fleet-b")
+        )
+        .await
+        .as_deref(),
+        Ok(SPIFFE_ID)
+    );
+    // Without one, the call needs a token.
+    assert_eq!(
+        auth.admit("GetToken", None, None, Some("fleet-b")).await,
+        Err(Denied::NO_IDENTITY)
+    );
+    assert_eq!(auth.token_cache_counts(), TokenCacheCounts::default());
+    let denied: u64 = auth.denials().iter().map(|(_, n)| n).sum();
+    assert_eq!(denied, 3);
 }
 
 #[tokio::test]
@@ -835,4 +920,291 @@ async fn jwks_file_and_allow_list_reload() {
             .await
             .is_ok()
     );
+}
+
+// === The cache of verified tokens ===
+
+const WORKER_SA: &str = "system:serviceaccount:ingest:worker";
+
+/// An authorizer reading its keys from `dir/jwks.json`: `keys(...)` writes that file,
+/// `yaml(accounts)` is the `auth` section allowing the worker `accounts`.
+struct FileAuth {
+    dir: tempfile::TempDir,
+}
+
+impl FileAuth {
+    fn new(keys: &[&SigningKey]) -> Self {
+        let this = Self {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        this.keys(keys);
+        this
+    }
+
+    fn keys(&self, keys: &[&SigningKey]) {
+        let keys: Vec<Value> = keys.iter().map(|k| k.jwk().clone()).collect();
+        write(
+            self.dir.path(),
+            "jwks.json",
+            &json!({ "keys": keys }).to_string(),
+        );
+    }
+
+    fn config(&self, worker_accounts: &str) -> bace_token_broker::config::AuthConfig {
+        let yaml = format!(
+            "kubernetes:\n  issuer: {ISSUER}\n  jwks_file: {}\nallow:\n  - caller: {WORKER_SA}\n    accounts: {worker_accounts}\n",
+            self.dir.path().join("jwks.json").display()
+        );
+        bace_token_broker::config::from_yaml::<RawAuth>(&yaml)
+            .unwrap()
+            .validate()
+            .unwrap()
+    }
+
+    fn authorizer(&self, worker_accounts: &str) -> Authorizer {
+        Authorizer::new(self.config(worker_accounts)).unwrap()
+    }
+}
+
+fn counts(hits: u64, misses: u64) -> TokenCacheCounts {
+    TokenCacheCounts { hits, misses }
+}
+
+#[tokio::test]
+async fn a_verified_token_is_then_answered_from_the_cache() {
+    let key = SigningKey::es256("k1");
+    let files = FileAuth::new(&[&key]);
+    let auth = files.authorizer("[fleet-a]");
+    let bearer = key.bearer(&claims("ingest", "worker"));
+    let admit = |account: &'static str| auth.admit("GetToken", Some(&bearer), None, Some(account));
+
+    assert_eq!(admit("fleet-a").await.as_deref(), Ok(WORKER_SA));
+    assert_eq!(auth.token_cache_counts(), counts(0, 1), "verified once");
+    assert_eq!(auth.cached_tokens(), 1);
+    for _ in 0..10 {
+        assert_eq!(admit("fleet-a").await.as_deref(), Ok(WORKER_SA));
+    }
+    assert_eq!(
+        auth.authenticate(Some(&bearer), None).await.as_deref(),
+        Ok(WORKER_SA)
+    );
+    assert_eq!(auth.token_cache_counts(), counts(11, 1));
+    assert_eq!(auth.cached_tokens(), 1);
+
+    // Another token of the same caller is another entry.
+    let again = key.bearer(&with(claims("ingest", "worker"), "jti", json!("2")));
+    assert_eq!(
+        auth.authenticate(Some(&again), None).await.as_deref(),
+        Ok(WORKER_SA)
+    );
+    assert_eq!(auth.token_cache_counts(), counts(11, 2));
+    assert_eq!(auth.cached_tokens(), 2);
+
+    // A token with the same claims signed by another key (same kid) is no hit.
+    let impostor = SigningKey::es256("k1").bearer(&claims("ingest", "worker"));
+    for _ in 0..3 {
+        assert_eq!(
+            auth.authenticate(Some(&impostor), None).await,
+            Err(Denied::BAD_SIGNATURE)
+        );
+    }
+    assert_eq!(auth.token_cache_counts(), counts(11, 5));
+    assert_eq!(auth.cached_tokens(), 2);
+}
+
+#[tokio::test]
+async fn an_allow_list_reload_applies_to_cached_identities_at_once() {
+    let key = SigningKey::es256("k1");
+    let files = FileAuth::new(&[&key]);
+    let auth = files.authorizer("[fleet-a]");
+    let bearer = key.bearer(&claims("ingest", "worker"));
+    let admit = |account: &'static str| auth.admit("GetToken", Some(&bearer), None, Some(account));
+
+    assert_eq!(admit("fleet-a").await.as_deref(), Ok(WORKER_SA));
+    assert_eq!(admit("fleet-b").await, Err(Denied::PermissionDenied));
+    assert_eq!(auth.token_cache_counts(), counts(1, 1));
+
+    // Only the allow list changes: the keys and the cached identity stay...
+    auth.reload(files.config("[fleet-b]")).unwrap();
+    assert_eq!(auth.cached_tokens(), 1);
+    // ...and the new list applies to it at the next call.
+    assert_eq!(admit("fleet-a").await, Err(Denied::PermissionDenied));
+    assert_eq!(admit("fleet-b").await.as_deref(), Ok(WORKER_SA));
+    auth.reload(files.config("[fleet-c]")).unwrap();
+    assert_eq!(admit("fleet-b").await, Err(Denied::PermissionDenied));
+    assert_eq!(
+        auth.token_cache_counts(),
+        counts(4, 1),
+        "every call after the first was a hit"
+    );
+}
+
+#[tokio::test]
+async fn a_rotated_out_key_stops_its_tokens_at_once() {
+    // A `jwks_file` without the key: the reload brings new keys and an empty cache.
+    let (a, b) = (SigningKey::es256("a"), SigningKey::es256("b"));
+    let files = FileAuth::new(&[&a, &b]);
+    let auth = files.authorizer("['*']");
+    let by_a = a.bearer(&claims("ingest", "worker"));
+    let by_b = b.bearer(&claims("ingest", "worker"));
+    for _ in 0..2 {
+        assert!(auth.authenticate(Some(&by_a), None).await.is_ok());
+    }
+    assert_eq!(auth.token_cache_counts(), counts(1, 1));
+    files.keys(&[&b]);
+    auth.reload(files.config("['*']")).unwrap();
+    assert_eq!(auth.cached_tokens(), 0);
+    assert_eq!(
+        auth.authenticate(Some(&by_a), None).await,
+        Err(Denied::UNKNOWN_KEY)
+    );
+    assert!(auth.authenticate(Some(&by_b), None).await.is_ok());
+
+    // A `jwks_url` whose keys change under a validator that stays: the key-set generation.
+    let (fake, url) = JwksFake::start(&[&a]).await;
+    let auth = url_authorizer(&url);
+    for _ in 0..2 {
+        assert!(guard(auth.authenticate(Some(&by_a), None)).await.is_ok());
+    }
+    assert_eq!(auth.token_cache_counts(), counts(1, 1));
+    // The issuer rotates to b; a token of b's makes the broker fetch the new keys.
+    fake.publish(&[&b]);
+    assert!(guard(auth.authenticate(Some(&by_b), None)).await.is_ok());
+    assert_eq!(fake.requests(), 2);
+    assert_eq!(auth.cached_tokens(), 1, "a's entry went with a's keys");
+    assert_eq!(
+        guard(auth.authenticate(Some(&by_a), None)).await,
+        Err(Denied::UNKNOWN_KEY)
+    );
+    assert_eq!(auth.token_cache_counts(), counts(1, 3));
+    // a's kid made the broker look once more (within the limits). Every fetch stores a new
+    // key set, so b's token is verified once more, then answered from the cache.
+    assert_eq!(fake.requests(), 3);
+    for _ in 0..2 {
+        assert!(guard(auth.authenticate(Some(&by_b), None)).await.is_ok());
+    }
+    assert_eq!(auth.token_cache_counts(), counts(2, 4));
+}
+
+#[tokio::test]
+async fn a_flood_of_bad_tokens_leaves_the_cache_empty() {
+    let key = SigningKey::es256("k1");
+    let impostor = SigningKey::es256("k1");
+    let files = FileAuth::new(&[&key]);
+    let auth = files.authorizer("['*']");
+    let base = claims("ingest", "worker");
+    let mut refused = 0;
+    for n in 0..200 {
+        let jti = |claims: Value| with(claims, "jti", json!(n));
+        let cases = [
+            (impostor.bearer(&jti(base.clone())), Denied::BAD_SIGNATURE),
+            (
+                key.bearer(&jti(with(base.clone(), "exp", json!(now() - 120)))),
+                Denied::EXPIRED_TOKEN,
+            ),
+            (
+                key.bearer(&jti(with(base.clone(), "aud", json!(["someone-else"])))),
+                Denied::WRONG_AUDIENCE,
+            ),
+            (format!("Bearer not.a.jwt{n}"), Denied::MALFORMED_TOKEN),
+        ];
+        for (bearer, want) in cases {
+            // Twice: a refusal is not remembered either way.
+            for _ in 0..2 {
+                assert_eq!(auth.authenticate(Some(&bearer), None).await, Err(want));
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(auth.cached_tokens(), 0);
+    assert_eq!(auth.token_cache_counts(), counts(0, refused));
+
+    // Past the size limit: refused unhashed, no lookup.
+    let huge = format!("Bearer {}", "a".repeat(16 * 1024 + 1));
+    assert_eq!(
+        auth.authenticate(Some(&huge), None).await,
+        Err(Denied::MALFORMED_TOKEN)
+    );
+    assert_eq!(auth.token_cache_counts(), counts(0, refused));
+    // A valid token longer than the cache takes: verified each time, never cached.
+    let padded = key.bearer(&with(
+        base.clone(),
+        "pad",
+        json!("p".repeat(MAX_CACHED_TOKEN_BYTES)),
+    ));
+    for _ in 0..2 {
+        assert_eq!(
+            auth.authenticate(Some(&padded), None).await.as_deref(),
+            Ok(WORKER_SA)
+        );
+    }
+    assert_eq!(auth.cached_tokens(), 0);
+    assert_eq!(auth.token_cache_counts(), counts(0, refused + 2));
+}
+
+#[tokio::test]
+async fn a_flood_of_valid_tokens_keeps_the_cache_at_its_capacity() {
+    let key = SigningKey::es256("k1");
+    let files = FileAuth::new(&[&key]);
+    let auth = files.authorizer("['*']");
+    let flood = TOKEN_CACHE_CAPACITY + 100;
+    // Signed once each (ECDSA signatures differ at every signing).
+    let tokens: Vec<String> = (0..flood)
+        .map(|n| key.bearer(&with(claims("ingest", "worker"), "jti", json!(n))))
+        .collect();
+    let token = |n: usize| &tokens[n];
+    for n in 0..flood {
+        assert!(auth.authenticate(Some(token(n)), None).await.is_ok());
+        assert!(auth.cached_tokens() <= TOKEN_CACHE_CAPACITY);
+    }
+    assert_eq!(auth.cached_tokens(), TOKEN_CACHE_CAPACITY);
+    assert_eq!(auth.token_cache_counts(), counts(0, flood as u64));
+    // The most recent are kept, the least recent went.
+    assert!(
+        auth.authenticate(Some(token(flood - 1)), None)
+            .await
+            .is_ok()
+    );
+    assert_eq!(auth.token_cache_counts().hits, 1);
+    assert!(auth.authenticate(Some(token(0)), None).await.is_ok());
+    assert_eq!(auth.token_cache_counts(), counts(1, flood as u64 + 1));
+    assert_eq!(auth.cached_tokens(), TOKEN_CACHE_CAPACITY);
+}
+
+/// `jsonwebtoken` checks `exp` against the wall clock, which paused time does not move: the
+/// cache's deadline shows in its counts (a miss is a verification, which still succeeds).
+#[tokio::test(start_paused = true)]
+async fn cached_tokens_expire_on_time() {
+    let key = SigningKey::es256("k1");
+    let files = FileAuth::new(&[&key]);
+    let auth = files.authorizer("['*']");
+    let step = Duration::from_millis(10);
+    let check = |bearer: String| {
+        let auth = auth.clone();
+        async move {
+            let before = auth.token_cache_counts();
+            assert!(auth.authenticate(Some(&bearer), None).await.is_ok());
+            let after = auth.token_cache_counts();
+            after.hits > before.hits
+        }
+    };
+
+    // Long-lived: trusted for the TTL after its verification.
+    let long = key.bearer(&claims("ingest", "worker"));
+    assert!(!check(long.clone()).await, "verified");
+    tokio::time::advance(TOKEN_CACHE_TTL - step).await;
+    assert!(check(long.clone()).await, "just before the TTL");
+    tokio::time::advance(step).await;
+    assert!(!check(long.clone()).await, "at the TTL: verified again");
+    assert!(check(long.clone()).await, "and cached again");
+
+    // Expiring in 5 s: trusted until exp plus the leeway (34 to 35 s from now, as the
+    // verification reads exp against the wall clock in whole seconds).
+    let short = key.bearer(&with(claims("ingest", "worker"), "exp", json!(now() + 5)));
+    assert!(!check(short.clone()).await);
+    tokio::time::advance(Duration::from_secs(33)).await;
+    assert!(check(short.clone()).await, "before exp + leeway");
+    tokio::time::advance(Duration::from_secs(2)).await;
+    assert!(!check(short.clone()).await, "past exp + leeway");
+    assert_eq!(auth.cached_tokens(), 2);
 }

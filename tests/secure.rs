@@ -328,6 +328,11 @@ async fn service_account_tokens_identify_callers() {
             .await,
         1.0
     );
+    // Each token that verified was verified once, then answered from the cache (the exporter's
+    // twice, the worker's once); each refused token was verified, and none was cached.
+    let cache = |result: &str| format!("bace_broker_auth_token_cache_total{{result=\"{result}\"}}");
+    assert_eq!(broker.metric(&cache("hit")).await, 3.0);
+    assert_eq!(broker.metric(&cache("miss")).await, 6.0);
 
     broker.stop().await;
 }

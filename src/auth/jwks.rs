@@ -5,7 +5,10 @@
 use std::{
     collections::{HashMap, VecDeque},
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use jsonwebtoken::{DecodingKey, Validation};
@@ -40,13 +43,21 @@ pub(super) struct KeySet {
     pub(super) all: Vec<Arc<Key>>,
     /// When they were fetched; `None`: never (the empty set of a `jwks_url` at start).
     pub(super) fetched_at: Option<Instant>,
+    /// Unique to this set (in the process): the verified-token cache answers only for tokens
+    /// verified under the set in use.
+    pub(super) generation: u64,
 }
 
 /// A verification key with the checks that go with it.
 pub(super) struct Key {
     pub(super) decoding: DecodingKey,
     pub(super) validation: Validation,
+    /// The [`KeySet::generation`] of the set it belongs to.
+    pub(super) generation: u64,
 }
+
+/// The last [`KeySet::generation`] handed out.
+static GENERATION: AtomicU64 = AtomicU64::new(0);
 
 impl KeySet {
     pub(super) fn empty() -> Self {
@@ -54,6 +65,7 @@ impl KeySet {
             by_kid: HashMap::new(),
             all: Vec::new(),
             fetched_at: None,
+            generation: GENERATION.fetch_add(1, Ordering::Relaxed) + 1,
         }
     }
 
@@ -77,6 +89,7 @@ impl KeySet {
             let key = Arc::new(Key {
                 decoding: parsed.decoding,
                 validation,
+                generation: set.generation,
             });
             if let Some(kid) = parsed.kid {
                 set.by_kid.entry(kid).or_insert_with(|| key.clone());

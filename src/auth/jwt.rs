@@ -1,7 +1,11 @@
 //! Kubernetes service-account tokens: the signature against the issuer's keys, the checked
-//! claims (`iss`, `aud`, `exp`/`nbf` with [`LEEWAY`]) and the service account they name.
+//! claims (`iss`, `aud`, `exp`/`nbf` with [`LEEWAY`]) and the service account they name;
+//! tokens verified once are answered from the validator's cache (`cache`) until their deadline.
 
-use std::sync::{Arc, Mutex};
+use std::{
+    sync::{Arc, Mutex},
+    time::SystemTime,
+};
 
 use arc_swap::ArcSwap;
 use jsonwebtoken::errors::ErrorKind;
@@ -12,6 +16,7 @@ use tracing::{debug, info, warn};
 use super::{
     AuthError, Denied, JWKS_MAX_AGE, JWKS_TIMEOUT, MAX_FETCHES_PER_WINDOW, MAX_TOKEN_BYTES,
     REFETCH_WINDOW,
+    cache::{Lookups, MAX_CACHED_TOKEN_BYTES, TOKEN_CACHE_CAPACITY, TokenCache, deadline, digest},
     jwks::{FetchError, FetchState, Fetcher, Key, KeySet},
 };
 use crate::config::{FieldError, JwksSource, KubernetesConfig, ca_certificates, parse_jwks};
@@ -23,6 +28,9 @@ pub(super) struct TokenValidator {
     keys: ArcSwap<KeySet>,
     /// `None` for a `jwks_file`.
     fetcher: Option<Fetcher>,
+    /// Tokens verified under `keys`, by digest. Its lock is taken for one lookup or insert,
+    /// never across an `.await`, and never while the fetch state's lock is held.
+    cache: TokenCache,
 }
 
 impl TokenValidator {
@@ -63,18 +71,58 @@ impl TokenValidator {
             config,
             keys: ArcSwap::from_pointee(keys),
             fetcher,
+            cache: TokenCache::new(TOKEN_CACHE_CAPACITY),
         })
     }
 
-    pub(super) async fn validate(self: &Arc<Self>, token: &str) -> Result<String, Denied> {
+    /// The service account of `token`: from the cache when the token was verified under the
+    /// keys in hand and its deadline is still to come (a hit), else by verifying it (a miss,
+    /// remembered when it succeeds). Counted in `lookups`.
+    pub(super) async fn validate(
+        self: &Arc<Self>,
+        token: &str,
+        lookups: &Lookups,
+    ) -> Result<String, Denied> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(Denied::MALFORMED_TOKEN);
         }
+        let cache_key = (token.len() <= MAX_CACHED_TOKEN_BYTES).then(|| digest(token));
+        if let Some(cache_key) = &cache_key {
+            // The guard is dropped before any `.await`.
+            let keys = self.keys.load();
+            if let Some(identity) = self.cache.get(cache_key, keys.generation, Instant::now()) {
+                lookups.hit();
+                // Hits skip `key`: keep the keys of a `jwks_url` fresh from here too.
+                if keys
+                    .fetched_at
+                    .is_some_and(|at| at.elapsed() >= JWKS_MAX_AGE)
+                {
+                    let _ = self.start_fetch(&keys, None);
+                }
+                return Ok(identity);
+            }
+        }
+        lookups.miss();
         let header = jsonwebtoken::decode_header(token).map_err(|_| Denied::MALFORMED_TOKEN)?;
         let key = self.key(header.kid.as_deref()).await?;
         let data = jsonwebtoken::decode::<Claims>(token, &key.decoding, &key.validation)
             .map_err(|e| rejection(e.kind()))?;
-        data.claims.identity()
+        let exp = data.claims.exp;
+        let identity = data.claims.identity()?;
+        if let Some(cache_key) = cache_key
+            && let Some(until) = deadline(exp, Instant::now(), SystemTime::now())
+        {
+            // Under the generation of the key that verified it: if the keys changed meanwhile,
+            // the entry never answers.
+            self.cache
+                .insert(cache_key, &identity, until, key.generation);
+        }
+        Ok(identity)
+    }
+
+    /// Verified tokens held in the cache.
+    pub(super) fn cached_tokens(&self) -> usize {
+        self.cache.len()
     }
 
     /// The key for `kid`, fetching the JWKS when there is none yet, when it is old (in the
@@ -193,6 +241,8 @@ impl TokenValidator {
             Ok(keys) => {
                 info!(url = %fetcher.url, keys = keys.all.len(), "JWKS fetched");
                 self.keys.store(Arc::new(keys));
+                // Entries of the old keys would miss anyway (their generation); free them now.
+                self.cache.clear();
             }
             Err(error) => {
                 warn!(url = %fetcher.url, %error, "JWKS fetch failed; keeping the keys in hand");
@@ -220,9 +270,13 @@ fn rejection(kind: &ErrorKind) -> Denied {
     }
 }
 
-/// The claims that name the caller (the checked ones are read by `jsonwebtoken`).
+/// The claims that name the caller (the checked ones are read by `jsonwebtoken`), and `exp`
+/// for the cache's deadline.
 #[derive(Deserialize)]
 pub(super) struct Claims {
+    /// Checked by `jsonwebtoken` (required, numeric); read here for the cache.
+    #[serde(default)]
+    exp: Option<f64>,
     #[serde(default)]
     sub: Option<String>,
     #[serde(default, rename = "kubernetes.io")]

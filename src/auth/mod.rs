@@ -24,18 +24,30 @@
 //! it needs out of the guard before any `.await`. The fetch bookkeeping sits in a std `Mutex`
 //! held for a few instructions, never across an `.await`.
 //!
-//! A token is never logged, put into an error or kept after the check.
+//! A token is never logged, put into an error or kept after the check; a token that verified is
+//! remembered by its SHA-256 digest only (see `cache`).
+//!
+//! # Cost per call
+//!
+//! A client certificate's identity is read once per connection, at the TLS handshake
+//! ([`TlsConnInfo::identity`](crate::tls::TlsConnInfo::identity)), and handed to
+//! [`Authorizer::admit`]. A service-account token is verified once, then answered from the
+//! validator's cache of verified tokens (bounded, until the token's `exp` and at most
+//! [`TOKEN_CACHE_TTL`], only under the keys that verified it): a digest and a lookup per call.
+//! The allow list is applied at every call.
 //!
 //! # Rooms
 //!
 //! - this file: [`Authorizer`] and the admission of a request ([`Authorizer::admit`]);
 //! - `allow`: the allow list;
 //! - `jwt`: service-account token checks;
+//! - `cache`: verified tokens, by digest;
 //! - `jwks`: the issuer's keys, fetched or read.
 //!
 //! The `auth` section's schema lives in [`crate::config`].
 
 mod allow;
+mod cache;
 mod jwks;
 mod jwt;
 
@@ -45,9 +57,10 @@ use arc_swap::ArcSwap;
 use tokio_rustls::rustls::pki_types::CertificateDer;
 use tracing::warn;
 
-use self::{allow::AllowList, jwt::TokenValidator};
+pub use self::cache::{MAX_CACHED_TOKEN_BYTES, TOKEN_CACHE_CAPACITY, TOKEN_CACHE_TTL};
+use self::{allow::AllowList, cache::Lookups, jwt::TokenValidator};
 use crate::{
-    config::{AuthConfig, FieldError, JwksSource},
+    config::{AuthConfig, FieldError},
     counts::Counts,
     tls::peer_identity,
     token::MAX_ACCOUNT_NAME_LEN,
@@ -134,6 +147,17 @@ pub struct Authorizer {
     state: Arc<ArcSwap<State>>,
     /// Calls refused, by [`Denied::reason`] (across reloads).
     denials: Arc<Counts<&'static str>>,
+    /// Service-account tokens answered from the cache or verified (across reloads).
+    token_cache: Arc<Lookups>,
+}
+
+/// How service-account tokens were checked so far ([`Authorizer::token_cache_counts`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenCacheCounts {
+    /// Answered from the cache of verified tokens.
+    pub hits: u64,
+    /// Verified (the token was not in the cache, or its entry no longer answered).
+    pub misses: u64,
 }
 
 struct State {
@@ -180,12 +204,14 @@ impl Authorizer {
         Ok(Self {
             state: Arc::new(ArcSwap::from_pointee(state)),
             denials: Arc::default(),
+            token_cache: Arc::default(),
         })
     }
 
     /// Prepares a new allow list and key source without putting them in use:
-    /// [`PreparedAuth::commit`] does. Keys already fetched from an unchanged `jwks_url` are
-    /// kept; a `jwks_file` is taken as `config` read it.
+    /// [`PreparedAuth::commit`] does. An unchanged `auth.kubernetes` (for a `jwks_file`: the
+    /// same contents) keeps its keys (fetched from a `jwks_url` or not) and its cache of
+    /// verified tokens; a changed one starts afresh, a `jwks_file` taken as `config` read it.
     pub fn prepare(&self, config: AuthConfig) -> Result<PreparedAuth, AuthError> {
         let current = self.state.load_full();
         Ok(PreparedAuth {
@@ -200,17 +226,25 @@ impl Authorizer {
         Ok(())
     }
 
-    /// Admits a call of `rpc`: its caller's identity ([`Authorizer::authenticate`]) and, with
-    /// `account`, the caller's right to that account. A denial is logged (with the caller, when
-    /// known, and the account cut to the longest account name) and counted by reason.
+    /// Admits a call of `rpc`: its caller's identity and, with `account`, the caller's right to
+    /// that account (the allow list in use now). The identity is `peer_identity`, the one of
+    /// the connection's verified client certificate
+    /// ([`TlsConnInfo::identity`](crate::TlsConnInfo::identity), read at the handshake), else
+    /// the service account of a valid token in `authorization` (as in
+    /// [`Authorizer::authenticate`]). A denial is logged (with the caller, when known, and the
+    /// account cut to the longest account name) and counted by reason.
     pub async fn admit(
         &self,
         rpc: &'static str,
         authorization: Option<&str>,
-        peer_certs: Option<&[CertificateDer<'static>]>,
+        peer_identity: Option<&str>,
         account: Option<&str>,
     ) -> Result<String, Denied> {
-        let (caller, denied) = match self.authenticate(authorization, peer_certs).await {
+        let identity = match peer_identity {
+            Some(identity) => Ok(identity.to_owned()),
+            None => self.authenticate_token(authorization).await,
+        };
+        let (caller, denied) = match identity {
             Err(denied) => (None, denied),
             Ok(identity) => match account {
                 Some(account) if !self.authorize(&identity, account) => {
@@ -243,6 +277,11 @@ impl Authorizer {
         if let Some(identity) = peer_certs.and_then(peer_identity) {
             return Ok(identity);
         }
+        self.authenticate_token(authorization).await
+    }
+
+    /// The service account of a valid Kubernetes token in `authorization`.
+    async fn authenticate_token(&self, authorization: Option<&str>) -> Result<String, Denied> {
         let Some(value) = authorization else {
             return Err(Denied::NO_IDENTITY);
         };
@@ -250,7 +289,7 @@ impl Authorizer {
         // Clone the validator out of the guard: no guard is held across the await.
         let validator = self.state.load().kubernetes.clone();
         match validator {
-            Some(validator) => validator.validate(token).await,
+            Some(validator) => validator.validate(token, &self.token_cache).await,
             None => Err(Denied::NO_IDENTITY),
         }
     }
@@ -264,16 +303,31 @@ impl Authorizer {
     pub fn denials(&self) -> Vec<(&'static str, u64)> {
         self.denials.snapshot()
     }
+
+    /// Service-account tokens answered from the cache of verified tokens, and verified, so far
+    /// (across reloads).
+    pub fn token_cache_counts(&self) -> TokenCacheCounts {
+        let (hits, misses) = self.token_cache.get();
+        TokenCacheCounts { hits, misses }
+    }
+
+    /// Verified tokens held in the cache now (at most [`TOKEN_CACHE_CAPACITY`]; 0 without
+    /// `auth.kubernetes`).
+    pub fn cached_tokens(&self) -> usize {
+        self.state
+            .load()
+            .kubernetes
+            .as_ref()
+            .map_or(0, |validator| validator.cached_tokens())
+    }
 }
 
 impl State {
     fn new(config: AuthConfig, current: Option<&Arc<TokenValidator>>) -> Result<Self, AuthError> {
         let kubernetes = match (config.kubernetes, current) {
-            (Some(new), Some(current))
-                if new == current.config && matches!(new.jwks, JwksSource::Url { .. }) =>
-            {
-                Some(current.clone())
-            }
+            // The same issuer, audience and key source (a `jwks_file` with the same contents):
+            // the same keys, and the tokens verified under them stay verified.
+            (Some(new), Some(current)) if new == current.config => Some(current.clone()),
             (Some(new), _) => Some(Arc::new(TokenValidator::new(new)?)),
             (None, _) => None,
         };

@@ -4,7 +4,8 @@
 //! - `status`: the one place where errors become `tonic::Status`es;
 //! - `convert`: proto messages from broker values, request fields into broker arguments;
 //! - `encode`: [`GetTokenReply`], the GetToken answer written straight from the token;
-//! - `metrics`: the calls it counts ([`CallCounts`]).
+//! - `metrics`: the calls it counts ([`CallCounts`]), and the handling of each: every RPC is
+//!   timed from the start of its handler (admission included) to its status.
 
 mod convert;
 mod encode;
@@ -18,13 +19,17 @@ use std::{
 };
 
 use tokio_stream::Stream;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 use tracing::debug;
 
-pub(crate) use self::convert::{status_to_proto, token_to_proto};
 use self::{
     convert::{min_validity, outcome_to_proto},
+    metrics::Handling,
     status::{denied_status, no_longer_allowed},
+};
+pub(crate) use self::{
+    convert::{status_to_proto, token_to_proto},
+    metrics::{Rpc, RpcHandling},
 };
 pub use self::{
     encode::GetTokenReply,
@@ -74,26 +79,31 @@ impl TokenBrokerApi {
         let Some(auth) = &self.auth else {
             return Ok(None);
         };
-        let certs = request
+        // The client certificate's identity, read once at the connection's handshake.
+        let peer_identity = request
             .extensions()
             .get::<TlsConnInfo>()
-            .and_then(|info| info.peer_certs.clone());
+            .and_then(|info| info.identity.as_deref());
         let authorization = request
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        match auth
-            .admit(
-                rpc,
-                authorization,
-                certs.as_deref().map(Vec::as_slice),
-                account,
-            )
-            .await
-        {
+        match auth.admit(rpc, authorization, peer_identity, account).await {
             Ok(identity) => Ok(Some(identity)),
             Err(denied) => Err(denied_status(denied, account.map(bounded).as_deref())),
         }
+    }
+
+    /// Runs the unary call `call` of `rpc`, timed and counted by its status.
+    async fn handle<T>(
+        &self,
+        rpc: Rpc,
+        call: impl Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        let handling = Handling::start(&*self.calls, rpc);
+        let result = call.await;
+        handling.end_with(&result);
+        result
     }
 
     /// The metrics label of a requested account: configured ones by name, others lumped
@@ -118,9 +128,9 @@ fn log_failure(rpc: &'static str, account: &str, status: &Status) {
     debug!(rpc, ?account, code = ?status.code(), message = status.message(), "call failed");
 }
 
-#[tonic::async_trait]
-impl TokenBrokerService for TokenBrokerApi {
-    async fn get_token(
+// The RPCs' handlers; the service's methods below time and count them.
+impl TokenBrokerApi {
+    async fn answer_get_token(
         &self,
         request: Request<proto::GetTokenRequest>,
     ) -> Result<Response<GetTokenReply>, Status> {
@@ -143,7 +153,7 @@ impl TokenBrokerService for TokenBrokerApi {
         Ok(Response::new(GetTokenReply::new(result?)))
     }
 
-    async fn invalidate(
+    async fn answer_invalidate(
         &self,
         request: Request<proto::InvalidateRequest>,
     ) -> Result<Response<proto::InvalidateResponse>, Status> {
@@ -173,12 +183,11 @@ impl TokenBrokerService for TokenBrokerApi {
         }))
     }
 
-    type WatchTokenStream = WatchResponses;
-
-    async fn watch_token(
+    /// Admits a watcher: its token stream, and the recheck of its caller's right.
+    async fn admit_watcher(
         &self,
         request: Request<proto::WatchTokenRequest>,
-    ) -> Result<Response<Self::WatchTokenStream>, Status> {
+    ) -> Result<(TokenStream, Option<Recheck>), Status> {
         let identity = self
             .admit("WatchToken", &request, Some(&request.get_ref().account))
             .await?;
@@ -195,13 +204,10 @@ impl TokenBrokerService for TokenBrokerApi {
             }),
             _ => None,
         };
-        Ok(Response::new(WatchResponses {
-            tokens: Some(watch.into_stream()),
-            recheck,
-        }))
+        Ok((watch.into_stream(), recheck))
     }
 
-    async fn list_accounts(
+    async fn answer_list_accounts(
         &self,
         request: Request<proto::ListAccountsRequest>,
     ) -> Result<Response<proto::ListAccountsResponse>, Status> {
@@ -221,6 +227,56 @@ impl TokenBrokerService for TokenBrokerApi {
     }
 }
 
+#[tonic::async_trait]
+impl TokenBrokerService for TokenBrokerApi {
+    async fn get_token(
+        &self,
+        request: Request<proto::GetTokenRequest>,
+    ) -> Result<Response<GetTokenReply>, Status> {
+        self.handle(Rpc::GetToken, self.answer_get_token(request))
+            .await
+    }
+
+    async fn invalidate(
+        &self,
+        request: Request<proto::InvalidateRequest>,
+    ) -> Result<Response<proto::InvalidateResponse>, Status> {
+        self.handle(Rpc::Invalidate, self.answer_invalidate(request))
+            .await
+    }
+
+    type WatchTokenStream = WatchResponses;
+
+    /// A stream is handled when it ends: with its error, with OK when the broker drains, as
+    /// CANCELLED when its caller goes away first (see [`Handling`]); its handling time is its
+    /// lifetime. A refused watcher is handled at once, with the refusal's code.
+    async fn watch_token(
+        &self,
+        request: Request<proto::WatchTokenRequest>,
+    ) -> Result<Response<Self::WatchTokenStream>, Status> {
+        let mut handling = Handling::start(self.calls.clone(), Rpc::WatchToken);
+        match self.admit_watcher(request).await {
+            Ok((tokens, recheck)) => Ok(Response::new(WatchResponses {
+                tokens: Some(tokens),
+                recheck,
+                handling,
+            })),
+            Err(status) => {
+                handling.end(status.code());
+                Err(status)
+            }
+        }
+    }
+
+    async fn list_accounts(
+        &self,
+        request: Request<proto::ListAccountsRequest>,
+    ) -> Result<Response<proto::ListAccountsResponse>, Status> {
+        self.handle(Rpc::ListAccounts, self.answer_list_accounts(request))
+            .await
+    }
+}
+
 /// The WatchToken stream: the broker's [`TokenStream`] in proto form. No task and no channel
 /// per watcher: tonic polls it directly. Ends after an error (the account was removed, or the
 /// caller may no longer use it) and when the broker drains.
@@ -228,6 +284,8 @@ pub struct WatchResponses {
     /// `None` once the stream ended: the watcher goes as soon as it is done with.
     tokens: Option<TokenStream>,
     recheck: Option<Recheck>,
+    /// The call, handled when the stream ends (or is dropped: CANCELLED).
+    handling: Handling<Arc<CallCounts>>,
 }
 
 /// A caller's right to the watched account, checked again before each token.
@@ -254,11 +312,13 @@ impl Stream for WatchResponses {
             Some(Err(error)) => Err(Status::from(error)),
             None => {
                 self.tokens = None;
+                self.handling.end(Code::Ok);
                 return Poll::Ready(None);
             }
         };
-        if message.is_err() {
+        if let Err(status) = &message {
             self.tokens = None;
+            self.handling.end(status.code());
         }
         Poll::Ready(Some(message))
     }

@@ -120,11 +120,17 @@ async fn handshake(acceptor: TlsAcceptor, tcp: TcpStream, remote: SocketAddr) ->
                 .1
                 .peer_certificates()
                 .map(|certs| Arc::new(certs.to_vec()));
+            // Parsed once here; every request on the connection shares it.
+            let identity = peer_certs
+                .as_deref()
+                .and_then(|certs| peer_identity(certs))
+                .map(Arc::from);
             Some(TlsConn {
                 stream,
                 info: TlsConnInfo {
                     remote_addr: remote,
                     peer_certs,
+                    identity,
                 },
             })
         }
@@ -146,7 +152,8 @@ pub struct TlsConn {
 }
 
 /// What tonic puts into each request's extensions for a [`TlsConn`]:
-/// `request.extensions().get::<TlsConnInfo>()`.
+/// `request.extensions().get::<TlsConnInfo>()`. Made once per connection, at the handshake;
+/// each request gets a clone (two `Arc`s).
 #[derive(Debug, Clone)]
 pub struct TlsConnInfo {
     /// The client's address.
@@ -154,12 +161,17 @@ pub struct TlsConnInfo {
     /// The client's certificate chain, leaf first, verified against the client CAs. `None`
     /// when no client CA is configured.
     pub peer_certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+    /// The caller identity of `peer_certs` ([`peer_identity`]), read at the handshake so that
+    /// no request parses the certificate again. `None` without a certificate, or when it names
+    /// nobody.
+    pub identity: Option<Arc<str>>,
 }
 
 impl TlsConnInfo {
-    /// The caller identity of the client certificate, see [`peer_identity`].
+    /// The caller identity of the client certificate ([`TlsConnInfo::identity`]), see
+    /// [`peer_identity`].
     pub fn peer_identity(&self) -> Option<String> {
-        self.peer_certs.as_deref().and_then(|c| peer_identity(c))
+        self.identity.as_deref().map(str::to_owned)
     }
 }
 

@@ -11,8 +11,8 @@
 //! `serve_with_incoming[_shutdown]` takes. Handshakes run as tasks with a timeout, at most
 //! `MAX_PENDING_HANDSHAKES` at once, so a slow or silent client never holds up the others; a
 //! failed handshake is logged at debug and skipped. Each [`TlsConn`] carries a [`TlsConnInfo`]
-//! (remote address, verified client certificate chain) that tonic puts into every request's
-//! extensions.
+//! (remote address, verified client certificate chain, and the caller identity read from it
+//! once, at the handshake) that tonic puts into every request's extensions.
 //!
 //! Only rustls with aws-lc-rs is used; no OpenSSL.
 //!

@@ -70,7 +70,12 @@ impl BrokerProc {
     }
 
     async fn channel(&self) -> anyhow::Result<Channel> {
-        let endpoint = Endpoint::from_shared(format!("http://{}", self.addr))?
+        self.channel_to(self.addr).await
+    }
+
+    /// A plaintext channel to `addr`, one of the broker's ports.
+    async fn channel_to(&self, addr: SocketAddr) -> anyhow::Result<Channel> {
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
             .connect_timeout(Duration::from_secs(2));
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -92,7 +97,17 @@ impl BrokerProc {
     }
 
     pub(crate) async fn wait_ready(&self, limit: Duration) -> anyhow::Result<()> {
-        let mut health = HealthClient::new(self.channel().await?);
+        self.wait_ready_on(self.addr, limit).await
+    }
+
+    /// Waits for readiness as told by the plaintext health service on `addr` (the gRPC port,
+    /// or `health_listen` when the gRPC port speaks TLS).
+    pub(crate) async fn wait_ready_on(
+        &self,
+        addr: SocketAddr,
+        limit: Duration,
+    ) -> anyhow::Result<()> {
+        let mut health = HealthClient::new(self.channel_to(addr).await?);
         let deadline = Instant::now() + limit;
         loop {
             let status = health

@@ -1,12 +1,13 @@
 //! `grpc-load`: the over-the-wire benchmark harness of bace-token-broker: gRPC throughput and
-//! latency (h2load), memory with 100,000 accounts, and single flight under load. Run it through
+//! latency (h2load), the same for secured callers (TLS with service-account tokens or client
+//! certificates), memory with 100,000 accounts, and single flight under load. Run it through
 //! `scripts/bench`, which builds the release broker and the memory probe first and adds the
 //! criterion cache-hit figures; directly:
 //!
 //! ```text
 //! cargo build --release --bins
 //! cargo build --release -p bench --example memory_probe
-//! cargo run --release -p bench --bin grpc-load -- [--only cache,A,B,C] [--rounds N] [--secs N]
+//! cargo run --release -p bench --bin grpc-load -- [--only cache,A,S,B,C] [--rounds N] [--secs N]
 //!     [--memory-accounts N] [--cache-hit-log FILE] [--out FILE] [--broker-bin FILE] [--work DIR]
 //! ```
 //!

@@ -31,7 +31,7 @@ impl Opts {
             work: target.join("bench-work"),
             out: target.join("bench-summary.md"),
             cache_hit_log: None,
-            only: "cache,A,B,C".into(),
+            only: "cache,A,S,B,C".into(),
             rounds: 24,
             secs: 3,
             memory_accounts: 100_000,

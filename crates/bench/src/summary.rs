@@ -21,11 +21,17 @@ pub(crate) async fn run(opts: &Opts) -> anyhow::Result<String> {
         opts.broker_bin.display()
     );
     let mut get_token_rps = None;
+    let mut plain_ratio = None;
     if opts.wants("cache") {
         sections::cache_hit::write(opts, &mut md)?;
     }
     if opts.wants("A") {
-        get_token_rps = Some(sections::throughput::run(opts, &mut md).await?);
+        let (rps, ratio) = sections::throughput::run(opts, &mut md).await?;
+        get_token_rps = Some(rps);
+        plain_ratio = Some(ratio);
+    }
+    if opts.wants("S") {
+        sections::secured::run(opts, &mut md, plain_ratio).await?;
     }
     if opts.wants("B") {
         sections::memory::run(opts, &mut md).await?;

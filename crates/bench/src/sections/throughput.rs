@@ -15,8 +15,9 @@ use crate::{
     wire::{Bodies, GET_TOKEN_PATH, HEALTH_PATH},
 };
 
-/// Runs section A and returns GetToken's median throughput (req/s).
-pub(crate) async fn run(opts: &Opts, md: &mut String) -> anyhow::Result<f64> {
+/// Runs section A and returns GetToken's median throughput (req/s) and the median of the
+/// per-round GetToken / Health ratios.
+pub(crate) async fn run(opts: &Opts, md: &mut String) -> anyhow::Result<(f64, f64)> {
     println!("== A. gRPC throughput and latency (h2load)");
     let names = account_names(1000);
     let fake = start_fake(&names).await?;
@@ -165,5 +166,5 @@ pub(crate) async fn run(opts: &Opts, md: &mut String) -> anyhow::Result<f64> {
     let _ = writeln!(md, "{}", health[0].command);
     let _ = writeln!(md, "{}", get[0].command);
     let _ = writeln!(md, "```\n");
-    Ok(g.rps)
+    Ok((g.rps, paired_median))
 }
