@@ -144,21 +144,6 @@ async fn exposition(broker: &BrokerServer) -> String {
         .unwrap()
 }
 
-async fn watch(
-    broker: &BrokerServer,
-    account: &str,
-) -> tonic::Streaming<proto::WatchTokenResponse> {
-    broker
-        .new_client()
-        .await
-        .watch_token(proto::WatchTokenRequest {
-            account: account.into(),
-        })
-        .await
-        .expect("watch")
-        .into_inner()
-}
-
 async fn next_token(stream: &mut tonic::Streaming<proto::WatchTokenResponse>) {
     let message = guard(stream.message()).await.expect("stream ok");
     assert!(message.expect("stream open").token.is_some());
@@ -251,9 +236,9 @@ async fn every_call_is_counted_and_timed_by_method_and_code() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
-    let mut left = watch(&broker, "fleet-a").await;
+    let mut left = broker.watch("fleet-a").await;
     next_token(&mut left).await;
-    let mut removed = watch(&broker, "fleet-b").await;
+    let mut removed = broker.watch("fleet-b").await;
     next_token(&mut removed).await;
 
     // While they are open, started − handled is the open streams.
@@ -326,7 +311,7 @@ async fn a_call_waiting_on_bace_is_in_progress_then_timed_and_a_drained_stream_e
         .upstream_timeout(Duration::from_secs(120))
         .shutdown_grace(Duration::from_secs(120));
     let mut broker = BrokerServer::ready(&config).await;
-    let mut stream = watch(&broker, "fleet-a").await;
+    let mut stream = broker.watch("fleet-a").await;
     next_token(&mut stream).await;
 
     // An Invalidate forces a login, held at BACE: the call is in progress.
@@ -389,10 +374,11 @@ async fn refused_calls_are_started_and_handled_with_their_code() {
     let fake = fake(&["fleet-a", "fleet-b"]).await;
     let dir = tempfile::tempdir().unwrap();
     let key = SigningKey::es256("k1");
-    let jwks = dir.path().join("jwks.json");
-    std::fs::write(&jwks, key.jwks()).unwrap();
     let config = BrokerConfig::for_fake(&fake, &["fleet-a", "fleet-b"])
-        .kubernetes(Kubernetes::new(pki::ISSUER, Jwks::File(jwks)))
+        .kubernetes(Kubernetes::new(
+            pki::ISSUER,
+            Jwks::File(key.jwks_file(dir.path())),
+        ))
         .allow("system:serviceaccount:ingest:worker", &["fleet-b"]);
     let broker = BrokerServer::ready(&config).await;
     let worker = key.bearer(&sa_claims("ingest", "worker"));

@@ -245,10 +245,11 @@ async fn service_account_tokens_identify_callers() {
     let fake = fake(&["fleet-a", "fleet-b"]).await;
     let dir = tempfile::tempdir().unwrap();
     let key = SigningKey::es256("k1");
-    let jwks = dir.path().join("jwks.json");
-    std::fs::write(&jwks, key.jwks()).unwrap();
     let config = BrokerConfig::for_fake(&fake, &["fleet-a", "fleet-b"])
-        .kubernetes(Kubernetes::new(pki::ISSUER, Jwks::File(jwks)))
+        .kubernetes(Kubernetes::new(
+            pki::ISSUER,
+            Jwks::File(key.jwks_file(dir.path())),
+        ))
         .allow("system:serviceaccount:reports:exporter", &["*"])
         .allow("system:serviceaccount:ingest:worker", &["fleet-b"]);
     let broker = start(config.build()).await;

@@ -9,21 +9,6 @@ use testkit::{BrokerConfig, BrokerServer, fake, fake_account, get_min, guard, us
 use tokio::task::JoinSet;
 use tonic::Code;
 
-async fn watch(
-    broker: &BrokerServer,
-    account: &str,
-) -> tonic::Streaming<proto::WatchTokenResponse> {
-    broker
-        .new_client()
-        .await
-        .watch_token(proto::WatchTokenRequest {
-            account: account.into(),
-        })
-        .await
-        .expect("watch")
-        .into_inner()
-}
-
 async fn next_token(stream: &mut tonic::Streaming<proto::WatchTokenResponse>) -> proto::Token {
     guard(stream.message())
         .await
@@ -49,7 +34,7 @@ async fn watch_sends_the_current_token_then_each_refresh() {
         .expiry_margin(Duration::from_secs(1));
     let broker = BrokerServer::ready(&config).await;
     let current = broker.get("fleet-a").await.unwrap();
-    let mut stream = watch(&broker, "fleet-a").await;
+    let mut stream = broker.watch("fleet-a").await;
     let first = next_token(&mut stream).await;
     assert_eq!(first.access_token, current.access_token);
     // Each refresh (BACE extends the same token) arrives as a new expiry.
@@ -97,7 +82,7 @@ async fn a_cold_account_is_sent_its_first_token_after_the_login() {
         broker.get("fleet-a").await.unwrap_err().code(),
         Code::Unavailable
     );
-    let mut stream = watch(&broker, "fleet-a").await;
+    let mut stream = broker.watch("fleet-a").await;
     // No token: the stream waits. A forced login (Invalidate) brings one.
     let answer = broker.invalidate("fleet-a", "").await.unwrap();
     let token = next_token(&mut stream).await;
@@ -169,7 +154,7 @@ async fn five_thousand_watchers_see_a_rotation_without_upstream_calls_and_leave_
 async fn watchers_end_cleanly_on_shutdown() {
     let fake = fake(&["fleet-a"]).await;
     let broker = BrokerServer::ready(&BrokerConfig::for_fake(&fake, &["fleet-a"])).await;
-    let mut stream = watch(&broker, "fleet-a").await;
+    let mut stream = broker.watch("fleet-a").await;
     next_token(&mut stream).await;
     let stopped = tokio::spawn(broker.stop());
     assert!(

@@ -162,6 +162,18 @@ impl BrokerServer {
         TokenBrokerServiceClient::new(channel(self.addr).await)
     }
 
+    /// A WatchToken stream of `account`, on a connection of its own.
+    pub async fn watch(&self, account: &str) -> tonic::Streaming<proto::WatchTokenResponse> {
+        self.new_client()
+            .await
+            .watch_token(proto::WatchTokenRequest {
+                account: account.into(),
+            })
+            .await
+            .expect("watch")
+            .into_inner()
+    }
+
     /// GetToken with no minimum validity.
     pub async fn get(&self, account: &str) -> Result<proto::Token, tonic::Status> {
         get(self.client.clone(), account).await

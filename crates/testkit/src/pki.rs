@@ -129,6 +129,13 @@ impl SigningKey {
         &self.jwk
     }
 
+    /// Writes [`SigningKey::jwks`] to `dir/jwks.json` and returns its path.
+    pub fn jwks_file(&self, dir: &std::path::Path) -> std::path::PathBuf {
+        let path = dir.join("jwks.json");
+        std::fs::write(&path, self.jwks()).expect("write the JWKS file");
+        path
+    }
+
     /// A JWKS document holding this key.
     pub fn jwks(&self) -> String {
         json!({ "keys": [self.jwk] }).to_string()
