@@ -93,12 +93,7 @@ impl TokenValidator {
             if let Some(identity) = self.cache.get(cache_key, keys.generation, Instant::now()) {
                 lookups.hit();
                 // Hits skip `key`: keep the keys of a `jwks_url` fresh from here too.
-                if keys
-                    .fetched_at
-                    .is_some_and(|at| at.elapsed() >= JWKS_MAX_AGE)
-                {
-                    let _ = self.start_fetch(&keys, None);
-                }
+                self.refresh_when_old(&keys);
                 return Ok(identity);
             }
         }
@@ -127,6 +122,17 @@ impl TokenValidator {
 
     /// The key for `kid`, fetching the JWKS when there is none yet, when it is old (in the
     /// background) or when `kid` is unknown (within the limits).
+    /// Starts a background fetch of the keys once `seen` (fetched from `jwks_url`) is older
+    /// than [`JWKS_MAX_AGE`]; the keys in hand answer meanwhile.
+    fn refresh_when_old(self: &Arc<Self>, seen: &Arc<KeySet>) {
+        if seen
+            .fetched_at
+            .is_some_and(|at| at.elapsed() >= JWKS_MAX_AGE)
+        {
+            let _ = self.start_fetch(seen, None);
+        }
+    }
+
     async fn key(self: &Arc<Self>, kid: Option<&str>) -> Result<Arc<Key>, Denied> {
         let mut seen = self.keys.load_full();
         if self.fetcher.is_none() {
@@ -141,11 +147,7 @@ impl TokenValidator {
                 seen = self.keys.load_full();
                 just_fetched = true;
             }
-            Some(at) if at.elapsed() >= JWKS_MAX_AGE => {
-                // Refresh in the background; the keys in hand answer this request.
-                let _ = self.start_fetch(&seen, None);
-            }
-            Some(_) => {}
+            Some(_) => self.refresh_when_old(&seen),
         }
         if let Some(key) = seen.find(kid) {
             return Ok(key);
