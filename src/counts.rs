@@ -40,14 +40,20 @@ impl<K: Hash + Eq + Clone> Counts<K> {
     }
 }
 
-/// Upper bounds (seconds) of [`DurationHistogram`]'s buckets: 5 ms doubling to ~20 s.
-pub(crate) const DURATION_BOUNDS: [f64; 13] = [
-    0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
-];
+/// Upper bounds (nanoseconds) of [`DurationHistogram`]'s buckets: 5 ms doubling to ~20 s.
+pub(crate) const DURATION_BOUNDS_NANOS: [u64; 13] = {
+    let mut bounds = [5_000_000; 13];
+    let mut i = 1;
+    while i < bounds.len() {
+        bounds[i] = bounds[i - 1] * 2;
+        i += 1;
+    }
+    bounds
+};
 
-/// A histogram of durations over [`DURATION_BOUNDS`] (plus `+Inf`), lock-free.
+/// A histogram of durations over [`DURATION_BOUNDS_NANOS`] (plus `+Inf`), lock-free.
 #[derive(Debug, Default)]
-pub(crate) struct DurationHistogram(Buckets<{ DURATION_BOUNDS.len() + 1 }>);
+pub(crate) struct DurationHistogram(Buckets<{ DURATION_BOUNDS_NANOS.len() + 1 }>);
 
 /// A reading of a [`DurationHistogram`] or a [`LatencyHistogram`].
 #[derive(Debug, Clone, PartialEq)]
@@ -63,17 +69,12 @@ pub(crate) struct HistogramSnapshot {
 impl DurationHistogram {
     /// Records one duration.
     pub(crate) fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        let i = DURATION_BOUNDS
-            .iter()
-            .position(|bound| secs <= *bound)
-            .unwrap_or(DURATION_BOUNDS.len());
-        self.0.add(i, d);
+        self.0.observe(&DURATION_BOUNDS_NANOS, d);
     }
 
-    /// The current reading.
+    /// The current reading (bounds in seconds).
     pub(crate) fn snapshot(&self) -> HistogramSnapshot {
-        self.0.snapshot(DURATION_BOUNDS.iter().copied())
+        self.0.snapshot(&DURATION_BOUNDS_NANOS)
     }
 }
 
@@ -133,27 +134,24 @@ pub(crate) const LATENCY_BOUNDS_NANOS: [u64; 27] = {
 pub(crate) struct LatencyHistogram(Buckets<{ LATENCY_BOUNDS_NANOS.len() + 1 }>);
 
 impl LatencyHistogram {
-    /// The bucket of `nanos`: the first bound it does not exceed (the last, `+Inf`, past them
-    /// all).
-    fn bucket_of(nanos: u64) -> usize {
-        LATENCY_BOUNDS_NANOS
-            .iter()
-            .position(|bound| nanos <= *bound)
-            .unwrap_or(LATENCY_BOUNDS_NANOS.len())
-    }
-
     /// Records one duration.
     pub(crate) fn observe(&self, d: Duration) {
-        let nanos = nanos(d);
-        self.0.add_nanos(Self::bucket_of(nanos), nanos);
+        self.0.observe(&LATENCY_BOUNDS_NANOS, d);
     }
 
     /// The current reading (bounds in seconds).
     pub(crate) fn snapshot(&self) -> HistogramSnapshot {
-        // `n / 1e9` rounds to the nearest `f64`, as the literal `n`e-9 would: exact labels.
-        let bounds = LATENCY_BOUNDS_NANOS.iter().map(|n| *n as f64 / 1e9);
-        self.0.snapshot(bounds)
+        self.0.snapshot(&LATENCY_BOUNDS_NANOS)
     }
+}
+
+/// The bucket of `nanos` among `bounds`: the first bound it does not exceed (the last,
+/// `+Inf`, past them all). Integer comparisons from the smallest bound up.
+fn bucket_of(bounds: &[u64], nanos: u64) -> usize {
+    bounds
+        .iter()
+        .position(|bound| nanos <= *bound)
+        .unwrap_or(bounds.len())
 }
 
 /// `d` in nanoseconds (`u64::MAX` past 584 years).
@@ -162,7 +160,8 @@ fn nanos(d: Duration) -> u64 {
 }
 
 /// Per-bucket (not cumulative) counts, the last `+Inf`, and the sum of the observations in
-/// nanoseconds: the cells of both histograms.
+/// nanoseconds: the cells of both histograms, whose bounds (`N - 1` of them, integer
+/// nanoseconds) each histogram passes in.
 ///
 /// A bucket is incremented with `Release` and read with `Acquire`: whatever happened before
 /// an observation (a call counted as started, say) is seen by a reader that sees it.
@@ -182,17 +181,16 @@ impl<const N: usize> Default for Buckets<N> {
 }
 
 impl<const N: usize> Buckets<N> {
-    fn add(&self, bucket: usize, d: Duration) {
-        self.add_nanos(bucket, nanos(d));
-    }
-
-    fn add_nanos(&self, bucket: usize, nanos: u64) {
-        self.counts[bucket].fetch_add(1, Ordering::Release);
+    fn observe(&self, bounds: &[u64], d: Duration) {
+        let nanos = nanos(d);
+        self.counts[bucket_of(bounds, nanos)].fetch_add(1, Ordering::Release);
         self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
     }
 
-    /// The reading, with `bounds` (finite, `N - 1` of them) as the upper bounds.
-    fn snapshot(&self, bounds: impl Iterator<Item = f64>) -> HistogramSnapshot {
+    /// The reading, with `bounds` as the upper bounds, in seconds: `n / 1e9` rounds to the
+    /// nearest `f64`, as the literal `n`e-9 would, so the `le` labels are exact.
+    fn snapshot(&self, bounds: &[u64]) -> HistogramSnapshot {
+        let bounds = bounds.iter().map(|n| *n as f64 / 1e9);
         let counts: Vec<u64> = self
             .counts
             .iter()
@@ -213,9 +211,36 @@ mod tests {
 
     #[test]
     fn bounds_double_from_five_milliseconds() {
-        for pair in DURATION_BOUNDS.windows(2) {
-            assert!((pair[1] / pair[0] - 2.0).abs() < 1e-9);
+        assert_eq!(DURATION_BOUNDS_NANOS[0], 5_000_000);
+        for pair in DURATION_BOUNDS_NANOS.windows(2) {
+            assert_eq!(pair[1], 2 * pair[0]);
         }
+        // The labels are those of earlier releases (prometheus-client's exponential buckets).
+        let le: Vec<f64> = DurationHistogram::default()
+            .snapshot()
+            .buckets
+            .iter()
+            .map(|(b, _)| *b)
+            .collect();
+        assert_eq!(
+            le,
+            [
+                0.005,
+                0.01,
+                0.02,
+                0.04,
+                0.08,
+                0.16,
+                0.32,
+                0.64,
+                1.28,
+                2.56,
+                5.12,
+                10.24,
+                20.48,
+                f64::INFINITY
+            ]
+        );
     }
 
     #[test]
@@ -259,7 +284,7 @@ mod tests {
     #[test]
     fn latency_buckets_are_inclusive_upper_bounds() {
         let d = Duration::from_nanos;
-        let bucket = |d: Duration| LatencyHistogram::bucket_of(nanos(d));
+        let bucket = |d: Duration| bucket_of(&LATENCY_BOUNDS_NANOS, nanos(d));
         assert_eq!(bucket(Duration::ZERO), 0);
         assert_eq!(bucket(d(1)), 0);
         assert_eq!(bucket(d(100)), 0);
