@@ -2,8 +2,9 @@
 //!
 //! This crate owns [`FakeBace`]: a small axum server that speaks the token protocol described in
 //! BACE's authentication doc (`POST /oauth2/token` with a password or a refresh grant, plus one
-//! cheap authenticated API endpoint, `GET /api/v2/physical-device`). The integration tests and
-//! `serve --demo` use it in place of the real BACE.
+//! two API endpoints: `GET|POST /api/v2/physical-device`, `200 []` for a valid token and `401`
+//! otherwise, and `GET|POST /api/v2/restricted`, `401` for every token, as for an account that
+//! lacks a permission). The integration tests and `serve --demo` use it in place of the real BACE.
 //!
 //! What it models:
 //!
@@ -33,6 +34,8 @@
 //!   "expires_at": UNIX_SECONDS}` for a token the fake issued (what [`FakeBace::issued_to`],
 //!   [`FakeBace::is_valid`] and [`FakeBace::expires_at`] say), else `404` with an OAuth2-shaped
 //!   error (`unknown_token`).
+//! - `POST /_fake/revoke/{access_token}`: revokes a token ([`FakeBace::revoke`]): `204`, or `404`
+//!   for a token the fake did not issue.
 //! - `GET /_fake/calls`: `200 {"total": N, "password": {USERNAME: N, ...}, "refresh_token":
 //!   {USERNAME: N, ...}}`, the counts of [`FakeBace::total_calls`] and [`FakeBace::calls`] (keyed
 //!   by `grant_type`; a refresh counts under the owner of its Bearer token, `""` when unknown).
@@ -107,6 +110,7 @@ const MAX_LIFETIME: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// The message BACE (Yii) gives with a 401.
 const YII_UNAUTHORIZED: &str = "Your request was made with invalid credentials.";
+const YII_NOT_ALLOWED: &str = "You are not allowed to perform this action.";
 
 const FORM_CONTENT_TYPE: &str = "application/x-www-form-urlencoded";
 
@@ -369,8 +373,13 @@ impl FakeBace {
 
         let app = Router::new()
             .route(bace_wire::TOKEN_PATH, post(token_endpoint))
-            .route("/api/v2/physical-device", get(physical_device))
+            .route(
+                "/api/v2/physical-device",
+                get(physical_device).post(physical_device),
+            )
+            .route("/api/v2/restricted", get(restricted).post(restricted))
             .route("/_fake/tokens/{access_token}", get(fake_token_info))
+            .route("/_fake/revoke/{access_token}", post(fake_revoke))
             .route("/_fake/calls", get(fake_calls))
             .fallback(not_found)
             .with_state(inner.clone());
@@ -848,6 +857,37 @@ async fn physical_device(AxumState(inner): AxumState<Arc<Inner>>, headers: Heade
             json_response(StatusCode::OK, &Value::Array(Vec::new()))
         }
         _ => yii_error(StatusCode::UNAUTHORIZED, YII_UNAUTHORIZED),
+    }
+}
+
+/// `GET|POST /api/v2/restricted`: an endpoint the accounts may not use. `401` for every request,
+/// valid token or not, as BACE answers an account that lacks a permission (the client libraries'
+/// "the token is fine, do not retry" case). A valid token gets its own message.
+async fn restricted(AxumState(inner): AxumState<Arc<Inner>>, headers: HeaderMap) -> Response {
+    match bearer_token(&headers) {
+        Some(token) if inner.token_is_valid(token) => {
+            yii_error(StatusCode::UNAUTHORIZED, YII_NOT_ALLOWED)
+        }
+        _ => yii_error(StatusCode::UNAUTHORIZED, YII_UNAUTHORIZED),
+    }
+}
+
+/// `POST /_fake/revoke/{access_token}`: [`FakeBace::revoke`] from outside the process; `204`, or
+/// `404` for a token the fake did not issue.
+async fn fake_revoke(
+    AxumState(inner): AxumState<Arc<Inner>>,
+    Path(access_token): Path<String>,
+) -> Response {
+    match inner.lock().tokens.get_mut(&access_token) {
+        Some(token) => {
+            token.revoked = true;
+            StatusCode::NO_CONTENT.into_response()
+        }
+        None => oauth2_error(
+            StatusCode::NOT_FOUND,
+            "unknown_token",
+            "The fake BACE did not issue this access token",
+        ),
     }
 }
 
@@ -1338,6 +1378,40 @@ mod tests {
         let (status, body) = send(client().get(format!("http://{}/nope", fake.addr()))).await;
         assert_eq!(status, 404);
         assert_eq!(parse(&body)["status"], 404);
+    }
+
+    #[tokio::test]
+    async fn api_endpoints_answer_by_token_and_revoke_over_http() {
+        let fake = start_with(account()).await;
+        let (access, _) = login(&fake).await;
+        let device = format!("{}/api/v2/physical-device", fake.base_url());
+        let restricted = format!("{}/api/v2/restricted", fake.base_url());
+
+        let (status, body) = send(client().get(&device).bearer_auth(&access)).await;
+        assert_eq!((status, body.as_str()), (200, "[]"));
+        let (status, _) = send(client().post(&device).bearer_auth(&access).body("x")).await;
+        assert_eq!(status, 200, "POST is served too");
+
+        // A valid token on the restricted endpoint: 401, with the permission message.
+        let (status, body) = send(client().get(&restricted).bearer_auth(&access)).await;
+        assert_eq!(status, 401);
+        assert_eq!(parse(&body)["message"], YII_NOT_ALLOWED);
+        assert_eq!(fake.total_calls(), 1, "API requests are not token requests");
+
+        let revoke = |token: &str| format!("{}/_fake/revoke/{token}", fake.base_url());
+        let (status, _) = send(client().post(revoke(&access))).await;
+        assert_eq!(status, 204);
+        assert!(!fake.is_valid(&access));
+        let (status, body) = send(client().get(&device).bearer_auth(&access)).await;
+        assert_eq!(status, 401);
+        assert_yii_401(&parse(&body));
+        let (status, body) = send(client().get(&restricted).bearer_auth(&access)).await;
+        assert_eq!(
+            (status, parse(&body)["message"].as_str()),
+            (401, Some(YII_UNAUTHORIZED))
+        );
+        let (status, _) = send(client().post(revoke("not-issued"))).await;
+        assert_eq!(status, 404);
     }
 
     #[tokio::test]
