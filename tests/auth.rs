@@ -364,9 +364,13 @@ async fn the_certificate_identity_is_read_at_the_handshake_and_the_allow_list_pe
     let allow =
         |accounts: &str| format!("allow:\n  - caller: {SPIFFE_ID}\n    accounts: {accounts}\n");
     let auth = authorizer(&allow("[fleet-a]"));
-    let identity = per_request.identity.as_deref();
+    let identity = per_request.identity.as_ref();
     let admit = |account: &'static str| auth.admit("GetToken", None, identity, Some(account));
-    assert_eq!(admit("fleet-a").await.as_deref(), Ok(SPIFFE_ID));
+    let admitted = admit("fleet-a").await.expect("admitted");
+    assert!(
+        Arc::ptr_eq(&admitted, identity.unwrap()),
+        "the connection's identity itself, not a copy"
+    );
     assert_eq!(admit("fleet-b").await, Err(Denied::PermissionDenied));
     let config = |yaml: &str| {
         bace_token_broker::config::from_yaml::<RawAuth>(yaml)

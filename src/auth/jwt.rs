@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 use super::{
     AuthError, Denied, JWKS_MAX_AGE, JWKS_TIMEOUT, MAX_FETCHES_PER_WINDOW, MAX_TOKEN_BYTES,
     REFETCH_WINDOW,
-    cache::{Lookups, MAX_CACHED_TOKEN_BYTES, TOKEN_CACHE_CAPACITY, TokenCache, deadline, digest},
+    cache::{Lookups, MAX_CACHED_TOKEN_BYTES, TOKEN_CACHE_CAPACITY, TokenCache, deadline},
     jwks::{FetchError, FetchState, Fetcher, Key, KeySet},
 };
 use crate::config::{FieldError, JwksSource, KubernetesConfig, ca_certificates, parse_jwks};
@@ -82,11 +82,11 @@ impl TokenValidator {
         self: &Arc<Self>,
         token: &str,
         lookups: &Lookups,
-    ) -> Result<String, Denied> {
+    ) -> Result<Arc<str>, Denied> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(Denied::MALFORMED_TOKEN);
         }
-        let cache_key = (token.len() <= MAX_CACHED_TOKEN_BYTES).then(|| digest(token));
+        let cache_key = (token.len() <= MAX_CACHED_TOKEN_BYTES).then(|| self.cache.key(token));
         if let Some(cache_key) = &cache_key {
             // The guard is dropped before any `.await`.
             let keys = self.keys.load();
@@ -103,14 +103,14 @@ impl TokenValidator {
         let data = jsonwebtoken::decode::<Claims>(token, &key.decoding, &key.validation)
             .map_err(|e| rejection(e.kind()))?;
         let exp = data.claims.exp;
-        let identity = data.claims.identity()?;
+        let identity: Arc<str> = data.claims.identity()?.into();
         if let Some(cache_key) = cache_key
             && let Some(until) = deadline(exp, Instant::now(), SystemTime::now())
         {
             // Under the generation of the key that verified it: if the keys changed meanwhile,
             // the entry never answers.
             self.cache
-                .insert(cache_key, &identity, until, key.generation);
+                .insert(cache_key, identity.clone(), until, key.generation);
         }
         Ok(identity)
     }

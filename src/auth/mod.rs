@@ -237,11 +237,11 @@ impl Authorizer {
         &self,
         rpc: &'static str,
         authorization: Option<&str>,
-        peer_identity: Option<&str>,
+        peer_identity: Option<&Arc<str>>,
         account: Option<&str>,
-    ) -> Result<String, Denied> {
+    ) -> Result<Arc<str>, Denied> {
         let identity = match peer_identity {
-            Some(identity) => Ok(identity.to_owned()),
+            Some(identity) => Ok(identity.clone()),
             None => self.authenticate_token(authorization).await,
         };
         let (caller, denied) = match identity {
@@ -257,7 +257,7 @@ impl Authorizer {
             account.map(|a| a.chars().take(MAX_ACCOUNT_NAME_LEN).collect());
         warn!(
             rpc,
-            caller,
+            caller = caller.as_deref(),
             ?account,
             reason = denied.reason(),
             "call denied"
@@ -277,11 +277,13 @@ impl Authorizer {
         if let Some(identity) = peer_certs.and_then(peer_identity) {
             return Ok(identity);
         }
-        self.authenticate_token(authorization).await
+        self.authenticate_token(authorization)
+            .await
+            .map(|identity| identity.to_string())
     }
 
     /// The service account of a valid Kubernetes token in `authorization`.
-    async fn authenticate_token(&self, authorization: Option<&str>) -> Result<String, Denied> {
+    async fn authenticate_token(&self, authorization: Option<&str>) -> Result<Arc<str>, Denied> {
         let Some(value) = authorization else {
             return Err(Denied::NO_IDENTITY);
         };

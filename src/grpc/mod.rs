@@ -55,6 +55,7 @@ pub struct TokenBrokerApi {
 impl TokenBrokerApi {
     /// Serves `broker`; with `auth`, every call needs an identity allowed the account it names.
     pub fn new(broker: Broker, auth: Option<Authorizer>) -> Self {
+        metrics::calibrate_clock();
         Self {
             broker,
             auth,
@@ -75,7 +76,7 @@ impl TokenBrokerApi {
         rpc: &'static str,
         request: &Request<T>,
         account: Option<&str>,
-    ) -> Result<Option<String>, Status> {
+    ) -> Result<Option<Arc<str>>, Status> {
         let Some(auth) = &self.auth else {
             return Ok(None);
         };
@@ -83,7 +84,7 @@ impl TokenBrokerApi {
         let peer_identity = request
             .extensions()
             .get::<TlsConnInfo>()
-            .and_then(|info| info.identity.as_deref());
+            .and_then(|info| info.identity.as_ref());
         let authorization = request
             .metadata()
             .get("authorization")
@@ -291,7 +292,7 @@ pub struct WatchResponses {
 /// A caller's right to the watched account, checked again before each token.
 struct Recheck {
     auth: Authorizer,
-    identity: String,
+    identity: Arc<str>,
     account: String,
 }
 

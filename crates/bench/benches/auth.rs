@@ -54,7 +54,7 @@ fn auth(c: &mut Criterion) {
     let key = SigningKey::rs256("bench");
     let auth = authorizer(&key);
     let certs = [Ca::new("bench CA").client_uri(SPIFFE_ID).der];
-    let identity = peer_identity(&certs).unwrap();
+    let identity: std::sync::Arc<str> = peer_identity(&certs).unwrap().into();
     let bearer = key.bearer(&sa_claims("bench", "load"));
     // Run as a test (`cargo test --all-targets`), each function runs once: a short cycle.
     let bench = std::env::args().any(|a| a == "--bench");
@@ -78,7 +78,7 @@ fn auth(c: &mut Criterion) {
         verified();
     }
     // Verified once (after the cycle, which would have evicted it), then cached.
-    assert_eq!(by_token(), CALLER);
+    assert_eq!(&*by_token(), CALLER);
     let before = auth.token_cache_counts();
     let allocations = |f: &mut dyn FnMut()| {
         allocation_counter::measure(|| {
