@@ -1081,13 +1081,42 @@ async fn a_rotated_out_key_stops_its_tokens_at_once() {
         Err(Denied::UNKNOWN_KEY)
     );
     assert_eq!(auth.token_cache_counts(), counts(1, 3));
-    // a's kid made the broker look once more (within the limits). Every fetch stores a new
-    // key set, so b's token is verified once more, then answered from the cache.
+    // a's kid made the broker look once more (within the limits). The document had not
+    // changed: the key set keeps its generation, and b's token its entry.
     assert_eq!(fake.requests(), 3);
+    assert_eq!(auth.cached_tokens(), 1);
     for _ in 0..2 {
         assert!(guard(auth.authenticate(Some(&by_b), None)).await.is_ok());
     }
-    assert_eq!(auth.token_cache_counts(), counts(2, 4));
+    assert_eq!(auth.token_cache_counts(), counts(3, 3));
+}
+
+#[tokio::test]
+async fn unknown_kids_do_not_empty_the_cache_while_the_keys_stay() {
+    // Tokens naming keys the issuer does not have make the broker fetch the JWKS (within the
+    // limits); an unchanged answer must not cost every caller a signature check.
+    let key = SigningKey::es256("k1");
+    let (fake, url) = JwksFake::start(&[&key]).await;
+    let auth = url_authorizer(&url);
+    let good = key.bearer(&claims("ingest", "worker"));
+    assert!(guard(auth.authenticate(Some(&good), None)).await.is_ok());
+    for n in 0..5 {
+        let stranger = SigningKey::es256(&format!("unknown-{n}"));
+        let bad = stranger.bearer(&claims("ingest", "worker"));
+        assert_eq!(
+            guard(auth.authenticate(Some(&bad), None)).await,
+            Err(Denied::UNKNOWN_KEY)
+        );
+    }
+    assert!(fake.requests() > 1, "the unknown kids made the broker look");
+    assert_eq!(auth.cached_tokens(), 1);
+    let before = auth.token_cache_counts();
+    assert!(guard(auth.authenticate(Some(&good), None)).await.is_ok());
+    assert_eq!(
+        auth.token_cache_counts().hits,
+        before.hits + 1,
+        "still cached"
+    );
 }
 
 #[tokio::test]

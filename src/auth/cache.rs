@@ -21,7 +21,11 @@
 //! - at its deadline (`now >= deadline`): the next use verifies the token again;
 //! - as soon as the key set changes: a lookup hits only entries verified under the key set in
 //!   use now (its generation), so a key that is rotated out or removed stops accepting what it
-//!   signed at once. Storing a new key set also clears the cache, to free the memory early;
+//!   signed at once. Storing a new key set also clears the cache, to free the memory early.
+//!   A fetch that brings the same document as the keys in hand is not a change: the keys
+//!   keep their generation and the cache its entries (else every routine refresh, and every
+//!   fetch a token with an unknown `kid` triggers, would make each caller's next call a
+//!   signature check);
 //! - when a reload builds a new validator (new issuer, audience or key source, or a
 //!   `jwks_file` read again): the new validator starts with an empty cache.
 //!
@@ -72,10 +76,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use polyval::{
-    Polyval,
-    universal_hash::UniversalHash as _,
-};
+use polyval::{Polyval, universal_hash::UniversalHash as _};
 use rand::RngCore as _;
 use tokio::time::Instant;
 
@@ -464,20 +465,30 @@ mod tests {
     fn digests_depend_on_every_byte_the_length_and_the_key() {
         let digester = Digester::random();
         let token = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl";
-        assert!(digester.digest(token) == digester.digest(token), "deterministic");
+        assert!(
+            digester.digest(token) == digester.digest(token),
+            "deterministic"
+        );
         // Every single-byte change, anywhere, changes the digest.
         for at in 0..token.len() {
             let mut changed = token.as_bytes().to_vec();
             changed[at] ^= 1;
             let changed = String::from_utf8(changed).expect("still ASCII");
-            assert!(digester.digest(token) != digester.digest(&changed), "byte {at}");
+            assert!(
+                digester.digest(token) != digester.digest(&changed),
+                "byte {at}"
+            );
         }
         // Trailing zero bytes are not padding: the length is part of the digest.
         assert!(digester.digest("abc") != digester.digest("abc\0"));
         assert!(digester.digest("") != digester.digest("\0"));
         // Another cache (another key), another digest.
         assert!(Digester::random().digest(token) != digester.digest(token));
-        assert_eq!(format!("{digester:?}"), "Digester { .. }", "the key is never shown");
+        assert_eq!(
+            format!("{digester:?}"),
+            "Digester { .. }",
+            "the key is never shown"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -46,6 +46,8 @@ pub(super) struct KeySet {
     /// Unique to this set (in the process): the verified-token cache answers only for tokens
     /// verified under the set in use.
     pub(super) generation: u64,
+    /// The document fetched from `jwks_url` (public keys only), to tell an unchanged one.
+    pub(super) document: Option<Vec<u8>>,
 }
 
 /// A verification key with the checks that go with it.
@@ -66,7 +68,25 @@ impl KeySet {
             all: Vec::new(),
             fetched_at: None,
             generation: GENERATION.fetch_add(1, Ordering::Relaxed) + 1,
+            document: None,
         }
+    }
+
+    /// These keys, fetched again at `fetched_at` from the same document: the same generation.
+    pub(super) fn refetched(&self, fetched_at: Instant) -> Self {
+        Self {
+            by_kid: self.by_kid.clone(),
+            all: self.all.clone(),
+            fetched_at: Some(fetched_at),
+            generation: self.generation,
+            document: self.document.clone(),
+        }
+    }
+
+    /// Records the document these keys came from.
+    pub(super) fn with_document(mut self, document: Vec<u8>) -> Self {
+        self.document = Some(document);
+        self
     }
 
     pub(super) fn new(

@@ -234,19 +234,33 @@ impl TokenValidator {
         let Some(fetcher) = &self.fetcher else {
             return;
         };
-        let keys = fetcher
-            .fetch()
-            .await
-            .and_then(|body| parse_jwks(&body).map_err(FetchError::Document))
-            .map(|keys| KeySet::new(keys, &self.config, Some(Instant::now())));
-        match keys {
+        let body = match fetcher.fetch().await {
+            Ok(body) => body,
+            Err(error) => {
+                warn!(url = %fetcher.url, %error, "JWKS fetch failed; keeping the keys in hand");
+                return;
+            }
+        };
+        let now = Instant::now();
+        let current = self.keys.load_full();
+        if current.document.as_deref() == Some(&body[..]) {
+            // The same document: the same keys. Keeping their generation keeps the cache of
+            // verified tokens, which a routine refresh (every `JWKS_MAX_AGE`) would otherwise
+            // empty, making every caller's next call a signature check.
+            debug!(url = %fetcher.url, "JWKS fetched, unchanged");
+            self.keys.store(Arc::new(current.refetched(now)));
+            return;
+        }
+        match parse_jwks(&body) {
             Ok(keys) => {
+                let keys = KeySet::new(keys, &self.config, Some(now)).with_document(body);
                 info!(url = %fetcher.url, keys = keys.all.len(), "JWKS fetched");
                 self.keys.store(Arc::new(keys));
                 // Entries of the old keys would miss anyway (their generation); free them now.
                 self.cache.clear();
             }
-            Err(error) => {
+            Err(problem) => {
+                let error = FetchError::Document(problem);
                 warn!(url = %fetcher.url, %error, "JWKS fetch failed; keeping the keys in hand");
             }
         }
