@@ -44,10 +44,11 @@ from bace_token_broker import (
     InvalidRequest,
     PermissionDenied,
     RequestsAuth,
+    Token,
     Unauthenticated,
     UnknownAccount,
 )
-from bace_token_broker._core import ServiceAccountToken, expires_at
+from bace_token_broker._core import ServiceAccountToken, expires_at, worth_retrying
 
 THREADS = 1000
 TIMEOUT = 10.0
@@ -240,6 +241,15 @@ def test_invalidate_of_a_valid_token_is_token_valid(broker, fresh_account):
     result = client.invalidate(fresh_account, token.access_token)
     assert result.outcome is InvalidateOutcome.TOKEN_VALID and not result.retry
     assert result.token.access_token == token.access_token
+
+
+def test_when_a_401_is_worth_a_retry():
+    """TOKEN_VALID never retries, whatever token comes with it; nor does the same token."""
+    used, new = Token(account="a", access_token="used"), Token(account="a", access_token="new")
+    for outcome in InvalidateOutcome:
+        retry = outcome is not InvalidateOutcome.TOKEN_VALID
+        assert worth_retrying(InvalidateResult(outcome, new), "used") is retry, outcome
+        assert worth_retrying(InvalidateResult(outcome, used), "used") is False, outcome
 
 
 # === the 401 dance ===

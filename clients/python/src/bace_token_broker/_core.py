@@ -223,8 +223,9 @@ class ServiceAccountToken:
                 token = f.read().strip()
         except (OSError, UnicodeDecodeError) as e:
             if self._stamp is None:
+                reason = "not UTF-8" if isinstance(e, UnicodeDecodeError) else e.strerror or e
                 raise ValueError(
-                    f"cannot read service-account token file {self.path!r}: {e.strerror or e}"
+                    f"cannot read service-account token file {self.path!r}: {reason}"
                 ) from None
             return False
         if not token or any(c.isspace() or not c.isprintable() for c in token):
