@@ -260,3 +260,36 @@ def test_async_client_in_a_sync_httpx_client_is_a_clear_error(fake_bace):
     with httpx.Client(auth=HttpxAuth(AsyncBrokerClient("127.0.0.1:1"), "a"), trust_env=False) as http:
         with pytest.raises(TypeError, match="AsyncClient"):
             http.get(fake_bace.api_url)
+
+
+# === watch ===
+
+
+@pytest.mark.asyncio
+async def test_watch_follows_a_rotation(broker, fake_bace, fresh_account):
+    async with AsyncBrokerClient(broker.addr, timeout=TIMEOUT) as client:
+        watch = client.watch(fresh_account)
+        async with asyncio.timeout(30):
+            t1 = await watch.wait()
+        assert t1.account == fresh_account
+        assert client.cached(fresh_account).access_token == t1.access_token
+        await asyncio.to_thread(revoke, fake_bace, t1.access_token)
+        async with AsyncBrokerClient(broker.addr) as other:
+            outcome, t2 = await other.invalidate(fresh_account, t1)
+        assert outcome is InvalidateOutcome.INVALIDATED
+        async with asyncio.timeout(30):
+            await watch.wait_for(lambda t: t.access_token == t2.access_token)
+        assert (await client.token(fresh_account)).access_token == t2.access_token
+        assert t2.access_token not in repr(watch)
+        await watch.close()
+        with pytest.raises(RuntimeError, match="closed"):
+            await watch.wait()
+
+
+@pytest.mark.asyncio
+async def test_watch_of_an_unknown_account_stops_with_the_typed_error(broker):
+    async with AsyncBrokerClient(broker.addr, timeout=TIMEOUT) as client:
+        async with client.watch("no-such-account") as watch:
+            with pytest.raises(UnknownAccount):
+                async with asyncio.timeout(30):
+                    await watch.wait()

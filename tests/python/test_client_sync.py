@@ -589,3 +589,55 @@ def test_token_file_is_checked_at_most_every_interval(tmp_path):
     now[0] = 117.0
     assert sa.metadata() == (("authorization", "Bearer second"),)
     assert "second" not in repr(sa)
+
+
+# === watch ===
+
+
+def test_watch_follows_a_rotation_and_survives_a_broker_restart(
+    fake_bace, fresh_account, tmp_path
+):
+    config = broker_config(fake_bace)
+    first = BrokerProcess(testkit.broker_bin(), config, tmp_path)
+    client = BrokerClient(
+        first.addr, timeout=TIMEOUT, channel_options=testkit.FAST_RECONNECT, margin=0
+    )
+    second = None
+    try:
+        with client.watch(fresh_account, backoff_initial=0.05, backoff_max=0.2) as watch:
+            t1 = watch.wait(timeout=30)
+            assert t1.account == fresh_account
+            assert client.token(fresh_account).access_token == t1.access_token
+
+            # A rotation: the token is revoked and reported, the broker logs in again.
+            revoke(fake_bace, t1.access_token)
+            outcome, t2 = BrokerClient(first.addr, timeout=TIMEOUT).invalidate(fresh_account, t1)
+            assert outcome is InvalidateOutcome.INVALIDATED
+            assert watch.wait_for(lambda t: t.access_token == t2.access_token, 30) is not None
+            assert client.cached(fresh_account).access_token == t2.access_token, "cache follows"
+            assert watch.reconnects == 0
+
+            # A restart on the same address: the new broker logs in afresh; the watch reconnects.
+            first.stop_cleanly()
+            (tmp_path / "again").mkdir()
+            second = BrokerProcess(testkit.broker_bin(), config, tmp_path / "again")
+            t3 = BrokerClient(second.addr, timeout=TIMEOUT).token(fresh_account)
+            assert t3.access_token not in (t1.access_token, t2.access_token)
+            got = watch.wait_for(lambda t: t.access_token == t3.access_token, 60)
+            assert watch.reconnects >= 1
+            assert "redacted" in repr(watch) and got.access_token not in repr(watch)
+        with pytest.raises(RuntimeError, match="closed"):
+            watch.wait(timeout=1)
+    finally:
+        client.close()
+        if second is not None:
+            second.stop_cleanly()
+        elif first.proc.poll() is None:
+            first.stop_cleanly()
+
+
+def test_watch_of_an_unknown_account_stops_with_the_typed_error(broker):
+    with BrokerClient(broker.addr, timeout=TIMEOUT) as client:
+        with client.watch("no-such-account") as watch:
+            with pytest.raises(UnknownAccount):
+                watch.wait(timeout=30)

@@ -9,7 +9,7 @@
 
 - `BrokerClient` (blocking, grpcio) and `AsyncBrokerClient` (asyncio, grpc.aio): `token()`
   from a local cache with one shared call per account, `invalidate()`, TLS and a
-  service-account token file.
+  service-account token file; `watch()` keeps a token current over WatchToken.
 - `RequestsAuth` (needs `requests`) and `HttpxAuth` (needs `httpx`): the token on every
   request and, on a 401 from BACE, Invalidate and at most one retry.
 - `bace_token_broker.errors`: typed errors for the broker's status codes.
@@ -20,9 +20,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from . import errors
-from ._aio import AsyncBrokerClient
+from ._aio import AsyncBrokerClient, AsyncTokenWatch
 from ._core import InvalidateOutcome, InvalidateResult, Token, describe_token
-from ._sync import BrokerClient
+from ._sync import BrokerClient, TokenWatch
 from .errors import (
     BrokerError,
     BrokerUnavailable,
@@ -42,6 +42,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncBrokerClient",
+    "AsyncTokenWatch",
     "BrokerClient",
     "BrokerError",
     "BrokerUnavailable",
@@ -54,6 +55,7 @@ __all__ = [
     "PermissionDenied",
     "RequestsAuth",
     "Token",
+    "TokenWatch",
     "Unauthenticated",
     "UnknownAccount",
     "describe_token",

@@ -166,6 +166,23 @@ class AsyncBrokerClient:
         self._cache.replace(account, answer.token)
         return InvalidateResult(InvalidateOutcome.from_wire(answer.outcome), answer.token)
 
+    def watch(
+        self,
+        account: str,
+        *,
+        backoff_initial: Seconds = _core.DEFAULT_WATCH_BACKOFF_INITIAL,
+        backoff_max: Seconds = _core.DEFAULT_WATCH_BACKOFF_MAX,
+    ) -> AsyncTokenWatch:
+        """An `AsyncTokenWatch`: the account's token kept current by a WatchToken stream in a
+        task of the running loop, reconnecting with backoff when the stream breaks. Every token
+        it receives also goes into this client's cache. `await watch.close()` when done."""
+        return AsyncTokenWatch(
+            self,
+            account,
+            _core.seconds(backoff_initial, "backoff_initial", allow_zero=False),
+            _core.seconds(backoff_max, "backoff_max", allow_zero=False),
+        )
+
     def cached(self, account: str, *, min_validity: Seconds | None = None) -> pb.Token | None:
         """The cached token if it is fresh enough, without any call."""
         mv = self._min_validity if min_validity is None else _core.seconds(min_validity, "min_validity")
@@ -200,3 +217,127 @@ class AsyncBrokerClient:
 
 def _fs(path: str | os.PathLike[str] | None) -> str | None:
     return None if path is None else os.fspath(path)
+
+
+class AsyncTokenWatch:
+    """An account's token kept up to date by the broker's WatchToken stream, in a task (see
+    `AsyncBrokerClient.watch`); the asyncio twin of `TokenWatch`, with the same reconnection
+    and stopping rules."""
+
+    def __init__(
+        self, client: AsyncBrokerClient, account: str, backoff_initial: float, backoff_max: float
+    ):
+        self.account = account
+        self._client = client
+        self._backoff = (backoff_initial, backoff_max)
+        self._token: pb.Token | None = None
+        self._error: errors.BrokerError | None = None
+        self._changed = asyncio.Condition()
+        self._closed = asyncio.Event()
+        self.reconnects = 0
+        """How many times the stream was opened again after it broke."""
+        self._task = asyncio.ensure_future(self._run())
+
+    @property
+    def token(self) -> pb.Token | None:
+        """The latest token received (None before the first)."""
+        return self._token
+
+    async def wait(self) -> pb.Token:
+        """The current token, waiting for the first one if none came yet (bound it with
+        `asyncio.timeout`)."""
+        return await self.wait_for(lambda _: True)
+
+    async def wait_for(self, predicate: Callable[[pb.Token], bool]) -> pb.Token:
+        """Waits until the current token satisfies `predicate` and returns it. Raises the
+        watch's `BrokerError` if it stopped on one, `RuntimeError` if it was closed."""
+        async with self._changed:
+            await self._changed.wait_for(
+                lambda: self._error is not None
+                or self._closed.is_set()
+                or (self._token is not None and predicate(self._token))
+            )
+            if self._closed.is_set():
+                raise RuntimeError("the watch is closed")
+            if self._token is not None and predicate(self._token):
+                return self._token
+            assert self._error is not None
+            raise self._error
+
+    async def _run(self) -> None:
+        initial, maximum = self._backoff
+        backoff = initial
+        first = True
+        while not self._closed.is_set():
+            if not first:
+                self.reconnects += 1
+            first = False
+            try:
+                stub = self._client._get_stub()
+                sa = self._client._sa_token
+                call = stub.WatchToken(
+                    pb.WatchTokenRequest(account=self.account),
+                    metadata=sa.metadata() if sa is not None else None,
+                    wait_for_ready=True,
+                )
+                async for message in call:
+                    backoff = initial
+                    await self._publish(token=message.token)
+            except grpc.RpcError as e:
+                error = errors.from_rpc_error(e)
+                if error.code in _FINAL_WATCH_CODES:
+                    await self._stop(error)
+                    return
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - never let the task die silently
+                await self._stop(errors.BrokerError(grpc.StatusCode.UNKNOWN, type(e).__name__))
+                return
+            try:
+                await asyncio.wait_for(self._closed.wait(), backoff)
+                return
+            except asyncio.TimeoutError:
+                backoff = min(backoff * 2, maximum)
+
+    async def _publish(self, token: pb.Token) -> None:
+        self._client._cache.replace(self.account, token)
+        async with self._changed:
+            self._token = token
+            self._changed.notify_all()
+
+    async def _stop(self, error: errors.BrokerError) -> None:
+        async with self._changed:
+            self._error = error
+            self._changed.notify_all()
+
+    async def close(self) -> None:
+        """Stops the watch and waits for its task."""
+        self._closed.set()
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def __aenter__(self) -> AsyncTokenWatch:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        token = None if self._token is None else _core.describe_token(self._token)
+        return f"AsyncTokenWatch(account={self.account!r}, token={token})"
+
+
+_FINAL_WATCH_CODES = frozenset(
+    {
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }
+)

@@ -27,6 +27,8 @@ Seconds = Union[float, int, dt.timedelta]
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_MARGIN = 30.0
 DEFAULT_TOKEN_FILE_CHECK_INTERVAL = 5.0
+DEFAULT_WATCH_BACKOFF_INITIAL = 0.5
+DEFAULT_WATCH_BACKOFF_MAX = 30.0
 
 
 class InvalidateOutcome(enum.IntEnum):

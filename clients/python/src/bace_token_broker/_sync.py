@@ -183,6 +183,23 @@ class BrokerClient:
         self._cache.replace(account, answer.token)
         return InvalidateResult(InvalidateOutcome.from_wire(answer.outcome), answer.token)
 
+    def watch(
+        self,
+        account: str,
+        *,
+        backoff_initial: Seconds = _core.DEFAULT_WATCH_BACKOFF_INITIAL,
+        backoff_max: Seconds = _core.DEFAULT_WATCH_BACKOFF_MAX,
+    ) -> TokenWatch:
+        """A `TokenWatch`: the account's token kept current by a WatchToken stream in a
+        background thread, reconnecting with backoff when the stream breaks. Every token it
+        receives also goes into this client's cache. Close it (or use `with`) when done."""
+        return TokenWatch(
+            self,
+            account,
+            _core.seconds(backoff_initial, "backoff_initial", allow_zero=False),
+            _core.seconds(backoff_max, "backoff_max", allow_zero=False),
+        )
+
     def cached(self, account: str, *, min_validity: Seconds | None = None) -> pb.Token | None:
         """The cached token if it is fresh enough, without any call."""
         mv = self._min_validity if min_validity is None else _core.seconds(min_validity, "min_validity")
@@ -214,3 +231,144 @@ class BrokerClient:
 
 def _fs(path: str | os.PathLike[str] | None) -> str | None:
     return None if path is None else os.fspath(path)
+
+
+class TokenWatch:
+    """An account's token kept up to date by the broker's WatchToken stream (see
+    `BrokerClient.watch`).
+
+    A daemon thread holds the stream open. When it breaks (the broker restarts, the network
+    fails, the stream ends) the thread opens it again after a backoff (`backoff_initial`,
+    doubling up to `backoff_max`, reset by every message); the call waits for the channel to be
+    ready, so a broker coming back is picked up as soon as gRPC reconnects. The stream ending
+    with a status that retrying won't fix (NOT_FOUND: the account was removed;
+    PERMISSION_DENIED, UNAUTHENTICATED, INVALID_ARGUMENT) stops the watch: `wait` and
+    `wait_for` then raise that error.
+    """
+
+    def __init__(
+        self, client: BrokerClient, account: str, backoff_initial: float, backoff_max: float
+    ):
+        self.account = account
+        self._client = client
+        self._backoff = (backoff_initial, backoff_max)
+        self._cond = threading.Condition()
+        self._token: pb.Token | None = None
+        self._error: errors.BrokerError | None = None
+        self._closed = threading.Event()
+        self._call: Any = None
+        self.reconnects = 0
+        """How many times the stream was opened again after it broke."""
+        self._thread = threading.Thread(
+            target=self._run, name=f"bace-token-watch-{account}", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def token(self) -> pb.Token | None:
+        """The latest token received (None before the first). It may have expired if the
+        broker has been unreachable for long; `client.token()` checks that for you."""
+        return self._token
+
+    def wait(self, timeout: float | None = None) -> pb.Token:
+        """The current token, waiting for the first one if none came yet."""
+        return self.wait_for(lambda _: True, timeout)
+
+    def wait_for(self, predicate: Callable[[pb.Token], bool], timeout: float | None = None) -> pb.Token:
+        """Blocks until the current token satisfies `predicate` and returns it. Raises
+        `TimeoutError` after `timeout` seconds, the watch's `BrokerError` if it stopped on
+        one, `RuntimeError` if it was closed."""
+        with self._cond:
+            done = self._cond.wait_for(
+                lambda: self._error is not None
+                or self._closed.is_set()
+                or (self._token is not None and predicate(self._token)),
+                timeout,
+            )
+            if self._closed.is_set():
+                raise RuntimeError("the watch is closed")
+            if self._token is not None and predicate(self._token):
+                return self._token
+            if self._error is not None:
+                raise self._error
+            assert not done
+            raise TimeoutError(f"no matching token for {self.account!r} within {timeout} s")
+
+    def _run(self) -> None:
+        initial, maximum = self._backoff
+        backoff = initial
+        first = True
+        while not self._closed.is_set():
+            if not first:
+                self.reconnects += 1
+            first = False
+            try:
+                metadata = (
+                    self._client._sa_token.metadata() if self._client._sa_token is not None else None
+                )
+                call = self._client._stub.WatchToken(
+                    pb.WatchTokenRequest(account=self.account),
+                    metadata=metadata,
+                    wait_for_ready=True,
+                )
+                self._call = call
+                if self._closed.is_set():
+                    call.cancel()
+                for message in call:
+                    backoff = initial
+                    self._publish(message.token)
+            except grpc.RpcError as e:
+                if self._closed.is_set():
+                    return
+                error = errors.from_rpc_error(e)
+                if error.code in _FINAL_WATCH_CODES:
+                    with self._cond:
+                        self._error = error
+                        self._cond.notify_all()
+                    return
+            except Exception as e:  # noqa: BLE001 - never let the thread die silently
+                with self._cond:
+                    self._error = errors.BrokerError(grpc.StatusCode.UNKNOWN, type(e).__name__)
+                    self._cond.notify_all()
+                return
+            if self._closed.wait(backoff):
+                return
+            backoff = min(backoff * 2, maximum)
+
+    def _publish(self, token: pb.Token) -> None:
+        self._client._cache.replace(self.account, token)
+        with self._cond:
+            self._token = token
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Stops the watch and waits for its thread."""
+        self._closed.set()
+        call = self._call
+        if call is not None:
+            call.cancel()
+        with self._cond:
+            self._cond.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    def __enter__(self) -> TokenWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        token = None if self._token is None else _core.describe_token(self._token)
+        return f"TokenWatch(account={self.account!r}, token={token})"
+
+
+_FINAL_WATCH_CODES = frozenset(
+    {
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }
+)
