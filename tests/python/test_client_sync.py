@@ -98,7 +98,7 @@ def httpx_client(client: BrokerClient, account: str) -> tuple[httpx.Client, Sent
         auth=HttpxAuth(client, account),
         event_hooks={"request": [sent]},
         limits=httpx.Limits(max_connections=100),
-        timeout=httpx.Timeout(60.0),
+        timeout=httpx.Timeout(60.0, pool=None),
         trust_env=False,
     )
     return http, sent
@@ -113,7 +113,7 @@ def burst(n: int, call: Callable[[], Any]) -> list[Any]:
     start = threading.Barrier(n)
 
     def one() -> Any:
-        start.wait(timeout=60)
+        start.wait(timeout=300)
         try:
             return call()
         except Exception as e:  # noqa: BLE001 - returned for the test to check
