@@ -62,7 +62,9 @@ class BrokerProcess:
             )
         try:
             testkit.wait_serving(
-                self.proc, config.get("health_listen") or self.addr, self.log_text,
+                self.proc,
+                config.get("health_listen") or self.addr,
+                self.log_text,
                 timeout=READY_TIMEOUT_S,
             )
         except BaseException as e:

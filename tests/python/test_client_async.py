@@ -187,7 +187,9 @@ async def test_invalidate_returns_outcome_and_token(broker, fake_bace, fresh_acc
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("kind", ["async", "sync-client"])
-async def test_revoked_token_one_invalidate_one_retry_success(broker, fake_bace, fresh_account, kind):
+async def test_revoked_token_one_invalidate_one_retry_success(
+    broker, fake_bace, fresh_account, kind
+):
     """With an AsyncBrokerClient, and with a (blocking) BrokerClient in httpx.AsyncClient."""
     if kind == "async":
         client = AsyncBrokerClient(broker.addr, timeout=TIMEOUT)
@@ -259,7 +261,9 @@ async def test_broker_unreachable_is_the_typed_error(fake_bace):
 
 
 def test_async_client_in_a_sync_httpx_client_is_a_clear_error(fake_bace):
-    with httpx.Client(auth=HttpxAuth(AsyncBrokerClient("127.0.0.1:1"), "a"), trust_env=False) as http:
+    with httpx.Client(
+        auth=HttpxAuth(AsyncBrokerClient("127.0.0.1:1"), "a"), trust_env=False
+    ) as http:
         with pytest.raises(TypeError, match="AsyncClient"):
             http.get(fake_bace.api_url)
 

@@ -46,9 +46,7 @@ def test_gencode_versions_match_the_declared_dependencies():
     meta = tomllib.loads((PACKAGE / "pyproject.toml").read_text())["project"]
     deps = meta["dependencies"]
     pb2 = (PACKAGE / "src/bace_token_broker/_pb/token_broker_pb2.py").read_text()
-    major, minor, patch = re.search(
-        r"Domain\.PUBLIC,\s*(\d+),\s*(\d+),\s*(\d+),", pb2
-    ).groups()
+    major, minor, patch = re.search(r"Domain\.PUBLIC,\s*(\d+),\s*(\d+),\s*(\d+),", pb2).groups()
     assert f"protobuf>={major}.{minor}.{patch},<{int(major) + 1}" in deps
     grpc_py = (PACKAGE / "src/bace_token_broker/_pb/token_broker_pb2_grpc.py").read_text()
     grpc_gen = re.search(r"GRPC_GENERATED_VERSION = '([\d.]+)'", grpc_py).group(1)
@@ -87,4 +85,3 @@ def test_pip_install_into_a_fresh_venv(tmp_path):
     lines = check.stdout.splitlines()
     assert str(env_dir) in lines[0], "imported from the venv, not the source tree"
     assert "pip install 'bace-token-broker[requests]'" in lines[1]
-

@@ -71,7 +71,9 @@ class CountingAdapter(requests.adapters.HTTPAdapter):
         return super().send(request, **kwargs)
 
 
-def requests_session(client: BrokerClient, account: str) -> tuple[requests.Session, CountingAdapter]:
+def requests_session(
+    client: BrokerClient, account: str
+) -> tuple[requests.Session, CountingAdapter]:
     session = requests.Session()
     session.trust_env = False  # loopback only: no proxy from the environment
     adapter = CountingAdapter()
@@ -536,7 +538,9 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def test_token_file_is_sent_and_followed_when_rotated(sa_broker, signing_key, tmp_path, fresh_account):
+def test_token_file_is_sent_and_followed_when_rotated(
+    sa_broker, signing_key, tmp_path, fresh_account
+):
     from test_secure_client import EXPORTER, STRANGER, sa_claims
 
     token_file = tmp_path / "token"
@@ -594,9 +598,7 @@ def test_token_file_is_checked_at_most_every_interval(tmp_path):
 # === watch ===
 
 
-def test_watch_follows_a_rotation_and_survives_a_broker_restart(
-    fake_bace, fresh_account, tmp_path
-):
+def test_watch_follows_a_rotation_and_survives_a_broker_restart(fake_bace, fresh_account, tmp_path):
     config = broker_config(fake_bace)
     first = BrokerProcess(testkit.broker_bin(), config, tmp_path)
     client = BrokerClient(

@@ -60,7 +60,9 @@ def generate() -> dict[str, bytes]:
 def stale(out: Path = OUT) -> list[str]:
     """The generated files missing from `out` or different from a fresh generation."""
     fresh = generate()
-    return [n for n, data in fresh.items() if not (out / n).is_file() or (out / n).read_bytes() != data]
+    return [
+        n for n, data in fresh.items() if not (out / n).is_file() or (out / n).read_bytes() != data
+    ]
 
 
 def main() -> int:

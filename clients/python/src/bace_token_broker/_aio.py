@@ -132,7 +132,11 @@ class AsyncBrokerClient:
         cache, else from one GetToken call shared by concurrent tasks.
 
         Raises a `BrokerError` subclass (`UnknownAccount`, `BrokerUnavailable`, ...)."""
-        mv = self._min_validity if min_validity is None else _core.seconds(min_validity, "min_validity")
+        mv = (
+            self._min_validity
+            if min_validity is None
+            else _core.seconds(min_validity, "min_validity")
+        )
         hit = self._cache.fresh(account, mv)
         if hit is not None:
             return hit
@@ -185,7 +189,11 @@ class AsyncBrokerClient:
 
     def cached(self, account: str, *, min_validity: Seconds | None = None) -> pb.Token | None:
         """The cached token if it is fresh enough, without any call."""
-        mv = self._min_validity if min_validity is None else _core.seconds(min_validity, "min_validity")
+        mv = (
+            self._min_validity
+            if min_validity is None
+            else _core.seconds(min_validity, "min_validity")
+        )
         return self._cache.fresh(account, mv)
 
     async def _call(self, method: str, request: Any) -> Any:
@@ -253,9 +261,11 @@ class AsyncTokenWatch:
         watch's `BrokerError` if it stopped on one, `RuntimeError` if it was closed."""
         async with self._changed:
             await self._changed.wait_for(
-                lambda: self._error is not None
-                or self._closed.is_set()
-                or (self._token is not None and predicate(self._token))
+                lambda: (
+                    self._error is not None
+                    or self._closed.is_set()
+                    or (self._token is not None and predicate(self._token))
+                )
             )
             if self._closed.is_set():
                 raise RuntimeError("the watch is closed")

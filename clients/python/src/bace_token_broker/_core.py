@@ -151,7 +151,9 @@ def parse_target(
     """`host:port`, `http://host:port` (plaintext) or `https://host:port` (TLS, the system's
     roots unless `ca_file`); a plain `host:port` uses TLS when any TLS file is given."""
     if not isinstance(target, str) or not target.strip():
-        raise ValueError("the broker target must be a non-empty string such as 'token-broker:50051'")
+        raise ValueError(
+            "the broker target must be a non-empty string such as 'token-broker:50051'"
+        )
     if (cert_file is None) != (key_file is None):
         raise ValueError("cert_file and key_file must be given together")
     tls_files = any(f is not None for f in (ca_file, cert_file, key_file))

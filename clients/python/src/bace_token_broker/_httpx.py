@@ -48,7 +48,9 @@ class HttpxAuth(httpx.Auth):
         self.account = account
         self.min_validity = min_validity
 
-    def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+    def sync_auth_flow(
+        self, request: httpx.Request
+    ) -> Generator[httpx.Request, httpx.Response, None]:
         client = self.client
         if not isinstance(client, BrokerClient):
             raise TypeError(
@@ -113,7 +115,7 @@ def replayable(request: httpx.Request) -> bool:
     """Whether the request's body is in memory (httpx reads bytes, str, `json=` and `data=`
     content at once), so it can be sent again; a generator or other stream cannot."""
     try:
-        request.content
+        _ = request.content
     except httpx.RequestNotRead:
         return False
     return True

@@ -62,7 +62,7 @@ class RequestsAuth(AuthBase):
         result = self.client.invalidate(self.account, used)
         if not _core.worth_retrying(result, used) or not replayable(request):
             return response
-        response.content  # read the 401 so its connection goes back to the pool
+        _ = response.content  # read the 401 so its connection goes back to the pool
         response.close()
         retry = request.copy()
         setattr(retry, _RETRIED, True)

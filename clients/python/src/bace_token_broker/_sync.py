@@ -147,7 +147,11 @@ class BrokerClient:
         cache, else from one GetToken call shared by concurrent callers.
 
         Raises a `BrokerError` subclass (`UnknownAccount`, `BrokerUnavailable`, ...)."""
-        mv = self._min_validity if min_validity is None else _core.seconds(min_validity, "min_validity")
+        mv = (
+            self._min_validity
+            if min_validity is None
+            else _core.seconds(min_validity, "min_validity")
+        )
         hit = self._cache.fresh(account, mv)
         if hit is not None:
             return hit
@@ -202,7 +206,11 @@ class BrokerClient:
 
     def cached(self, account: str, *, min_validity: Seconds | None = None) -> pb.Token | None:
         """The cached token if it is fresh enough, without any call."""
-        mv = self._min_validity if min_validity is None else _core.seconds(min_validity, "min_validity")
+        mv = (
+            self._min_validity
+            if min_validity is None
+            else _core.seconds(min_validity, "min_validity")
+        )
         return self._cache.fresh(account, mv)
 
     def _call(self, method: Any, request: Any) -> Any:
@@ -274,15 +282,19 @@ class TokenWatch:
         """The current token, waiting for the first one if none came yet."""
         return self.wait_for(lambda _: True, timeout)
 
-    def wait_for(self, predicate: Callable[[pb.Token], bool], timeout: float | None = None) -> pb.Token:
+    def wait_for(
+        self, predicate: Callable[[pb.Token], bool], timeout: float | None = None
+    ) -> pb.Token:
         """Blocks until the current token satisfies `predicate` and returns it. Raises
         `TimeoutError` after `timeout` seconds, the watch's `BrokerError` if it stopped on
         one, `RuntimeError` if it was closed."""
         with self._cond:
             done = self._cond.wait_for(
-                lambda: self._error is not None
-                or self._closed.is_set()
-                or (self._token is not None and predicate(self._token)),
+                lambda: (
+                    self._error is not None
+                    or self._closed.is_set()
+                    or (self._token is not None and predicate(self._token))
+                ),
                 timeout,
             )
             if self._closed.is_set():
@@ -304,7 +316,9 @@ class TokenWatch:
             first = False
             try:
                 metadata = (
-                    self._client._sa_token.metadata() if self._client._sa_token is not None else None
+                    self._client._sa_token.metadata()
+                    if self._client._sa_token is not None
+                    else None
                 )
                 call = self._client._stub.WatchToken(
                     pb.WatchTokenRequest(account=self.account),
