@@ -38,6 +38,7 @@ from bace_token_broker import (
     BrokerError,
     BrokerUnavailable,
     CredentialsRejected,
+    DeadlineExceeded,
     HttpxAuth,
     InvalidateOutcome,
     InvalidateResult,
@@ -48,6 +49,7 @@ from bace_token_broker import (
     Unauthenticated,
     UnknownAccount,
 )
+from bace_token_broker import errors
 from bace_token_broker._core import ServiceAccountToken, expires_at, worth_retrying
 
 THREADS = 1000
@@ -214,6 +216,90 @@ def test_a_failure_reaches_every_waiter_of_the_shared_call(broker):
     assert all(isinstance(e, CredentialsRejected) for e in errors), errors
     assert not errors[0].retryable
     assert delta(broker, before)["GetToken"] == 1
+
+
+class Interrupt(BaseException):
+    """What a KeyboardInterrupt looks like to the flight: not an Exception."""
+
+
+class InterruptFirst(grpc.UnaryUnaryClientInterceptor):
+    """The first GetToken: waits until `release` is set, then raises Interrupt (as if its
+    thread were interrupted); the others go through."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.first = True
+        self._lock = threading.Lock()
+
+    def intercept_unary_unary(self, continuation, details, request):
+        with self._lock:
+            first, self.first = self.first, False
+        if first:
+            assert self.release.wait(timeout=60), "never released"
+            raise Interrupt()
+        return continuation(details, request)
+
+
+def test_an_interrupted_leader_does_not_strand_the_waiters(broker, fresh_account):
+    gate = InterruptFirst()
+    client = BrokerClient(broker.addr, timeout=TIMEOUT, interceptors=[gate])
+    before = broker.counts()
+    key = ("token", fresh_account, 0.0)
+    results: list[Any] = []
+
+    def leader() -> None:
+        try:
+            client.token(fresh_account)
+        except Interrupt:
+            results.append("interrupted")
+
+    lead = threading.Thread(target=leader)
+    lead.start()
+    with ThreadPoolExecutor(max_workers=5) as pool:
+        futures = [pool.submit(client.token, fresh_account) for _ in range(5)]
+        assert client._flights.wait_for_waiters(key, 5, timeout=60)
+        gate.release.set()
+        tokens = [f.result(timeout=60) for f in futures]
+    lead.join(timeout=60)
+    assert results == ["interrupted"]
+    assert {t.access_token for t in tokens} == {tokens[0].access_token}
+    assert delta(broker, before)["GetToken"] == 1, "one of the waiters took over, once"
+
+
+@pytest.mark.parametrize(
+    ("code", "cls", "retryable"),
+    [
+        (grpc.StatusCode.INVALID_ARGUMENT, InvalidRequest, False),
+        (grpc.StatusCode.OUT_OF_RANGE, InvalidRequest, False),
+        (grpc.StatusCode.NOT_FOUND, UnknownAccount, False),
+        (grpc.StatusCode.FAILED_PRECONDITION, CredentialsRejected, False),
+        (grpc.StatusCode.UNAUTHENTICATED, Unauthenticated, False),
+        (grpc.StatusCode.PERMISSION_DENIED, PermissionDenied, False),
+        (grpc.StatusCode.UNAVAILABLE, BrokerUnavailable, True),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, DeadlineExceeded, True),
+        (grpc.StatusCode.CANCELLED, DeadlineExceeded, True),
+        (grpc.StatusCode.INTERNAL, BrokerError, False),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, BrokerError, True),
+    ],
+)
+def test_every_status_code_has_its_error(code, cls, retryable):
+    err = errors.from_status(code, "details")
+    assert type(err) is cls and err.retryable is retryable and err.code is code
+    assert str(err) == f"{code.name}: details"
+
+
+def test_the_deadline_is_the_typed_error(broker, fresh_account):
+    """A broker call whose deadline passes (an interceptor cuts it to a microsecond)."""
+
+    class Slow(grpc.UnaryUnaryClientInterceptor):
+        def intercept_unary_unary(self, continuation, details, request):
+            # The deadline is already set: the call starts with none of it left.
+            return continuation(details._replace(timeout=0.000001), request)
+
+    client = BrokerClient(broker.addr, timeout=TIMEOUT, interceptors=[Slow()])
+    with pytest.raises(DeadlineExceeded) as e:
+        client.token(fresh_account)
+    assert e.value.retryable
 
 
 # === invalidate ===
