@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -729,3 +731,33 @@ def test_watch_of_an_unknown_account_stops_with_the_typed_error(broker):
         with client.watch("no-such-account") as watch:
             with pytest.raises(UnknownAccount):
                 watch.wait(timeout=30)
+
+
+# === the example program ===
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "clients/python/examples/physical_devices.py"
+
+
+def run_example(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(EXAMPLE), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "NO_PROXY": "*"},
+    )
+
+
+@pytest.mark.parametrize("library", ["requests", "httpx", "httpx-async"])
+def test_the_example_program(broker, fake_bace, fresh_account, library):
+    common = ["--broker", broker.addr, "--account", fresh_account, "--library", library]
+    ok = run_example(*common, "--url", fake_bace.api_url)
+    assert (ok.returncode, ok.stdout) == (0, "HTTP 200: 0 device(s)\n"), ok.stderr
+
+
+def test_the_example_program_fails_clearly(broker, fake_bace, fresh_account):
+    common = ["--account", fresh_account, "--url", restricted_url(fake_bace)]
+    denied = run_example("--broker", broker.addr, *common)
+    assert (denied.returncode, denied.stdout) == (1, "HTTP 401\n"), denied.stderr
+    down = run_example("--broker", f"127.0.0.1:{testkit.free_port()}", *common)
+    assert down.returncode == 2 and down.stderr.startswith("broker: UNAVAILABLE"), down.stderr
