@@ -50,21 +50,22 @@ class _Flights:
                     return future.result()
                 except _LeaderGone:
                     continue  # the leader was interrupted: try again, maybe as the leader
+            # The flight is forgotten before its outcome is set, so a waiter that comes back
+            # after an interrupted leader finds no stale flight to join.
             try:
                 result = call()
-            except Exception as e:
-                future.set_exception(e)
+            except BaseException as e:
+                self._forget(key, flight)
+                future.set_exception(e if isinstance(e, Exception) else _LeaderGone())
                 raise
-            except BaseException:
-                future.set_exception(_LeaderGone())
-                raise
-            else:
-                future.set_result(result)
-                return result
-            finally:
-                with self._cond:
-                    if self._flights.get(key) is flight:
-                        del self._flights[key]
+            self._forget(key, flight)
+            future.set_result(result)
+            return result
+
+    def _forget(self, key: Hashable, flight: tuple[Future[Any], list[int]]) -> None:
+        with self._cond:
+            if self._flights.get(key) is flight:
+                del self._flights[key]
 
     def wait_for_waiters(self, key: Hashable, n: int, timeout: float) -> bool:
         """Blocks until the call in flight for `key` has `n` waiters besides its leader (for
