@@ -290,18 +290,31 @@ def test_every_status_code_has_its_error(code, cls, retryable):
     assert str(err) == f"{code.name}: details"
 
 
-def test_the_deadline_is_the_typed_error(broker, fresh_account):
-    """A broker call whose deadline passes (an interceptor cuts it to a microsecond)."""
+def test_the_deadline_is_the_typed_error():
+    """A broker that does not answer within `timeout`: an in-process gRPC server whose GetToken
+    waits until the test is done with it."""
+    from bace_token_broker._pb import token_broker_pb2_grpc as pb_grpc
 
-    class Slow(grpc.UnaryUnaryClientInterceptor):
-        def intercept_unary_unary(self, continuation, details, request):
-            # The deadline is already set: the call starts with none of it left.
-            return continuation(details._replace(timeout=0.000001), request)
+    done = threading.Event()
 
-    client = BrokerClient(broker.addr, timeout=TIMEOUT, interceptors=[Slow()])
-    with pytest.raises(DeadlineExceeded) as e:
-        client.token(fresh_account)
-    assert e.value.retryable
+    class Stuck(pb_grpc.TokenBrokerServiceServicer):
+        def GetToken(self, request, context):  # noqa: N802 - the RPC's name
+            done.wait(timeout=60)
+            context.abort(grpc.StatusCode.INTERNAL, "released")
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_TokenBrokerServiceServicer_to_server(Stuck(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        client = BrokerClient(f"127.0.0.1:{port}", timeout=0.2)
+        with pytest.raises(DeadlineExceeded) as e:
+            client.token("fleet-a")
+        assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and e.value.retryable
+        client.close()
+    finally:
+        done.set()
+        server.stop(grace=None)
 
 
 # === invalidate ===
