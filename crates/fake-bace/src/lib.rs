@@ -851,7 +851,16 @@ async fn token_endpoint(
     }
 }
 
-async fn physical_device(AxumState(inner): AxumState<Arc<Inner>>, headers: HeaderMap) -> Response {
+/// `GET|POST /api/v2/physical-device`: `200 []` for a valid token, else `401`.
+///
+/// Both API handlers take the whole request body before answering, as a web server in front of
+/// BACE does: a response sent while a client still streams its body makes the server close the
+/// connection with unread data, and the client's read of the answer can then fail with a reset.
+async fn physical_device(
+    AxumState(inner): AxumState<Arc<Inner>>,
+    headers: HeaderMap,
+    _body: Bytes,
+) -> Response {
     match bearer_token(&headers) {
         Some(token) if inner.token_is_valid(token) => {
             json_response(StatusCode::OK, &Value::Array(Vec::new()))
@@ -863,7 +872,11 @@ async fn physical_device(AxumState(inner): AxumState<Arc<Inner>>, headers: Heade
 /// `GET|POST /api/v2/restricted`: an endpoint the accounts may not use. `401` for every request,
 /// valid token or not, as BACE answers an account that lacks a permission (the client libraries'
 /// "the token is fine, do not retry" case). A valid token gets its own message.
-async fn restricted(AxumState(inner): AxumState<Arc<Inner>>, headers: HeaderMap) -> Response {
+async fn restricted(
+    AxumState(inner): AxumState<Arc<Inner>>,
+    headers: HeaderMap,
+    _body: Bytes,
+) -> Response {
     match bearer_token(&headers) {
         Some(token) if inner.token_is_valid(token) => {
             yii_error(StatusCode::UNAUTHORIZED, YII_NOT_ALLOWED)
