@@ -865,3 +865,61 @@ async fn a_paused_redis_is_noticed_by_the_subscription() {
     assert_eq!(guard(events.next()).await, StoreEvent::Connected);
     let _ = Arc::new(());
 }
+
+// === TLS ===
+
+#[tokio::test]
+async fn rediss_with_the_ca_file_and_not_without_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = testkit::pki::Ca::new("redis test CA");
+    let leaf = ca.server(1);
+    let (ca_file, cert_file, key_file) = (
+        dir.path().join("ca.pem"),
+        dir.path().join("server.pem"),
+        dir.path().join("server.key"),
+    );
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    std::fs::write(&cert_file, &leaf.cert_pem).unwrap();
+    std::fs::write(&key_file, &leaf.key_pem).unwrap();
+    let redis = RedisServer::start_tls(testkit::RedisTls {
+        cert_file,
+        key_file,
+        ca_file: ca_file.clone(),
+    });
+    assert!(redis.url().starts_with("rediss://localhost:"));
+    // `extra` lines land inside `store.redis`.
+    let config = |ca: Option<&Path>| {
+        let mut setup = Setup::new(&redis);
+        setup.extra = ca
+            .map(|p| format!("    ca_file: {}\n", p.display()))
+            .unwrap_or_default();
+        setup.config(dir.path())
+    };
+    let with_ca = config(Some(&ca_file));
+    let store = Store::new(&with_ca).unwrap();
+    guard(store.write(&token("fleet-a", "access-TLS", None), 1))
+        .await
+        .unwrap();
+    let r = record(guard(store.read(&account("fleet-a"))).await.unwrap());
+    assert_eq!(r.token.expose_access(), "access-TLS");
+    let mut events = store.subscribe().unwrap();
+    assert_eq!(guard(events.next()).await, StoreEvent::Connected);
+
+    // The system roots do not know the test CA: the connection fails, as an error (not absent).
+    let without = config(None);
+    let store = Store::new(&without).unwrap();
+    let error = guard(store.read(&account("fleet-a"))).await.unwrap_err();
+    assert!(
+        matches!(
+            error.kind(),
+            StoreErrorKind::Unreachable | StoreErrorKind::Timeout
+        ),
+        "{error}"
+    );
+    // Another CA: refused the same way.
+    let other = testkit::pki::Ca::new("other CA");
+    let other_file = dir.path().join("other.pem");
+    std::fs::write(&other_file, other.pem()).unwrap();
+    let store = Store::new(&config(Some(&other_file))).unwrap();
+    assert!(guard(store.ping()).await.is_err());
+}
