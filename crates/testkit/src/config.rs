@@ -117,6 +117,85 @@ impl Kubernetes {
     }
 }
 
+/// A `store.redis` section (the Redis store replicas share). Keys left unset are absent from
+/// the YAML (the broker's defaults apply).
+#[derive(Debug, Clone)]
+pub struct RedisStore {
+    url: String,
+    encryption_key_file: PathBuf,
+    username: Option<String>,
+    password_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+    key_prefix: Option<String>,
+    timeout: Option<Duration>,
+    lease: Option<Duration>,
+}
+
+impl RedisStore {
+    /// Redis at `url`, records sealed with the keys of `encryption_key_file` (see
+    /// [`RedisStore::write_key_file`]).
+    pub fn new(url: impl Into<String>, encryption_key_file: impl Into<PathBuf>) -> Self {
+        Self {
+            url: url.into(),
+            encryption_key_file: encryption_key_file.into(),
+            username: None,
+            password_file: None,
+            ca_file: None,
+            key_prefix: None,
+            timeout: None,
+            lease: None,
+        }
+    }
+
+    /// Writes a key file at `path` with one fresh random key per id, the first encrypting.
+    pub fn write_key_file(path: &Path, ids: &[&str]) {
+        let lines: Vec<String> = ids
+            .iter()
+            .map(|id| {
+                bace_token_broker::config::generate_key_line(id)
+                    .unwrap_or_else(|e| panic!("key id {id:?}: {e}"))
+            })
+            .collect();
+        std::fs::write(path, lines.join("\n") + "\n").expect("write the key file");
+    }
+
+    /// `username`.
+    pub fn username(mut self, user: impl Into<String>) -> Self {
+        self.username = Some(user.into());
+        self
+    }
+
+    /// `password_file`.
+    pub fn password_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.password_file = Some(path.into());
+        self
+    }
+
+    /// `ca_file`.
+    pub fn ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.ca_file = Some(path.into());
+        self
+    }
+
+    /// `key_prefix`.
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.key_prefix = Some(prefix.into());
+        self
+    }
+
+    /// `timeout`.
+    pub fn timeout(mut self, d: Duration) -> Self {
+        self.timeout = Some(d);
+        self
+    }
+
+    /// `lease`.
+    pub fn lease(mut self, d: Duration) -> Self {
+        self.lease = Some(d);
+        self
+    }
+}
+
 /// A broker config under construction. Keys left unset are absent from the YAML (the broker's
 /// defaults apply).
 #[derive(Debug, Clone, Default)]
@@ -135,6 +214,7 @@ pub struct BrokerConfig {
     tls: Option<(PathBuf, PathBuf, Option<PathBuf>)>,
     kubernetes: Option<Kubernetes>,
     allow: Option<Vec<(String, Vec<String>)>>,
+    store: Option<RedisStore>,
     accounts: Vec<Account>,
 }
 
@@ -275,6 +355,12 @@ impl BrokerConfig {
         self
     }
 
+    /// `store.redis`: replicas share their tokens through Redis.
+    pub fn store(mut self, store: RedisStore) -> Self {
+        self.store = Some(store);
+        self
+    }
+
     /// The YAML text.
     pub fn to_yaml(&self) -> String {
         let mut y = String::new();
@@ -355,6 +441,33 @@ impl BrokerConfig {
                     }
                 }
                 None => line("  allow: []".into()),
+            }
+        }
+        if let Some(r) = &self.store {
+            line("store:".into());
+            line("  redis:".into());
+            line(format!("    url: {}", quote(&r.url)));
+            line(format!(
+                "    encryption_key_file: {}",
+                path(&r.encryption_key_file)
+            ));
+            if let Some(u) = &r.username {
+                line(format!("    username: {}", quote(u)));
+            }
+            if let Some(p) = &r.password_file {
+                line(format!("    password_file: {}", path(p)));
+            }
+            if let Some(p) = &r.ca_file {
+                line(format!("    ca_file: {}", path(p)));
+            }
+            if let Some(p) = &r.key_prefix {
+                line(format!("    key_prefix: {}", quote(p)));
+            }
+            if let Some(d) = r.timeout {
+                line(format!("    timeout: {}", duration(d)));
+            }
+            if let Some(d) = r.lease {
+                line(format!("    lease: {}", duration(d)));
             }
         }
         // One flow mapping per account: a config of 100,000 accounts stays compact (the

@@ -21,7 +21,7 @@ pub mod upstream;
 pub use fake_bace;
 
 pub use self::{
-    config::{Account, BrokerConfig, Jwks, Kubernetes},
+    config::{Account, BrokerConfig, Jwks, Kubernetes, RedisStore},
     harness::*,
     redis_server::{RedisServer, RedisTls},
     upstream::{Answer, InstantUpstream, ScriptedUpstream},

@@ -221,10 +221,23 @@ impl RedisServer {
     /// names and values, and each key's `DUMP` serialization besides.
     pub fn dump_all(&self) -> Vec<(String, Vec<u8>)> {
         let mut conn = self.connection();
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg("*")
-            .query(&mut conn)
-            .expect("KEYS *");
+        let mut keys: Vec<String> = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(1000)
+                .query(&mut conn)
+                .expect("SCAN");
+            keys.extend(batch);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        keys.sort_unstable();
+        keys.dedup();
         let mut out = Vec::new();
         for key in keys {
             let mut bytes: Vec<u8> = redis::cmd("DUMP")
