@@ -11,9 +11,8 @@ use std::{
 };
 
 use bace_token_broker::{
-    AccountName, Acquired, Backoff, BackoffKind, Config, Fingerprint, Invalidation, LeaseKept,
-    READ_BATCH, Store, StoreErrorKind, StoreEvent, Stored, Token, Unreadable, Written,
-    config::RedisConfig,
+    AccountName, Acquired, Backoff, BackoffKind, Fingerprint, Invalidation, LeaseKept, READ_BATCH,
+    Store, StoreErrorKind, StoreEvent, Stored, Token, Unreadable, Written, config::RedisConfig,
 };
 use secrecy::SecretString;
 use testkit::{Account, BrokerConfig, RedisServer, RedisStore, guard};
