@@ -611,4 +611,37 @@ mod tests {
         assert_eq!(b.credentials.username(), "u@example.com");
         assert_eq!(b.credentials.expose_password(), "~");
     }
+
+    #[test]
+    fn every_store_key_reaches_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let (keys, pw, ca) = (
+            dir.path().join("keys"),
+            dir.path().join("pw"),
+            dir.path().join("ca.pem"),
+        );
+        RedisStore::write_key_file(&keys, &["new", "old"]);
+        std::fs::write(&pw, "redis-pw\n").unwrap();
+        std::fs::write(&ca, crate::pki::Ca::new("ca").pem()).unwrap();
+        let store = RedisStore::new("rediss://redis.example:6380/2", &keys)
+            .username("broker")
+            .password_file(&pw)
+            .ca_file(&ca)
+            .key_prefix("team-a")
+            .timeout(Duration::from_millis(250))
+            .lease(Duration::from_secs(5));
+        let config = BrokerConfig::new()
+            .store(store)
+            .account(Account::standard("a"))
+            .build();
+        let r = config.store.unwrap().redis;
+        assert_eq!(r.url.as_str(), "rediss://redis.example:6380/2");
+        assert_eq!(r.username.as_deref(), Some("broker"));
+        assert!(r.password.is_some() && r.ca_pem.is_some());
+        assert_eq!(r.key_prefix, "team-a");
+        assert_eq!(r.timeout, Duration::from_millis(250));
+        assert_eq!(r.lease, Duration::from_secs(5));
+        let ids: Vec<&str> = r.keys.iter().map(|k| k.id()).collect();
+        assert_eq!(ids, ["new", "old"]);
+    }
 }
