@@ -783,6 +783,9 @@ async fn announcements_reach_subscribers_and_reconnects_are_reported() {
     match guard(events.next()).await {
         StoreEvent::Announced(a) => {
             assert_eq!((a.account.as_str(), a.version), ("fleet-a", 42));
+            let sent = a.sent_at.expect("the send time");
+            let age = SystemTime::now().duration_since(sent).unwrap_or_default();
+            assert!(age < Duration::from_secs(60), "{age:?}");
         }
         other => panic!("expected the announcement, got {other:?}"),
     }

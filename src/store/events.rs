@@ -9,7 +9,10 @@
 //! answering (a `PING` health check). While down, the subscription retries every
 //! [`RETRY_INTERVAL`] (the connection manager gives up after a few attempts of its own).
 
-use std::fmt;
+use std::{
+    fmt,
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 use redis::{PushInfo, PushKind, Value, aio::ConnectionManager};
 use tokio::{
@@ -53,6 +56,9 @@ pub struct Announcement {
     pub account: AccountName,
     /// The version stored.
     pub version: u64,
+    /// When the announcing replica published it (its wall clock, millisecond precision), for
+    /// the propagation delay; `None` from a sender that did not say.
+    pub sent_at: Option<SystemTime>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -225,7 +231,7 @@ impl Subscription {
     }
 }
 
-/// `[channel, "<version> <account>"]` on our channel.
+/// `[channel, "<version> <account> [<sent at, Unix ms>]"]` on our channel.
 fn parse_message(channel: &str, data: &[Value]) -> Option<Announcement> {
     let text = |v: &Value| match v {
         Value::BulkString(b) => std::str::from_utf8(b).ok().map(str::to_owned),
@@ -237,10 +243,19 @@ fn parse_message(channel: &str, data: &[Value]) -> Option<Announcement> {
         return None;
     }
     let payload = text(payload)?;
-    let (version, account) = payload.split_once(' ')?;
+    let mut parts = payload.split(' ');
+    let (version, account, sent_at) = (parts.next()?, parts.next()?, parts.next());
+    if parts.next().is_some() {
+        return None;
+    }
+    let sent_at = match sent_at {
+        Some(ms) => Some(UNIX_EPOCH + Duration::from_millis(ms.parse().ok()?)),
+        None => None,
+    };
     Some(Announcement {
         account: AccountName::new(account).ok()?,
         version: version.parse().ok()?,
+        sent_at,
     })
 }
 
@@ -260,10 +275,17 @@ mod tests {
             parse_message("p:announce", &msg("p:announce", "7 fleet-a")),
             Some(Announcement {
                 account: AccountName::new("fleet-a").unwrap(),
-                version: 7
+                version: 7,
+                sent_at: None,
             })
         );
-        for bad in ["7", "x fleet-a", "7 a b", "7 ", "-1 a", ""] {
+        assert_eq!(
+            parse_message("p:announce", &msg("p:announce", "7 fleet-a 1500"))
+                .unwrap()
+                .sent_at,
+            Some(UNIX_EPOCH + Duration::from_millis(1500))
+        );
+        for bad in ["7", "x fleet-a", "7 a b", "7 a 1 2", "7 ", "-1 a", ""] {
             assert_eq!(
                 parse_message("p:announce", &msg("p:announce", bad)),
                 None,

@@ -25,7 +25,7 @@
 //! | `P:backoff:transient:{account}`  | string | `"<until, Unix ms> <failures>"`, with a TTL     |
 //! | `P:backoff:rejected:{account}`   | string | `"<until, Unix ms> <rejections>"`, with a TTL   |
 //! | `P:cooldown:{account}`           | string | the invalidated fingerprint; `PX` = the cooldown |
-//! | channel `P:announce`             | pub/sub| `"<version> <account>"` per new token            |
+//! | channel `P:announce`             | pub/sub| `"<version> <account> <sent at, Unix ms>"` per new token |
 //!
 //! No credential is ever written; access and refresh tokens only inside `r`, sealed.
 //!

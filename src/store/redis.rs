@@ -413,10 +413,16 @@ impl Store {
     }
 
     /// Tells the other replicas that `account` has a token of `version` (at most once: a
-    /// subscriber that is reconnecting misses it, hence the reconcile).
+    /// subscriber that is reconnecting misses it, hence the reconcile). The message carries
+    /// the send time, for the propagation delay ([`Announcement::sent_at`]).
+    ///
+    /// [`Announcement::sent_at`]: super::Announcement::sent_at
     pub async fn announce(&self, account: &AccountName, version: u64) -> Result<(), StoreError> {
         let channel = self.channel();
-        let message = format!("{version} {account}");
+        let sent_at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, millis);
+        let message = format!("{version} {account} {sent_at}");
         self.run("announce", |mut c| async move {
             redis::cmd("PUBLISH")
                 .arg(channel)
