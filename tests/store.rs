@@ -920,3 +920,80 @@ async fn rediss_with_the_ca_file_and_not_without_it() {
     let store = Store::new(&config(Some(&other_file))).unwrap();
     assert!(guard(store.ping()).await.is_err());
 }
+
+/// The ACL the README gives operators is enough for every operation.
+#[tokio::test]
+async fn the_documented_acl_is_enough() {
+    let redis = RedisServer::start_with_password("admin-PW");
+    let dir = tempfile::tempdir().unwrap();
+    let mut conn = redis::Client::open(format!("redis://:admin-PW@127.0.0.1:{}", redis.port()))
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    // As in README.md, "Redis settings".
+    redis::cmd("ACL")
+        .arg(
+            "SETUSER scoped on >scoped-PW ~bace-broker:* &bace-broker:announce +@read +@write \
+             +@pubsub +@scripting +ping +hello"
+                .split(' ')
+                .collect::<Vec<_>>(),
+        )
+        .query::<()>(&mut conn)
+        .unwrap();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, "scoped-PW").unwrap();
+    let mut setup = Setup::new(&redis);
+    setup.username = Some("scoped");
+    setup.password_file = Some(pw);
+    let store = setup.store(dir.path());
+    let a = account("fleet-a");
+    let t = token("fleet-a", "access-1", Some("refresh-1"));
+    let mut events = store.subscribe().unwrap();
+    assert_eq!(guard(events.next()).await, StoreEvent::Connected);
+    guard(store.ping()).await.unwrap();
+    let Acquired::Acquired(mut lease) = guard(store.acquire_lease(&a)).await.unwrap() else {
+        panic!("lease");
+    };
+    assert!(guard(store.renew(&mut lease)).await.unwrap());
+    assert_eq!(
+        guard(store.write(&t, 1)).await.unwrap(),
+        Written::Stored { version: 1 }
+    );
+    assert!(guard(store.release(lease)).await.unwrap());
+    record(guard(store.read(&a)).await.unwrap());
+    guard(store.read_many(std::slice::from_ref(&a)))
+        .await
+        .unwrap();
+    guard(store.versions(std::slice::from_ref(&a)))
+        .await
+        .unwrap();
+    guard(store.announce(&a, 1)).await.unwrap();
+    assert!(matches!(
+        guard(events.next()).await,
+        StoreEvent::Announced(_)
+    ));
+    assert_eq!(
+        guard(store.invalidate(&a, t.fingerprint(), Duration::from_secs(5)))
+            .await
+            .unwrap(),
+        Invalidation::Invalidated { version: 1 }
+    );
+    let backoff = Backoff {
+        until: SystemTime::now() + Duration::from_secs(5),
+        attempts: 1,
+    };
+    guard(store.set_backoff(&a, BackoffKind::Transient, backoff, Duration::ZERO))
+        .await
+        .unwrap();
+    guard(store.backoffs(&a)).await.unwrap();
+    guard(store.clear_backoff(&a, BackoffKind::Transient))
+        .await
+        .unwrap();
+    // ... and nothing outside the prefix.
+    let mut other = Setup::new(&redis);
+    other.username = Some("scoped");
+    other.password_file = setup.password_file.clone();
+    other.prefix = "other-broker";
+    let error = guard(other.store(dir.path()).read(&a)).await.unwrap_err();
+    assert_eq!(error.kind(), StoreErrorKind::Refused, "{error}");
+}
