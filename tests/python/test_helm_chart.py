@@ -252,9 +252,11 @@ def test_schema_matches_values(chart):
         f"values.yaml and values.schema.json disagree: only in values {set(defaults) - top}, "
         f"only in schema {top - set(defaults)}"
     )
-    for key in ("image", "service", "metrics", "serviceMonitor", "networkPolicy", "tls", "auth"):
+    for key in ("image", "service", "metrics", "serviceMonitor", "networkPolicy", "tls", "auth", "topologySpread"):
         sub = schema["properties"][key]["properties"]
         assert set(defaults[key]) <= set(sub), (key, set(defaults[key]) - set(sub))
+    store = schema["properties"]["store"]["properties"]["redis"]["properties"]
+    assert set(defaults["store"]["redis"]) == set(store), set(defaults["store"]["redis"]) ^ set(store)
     for values in CASES.values():
         chart.validate_schema(values)
 
