@@ -663,9 +663,11 @@ async fn a_paused_redis_is_a_timeout_not_an_absent_token() {
     // The short timeout is for the paused server; before, retry what a loaded machine delays.
     let t = token("fleet-a", "access-1", None);
     guard(async { while store.write(&t, 1).await.is_err() {} }).await;
+    assert_eq!(store.is_up(), Some(true));
     redis.pause();
     let error = guard(store.read(&a)).await.unwrap_err();
     assert_eq!(error.kind(), StoreErrorKind::Timeout, "{error}");
+    assert_eq!(store.is_up(), Some(false));
     let error = guard(store.read_many(std::slice::from_ref(&a)))
         .await
         .unwrap_err();
@@ -674,6 +676,7 @@ async fn a_paused_redis_is_a_timeout_not_an_absent_token() {
     assert_eq!(error.kind(), StoreErrorKind::Timeout, "{error}");
     // A fresh replica connecting to the frozen server: the connect is bounded too.
     let fresh = setup.store(dir.path());
+    assert_eq!(fresh.is_up(), None, "unknown before the first operation");
     let error = guard(fresh.read(&a)).await.unwrap_err();
     assert_eq!(error.kind(), StoreErrorKind::Timeout, "{error}");
     redis.resume();
@@ -686,6 +689,7 @@ async fn a_paused_redis_is_a_timeout_not_an_absent_token() {
     })
     .await;
     assert_eq!(record(r).version, 1);
+    assert_eq!(store.is_up(), Some(true));
     assert!(store.counts().operations("read", "timeout") >= 1);
 }
 

@@ -174,7 +174,6 @@ impl Subscription {
     /// Subscribes when not up; checks that Redis answers when up.
     async fn check(&mut self) -> Option<StoreEvent> {
         let timeout = self.store.shared.timeout;
-        let metrics = &self.store.shared.metrics;
         if self.state == State::Up {
             self.check_at = Instant::now() + HEALTH_INTERVAL;
             let mut conn = self.conn.clone();
@@ -182,7 +181,7 @@ impl Subscription {
                 redis::cmd("PING").query_async::<()>(&mut conn).await
             })
             .await;
-            metrics.op("ping", pinged.as_ref().map_or_else(|e| e.class(), |_| "ok"));
+            self.store.record("ping", pinged.as_ref().map(drop));
             return match pinged {
                 Ok(()) => None,
                 Err(error) => {
@@ -200,10 +199,8 @@ impl Subscription {
             conn.subscribe(channel).await
         })
         .await;
-        metrics.op(
-            "subscribe",
-            subscribed.as_ref().map_or_else(|e| e.class(), |_| "ok"),
-        );
+        self.store
+            .record("subscribe", subscribed.as_ref().map(drop));
         match subscribed {
             Ok(()) => Some(self.up()),
             Err(error) => self.down(error.to_string()),

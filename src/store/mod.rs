@@ -74,8 +74,11 @@
 //! 7. **Failure state**: after a failed fetch, [`Store::set_backoff`] (transient or
 //!    rejected, with the attempt count); before starting one, [`Store::backoffs`]: a
 //!    backoff another replica set is honoured as if it were local.
-//! 8. **Status and metrics**: [`Store::ping`] (or the subscription's state) for
-//!    `bace_broker_store_up`; [`Store::counts`] for the counters.
+//! 8. **Status and metrics**: [`Store::is_up`] (how the last operation went, the
+//!    subscription's 2-second health checks included; one log line per change) for
+//!    `bace_broker_store_up` and `ListAccounts`/`status`; [`Store::counts`] for the counters
+//!    (operations by outcome, leases acquired / contended / lost, version conflicts,
+//!    unreadable records, announcements, (re)subscriptions).
 
 mod crypto;
 mod events;

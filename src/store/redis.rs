@@ -14,7 +14,10 @@ use std::{
     collections::HashSet,
     fmt,
     future::Future,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU8, Ordering},
+    },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -24,7 +27,7 @@ use redis::{
 };
 use secrecy::ExposeSecret;
 use tokio::time::Instant;
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::{
     MAX_VERSION, Record, StoreError, Stored, Unreadable,
@@ -67,7 +70,13 @@ pub(super) struct Shared {
     pub(super) metrics: StoreMetrics,
     /// Key ids and accounts whose unreadable records were logged already (log once each).
     logged: Mutex<HashSet<String>>,
+    /// [`UNKNOWN`], [`UP`] or [`DOWN`]: how the last operation went.
+    health: AtomicU8,
 }
+
+const UNKNOWN: u8 = 0;
+const UP: u8 = 1;
+const DOWN: u8 = 2;
 
 impl fmt::Debug for Store {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -229,6 +238,7 @@ impl Store {
                 lease: config.lease,
                 metrics: StoreMetrics::default(),
                 logged: Mutex::new(HashSet::new()),
+                health: AtomicU8::new(UNKNOWN),
             }),
         })
     }
@@ -271,14 +281,36 @@ impl Store {
     {
         let conn = self.shared.conn.clone();
         let result = bounded(op, self.shared.timeout, f(conn)).await;
-        self.shared.metrics.op(
-            op,
-            match &result {
-                Ok(_) => "ok",
-                Err(e) => e.class(),
-            },
-        );
+        self.record(op, result.as_ref().map(drop));
         result
+    }
+
+    /// Counts an operation's outcome and notes whether Redis answered (see
+    /// [`Store::is_up`]); logs once per change.
+    pub(super) fn record(&self, op: &'static str, outcome: Result<(), &StoreError>) {
+        self.shared
+            .metrics
+            .op(op, outcome.map_or_else(StoreError::class, |()| "ok"));
+        let now = if outcome.is_ok() { UP } else { DOWN };
+        let before = self.shared.health.swap(now, Ordering::Relaxed);
+        if before != now {
+            match outcome {
+                Ok(()) => info!(prefix = %self.shared.prefix, "store is up: Redis answers"),
+                Err(error) => {
+                    warn!(%error, "store is down: serving what this replica holds, fetching on its own until Redis answers")
+                }
+            }
+        }
+    }
+
+    /// Whether the last Redis operation (any of this store's, the subscription's health checks
+    /// included) succeeded; `None` before the first. For status and `bace_broker_store_up`.
+    pub fn is_up(&self) -> Option<bool> {
+        match self.shared.health.load(Ordering::Relaxed) {
+            UP => Some(true),
+            DOWN => Some(false),
+            _ => None,
+        }
     }
 
     /// Checks that Redis answers (`PING`).
