@@ -296,9 +296,7 @@ impl Store {
         if before != now {
             match outcome {
                 Ok(()) => info!(prefix = %self.shared.prefix, "store is up: Redis answers"),
-                Err(error) => {
-                    warn!(%error, "store is down: serving what this replica holds, fetching on its own until Redis answers")
-                }
+                Err(error) => warn!(%error, "store is down: Redis does not answer as it should"),
             }
         }
     }
