@@ -2,8 +2,10 @@
 //! `crates/testkit`): leases, fenced writes, encryption at rest, key rotation, the shared
 //! failure state, announcements and reconnections, and errors that never look like "absent".
 //!
-//! Waits are bounded by the hang guard; lease expiry is waited for by polling Redis, never by a
-//! fixed sleep.
+//! Waits are bounded by the hang guard. Leases live in Redis's clock, so the lease tests let
+//! real time pass (a few lease lifetimes of one to two seconds, renewals a third of a lease
+//! apart); they assert who holds a lease, never how long anything took. Lease expiry is waited
+//! for by polling Redis; timeouts are provoked with a paused (SIGSTOP) server.
 
 use std::{
     path::{Path, PathBuf},
