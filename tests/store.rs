@@ -1003,3 +1003,35 @@ async fn the_documented_acl_is_enough() {
     let error = guard(other.store(dir.path()).read(&a)).await.unwrap_err();
     assert_eq!(error.kind(), StoreErrorKind::Refused, "{error}");
 }
+
+/// The broker runs store calls in spawned tasks: every future the store hands out is `Send`,
+/// and the handles are `Send + Sync`.
+#[tokio::test]
+async fn store_futures_are_send() {
+    fn send<T: Send>(_: &T) {}
+    fn shared<T: Send + Sync>() {}
+    shared::<Store>();
+    shared::<bace_token_broker::StoreError>();
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Setup::new(&redis).store(dir.path());
+    let a = account("a");
+    let t = token("a", "x", None);
+    send(&store.read(&a));
+    send(&store.read_many(std::slice::from_ref(&a)));
+    send(&store.versions(std::slice::from_ref(&a)));
+    send(&store.write(&t, 1));
+    send(&store.announce(&a, 1));
+    send(&store.invalidate(&a, t.fingerprint(), Duration::from_secs(1)));
+    send(&store.backoffs(&a));
+    send(&store.acquire_lease(&a));
+    let Acquired::Acquired(mut lease) = guard(store.acquire_lease(&a)).await.unwrap() else {
+        panic!("lease");
+    };
+    send(&store.renew(&mut lease));
+    send(&store.hold(&mut lease, async {}));
+    send(&store.release(lease));
+    let mut events = store.subscribe().unwrap();
+    send(&events.next());
+    send(&events);
+}
