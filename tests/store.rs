@@ -1035,3 +1035,56 @@ async fn store_futures_are_send() {
     send(&events.next());
     send(&events);
 }
+
+/// Ten replicas race: one lease holder, and of ten writes of one version, one is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_replicas_get_one_lease_and_one_write() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup::new(&redis);
+    let replicas: Vec<Store> = (0..10).map(|_| setup.store(dir.path())).collect();
+    for s in &replicas {
+        guard(s.ping()).await.unwrap();
+    }
+    let a = account("fleet-a");
+    let tasks: Vec<_> = replicas
+        .iter()
+        .cloned()
+        .map(|s| {
+            let a = a.clone();
+            tokio::spawn(async move { s.acquire_lease(&a).await.unwrap() })
+        })
+        .collect();
+    let mut holders = 0;
+    for t in tasks {
+        if let Acquired::Acquired(_) = guard(t).await.unwrap() {
+            holders += 1;
+        }
+    }
+    assert_eq!(holders, 1);
+
+    let tasks: Vec<_> = replicas
+        .iter()
+        .cloned()
+        .enumerate()
+        .map(|(i, s)| {
+            tokio::spawn(async move {
+                let t = token("fleet-a", &format!("access-{i}"), None);
+                (i, s.write(&t, 1).await.unwrap())
+            })
+        })
+        .collect();
+    let mut stored = Vec::new();
+    for t in tasks {
+        let (i, written) = guard(t).await.unwrap();
+        match written {
+            Written::Stored { version } => stored.push((i, version)),
+            Written::Conflict { stored } => assert_eq!(stored, 1),
+        }
+    }
+    let [(winner, 1)] = stored[..] else {
+        panic!("exactly one write of version 1: {stored:?}");
+    };
+    let r = record(guard(replicas[0].read(&a)).await.unwrap());
+    assert_eq!(r.token.expose_access(), format!("access-{winner}"));
+}
