@@ -1,5 +1,6 @@
-//! The command line: `serve` (with `--demo`), the `get` and `invalidate` clients, and
-//! `check-config`. Every command returns an exit code; errors go to stderr as one line.
+//! The command line: `serve` (with `--demo`), the `get` and `invalidate` clients,
+//! `check-config` and `gen-store-key`. Every command returns an exit code; errors go to
+//! stderr as one line.
 
 use std::{io::Read, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
@@ -88,6 +89,14 @@ pub enum Command {
         #[arg(long, env = "BACE_BROKER_CONFIG")]
         config: PathBuf,
     },
+    /// Print a new line for `store.redis.encryption_key_file`: `<key-id> <base64 of 32 random
+    /// bytes>`. Put it first in the file to encrypt with it (older lines still decrypt).
+    GenStoreKey {
+        /// The key id (ASCII letters, digits, `.`, `_`, `-`; default: today's date and a
+        /// random suffix, e.g. `20261201-3fa9c2`).
+        #[arg(long)]
+        id: Option<String>,
+    },
 }
 
 /// Runs a parsed command line.
@@ -121,6 +130,7 @@ pub fn run(cli: Cli) -> ExitCode {
             } => invalidate(&conn, account, token).await,
             Command::Status { conn } => status(&conn).await,
             Command::CheckConfig { config } => check_config(&config),
+            Command::GenStoreKey { id } => gen_store_key(id),
         }
     });
     match result {
@@ -184,6 +194,19 @@ fn check_config(path: &std::path::Path) -> Result<(), String> {
     Ok(())
 }
 
+fn gen_store_key(id: Option<String>) -> Result<(), String> {
+    let id = id.unwrap_or_else(|| {
+        format!(
+            "{}-{:06x}",
+            chrono::Utc::now().format("%Y%m%d"),
+            rand::random::<u32>() & 0xff_ffff
+        )
+    });
+    let line = crate::config::generate_key_line(&id).map_err(|e| format!("--id {id:?}: {e}"))?;
+    println!("{line}");
+    Ok(())
+}
+
 /// How many accounts a valid config has, and their names (the first 20 of large configs).
 fn config_summary(config: &Config) -> String {
     const SHOWN: usize = 20;
@@ -198,7 +221,18 @@ fn config_summary(config: &Config) -> String {
     if n > SHOWN {
         names.push(&more);
     }
-    format!("config OK: {n} account(s): {}", names.join(", "))
+    let mut summary = format!("config OK: {n} account(s): {}", names.join(", "));
+    if let Some(store) = &config.store {
+        let r = &store.redis;
+        summary.push_str(&format!(
+            "\nstore: {} (key prefix {:?}, {} encryption key(s), new records sealed with {:?})",
+            r.url,
+            r.key_prefix,
+            r.keys.iter().count(),
+            r.keys.encrypting().id()
+        ));
+    }
+    summary
 }
 
 /// How the client commands reach the broker.

@@ -7,7 +7,8 @@
 //! imports an adapter and no module imports one that imports it.
 //!
 //! Entry points:
-//! - `cli`: the command line (`serve`, `get`, `invalidate`, `status`, `check-config`).
+//! - `cli`: the command line (`serve`, `get`, `invalidate`, `status`, `check-config`,
+//!   `gen-store-key`).
 //! - `demo` (feature `demo`, on by default): `serve --demo`: the fake BACE, demo accounts and
 //!   a little traffic.
 //! - `app`: builds every part, then runs the servers; owns the one shutdown sequence.
@@ -29,6 +30,9 @@
 //!   where a token lives is one type (`broker::slot::TokenCell`), the seam for a shared store.
 //! - `upstream`: the core's port to BACE (the [`Upstream`] trait, answers and errors) and the
 //!   one implementation that speaks HTTP ([`HttpUpstream`]).
+//! - `store`: what replicas share through Redis ([`Store`]): per-account fetch leases, the
+//!   encrypted and versioned token records, announcements of new tokens, the shared backoff
+//!   and invalidation cooldown, with its own counts. Built only with a `store` section.
 //!
 //! Below everything:
 //! - [`config`]: the YAML schema of every section, defaults and validation; reads secret
@@ -53,6 +57,7 @@ mod counts;
 mod demo;
 mod grpc;
 mod reload;
+mod store;
 mod telemetry;
 mod tls;
 mod token;
@@ -72,6 +77,11 @@ pub use crate::{
     config::{AccountConfig, Config, ConfigError, Credentials},
     grpc::{CallCount, CallCounts, GetTokenReply, TokenBrokerApi, WatchResponses, code_name},
     reload::{DEBOUNCE, ReloadCounts, Reloader},
+    store::{
+        Acquired, Announcement, Backoff, BackoffKind, Backoffs, Invalidation, Lease, LeaseKept,
+        MAX_VERSION, READ_BATCH, RECORD_LINGER, Record, Store, StoreCounts, StoreError,
+        StoreErrorKind, StoreEvent, Stored, Subscription, Unreadable, Written,
+    },
     telemetry::Sources as TelemetrySources,
     tls::{
         HANDSHAKE_TIMEOUT, PreparedTls, TlsAcceptor, TlsConn, TlsConnInfo, TlsError, incoming,

@@ -98,6 +98,18 @@ impl Fingerprint {
     }
 }
 
+impl Fingerprint {
+    /// The 8 bytes, for storing beside a token (a shared store compares them).
+    pub fn to_bytes(self) -> [u8; 8] {
+        self.0
+    }
+
+    /// The 8 bytes as 16 lowercase hex digits.
+    pub fn to_hex(self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
 impl fmt::Display for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for b in &self.0[..4] {
@@ -166,6 +178,36 @@ impl Token {
             expires_at: now + lifetime,
             expires_at_wall: now_wall + lifetime,
         }
+    }
+
+    /// A token another process obtained at `obtained_wall`, valid until `expires_wall` (both
+    /// wall-clock, as a shared store keeps them), mapped onto this process's clock: `now` is
+    /// `now_wall`. When this process's clock cannot go back to `obtained_wall` (a monotonic
+    /// clock younger than the token), the token counts as obtained now with what is left of
+    /// its life.
+    #[allow(clippy::too_many_arguments)]
+    pub fn restored(
+        account: AccountName,
+        access: SecretString,
+        refresh: Option<SecretString>,
+        refreshed: bool,
+        obtained_wall: SystemTime,
+        expires_wall: SystemTime,
+        now: Instant,
+        now_wall: SystemTime,
+    ) -> Self {
+        let left = expires_wall
+            .duration_since(now_wall)
+            .unwrap_or(Duration::ZERO);
+        let age = now_wall
+            .duration_since(obtained_wall)
+            .unwrap_or(Duration::ZERO);
+        let mut token = Self::new(account, access, refresh, left, now, now_wall);
+        if let Some(obtained_at) = now.checked_sub(age) {
+            token.obtained_at = obtained_at;
+        }
+        token.refreshed = refreshed;
+        token
     }
 
     /// Marks a token as the answer to a refresh grant.
@@ -327,6 +369,39 @@ mod tests {
             SystemTime::now(),
         );
         assert_eq!(empty.expose_refresh(), Some(""));
+    }
+
+    #[test]
+    fn restored_tokens_keep_their_age_and_expiry() {
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let t = Token::restored(
+            AccountName::new("a").unwrap(),
+            SecretString::from("x"),
+            Some(SecretString::from("r")),
+            true,
+            wall - Duration::from_secs(30),
+            wall + Duration::from_secs(60),
+            now,
+            wall,
+        );
+        assert!(t.is_refreshed());
+        assert_eq!(t.expires_at(), now + Duration::from_secs(60));
+        assert_eq!(t.expires_at_wall(), wall + Duration::from_secs(60));
+        if let Some(obtained) = now.checked_sub(Duration::from_secs(30)) {
+            assert_eq!(t.obtained_at(), obtained);
+            assert_eq!(t.lifetime(), Duration::from_secs(90));
+        }
+        let expired = Token::restored(
+            AccountName::new("a").unwrap(),
+            SecretString::from("x"),
+            None,
+            false,
+            wall - Duration::from_secs(90),
+            wall - Duration::from_secs(60),
+            now,
+            wall,
+        );
+        assert!(!expired.valid_for(now, Duration::ZERO));
     }
 
     #[test]

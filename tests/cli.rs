@@ -1,5 +1,6 @@
 //! Binary-level tests: the `bace-token-broker` executable run as a child process, for
-//! `check-config`, `serve` (with a config and with `--demo`), `get` and `invalidate`.
+//! `check-config`, `gen-store-key`, `serve` (with a config and with `--demo`), `get` and
+//! `invalidate`.
 //!
 //! Every wait is bounded: readiness is polled on the gRPC health service, exits are polled with
 //! a deadline, and upstream calls are awaited on the in-process fake BACE.
@@ -396,6 +397,128 @@ fn check_config_rejects_a_missing_file() {
         err.contains("cannot read config file") && err.contains("absent.yaml"),
         "stderr: {err}"
     );
+}
+
+// === gen-store-key and the store section ===
+
+/// The `store.redis` section of a config, with `extra` lines (indented by four).
+fn store_section(key_file: &Path, extra: &str) -> String {
+    format!(
+        "store:\n  redis:\n    url: redis://127.0.0.1:6379/0\n    encryption_key_file: {}\n{extra}",
+        key_file.display()
+    )
+}
+
+#[test]
+fn gen_store_key_prints_a_line_check_config_accepts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = ok(run(&["gen-store-key", "--id", "2027-01"], ""));
+    let second = ok(run(&["gen-store-key"], ""));
+    let (id, key) = first.trim_end().split_once(' ').expect("<id> <key>");
+    assert_eq!(id, "2027-01");
+    assert_eq!(key.len(), 44, "base64 of 32 bytes: {key}");
+    let (default_id, other_key) = second.trim_end().split_once(' ').expect("<id> <key>");
+    assert!(
+        default_id.len() > 8 && default_id.starts_with("20"),
+        "dated default id: {default_id}"
+    );
+    assert_ne!(key, other_key, "a new random key each time");
+
+    // Rotation: the new line first, the old one after; check-config reads the file.
+    let keys = dir.path().join("keys");
+    fs::write(&keys, format!("{second}{first}")).expect("write keys");
+    let config = format!(
+        "{}{}",
+        store_section(&keys, "    key_prefix: team-a\n"),
+        config_with_account(GOOD_ACCOUNT)
+    );
+    let out = ok(check_config(dir.path(), &config));
+    assert!(
+        out.contains("redis://127.0.0.1:6379/0")
+            && out.contains("2 encryption key(s)")
+            && out.contains(&format!("sealed with {default_id:?}")),
+        "stdout: {out}"
+    );
+    assert!(
+        !out.contains(key) && !out.contains(other_key),
+        "stdout shows a key: {out}"
+    );
+}
+
+#[test]
+fn gen_store_key_refuses_a_bad_id() {
+    for id in ["two words", "", "a/b"] {
+        let err = fails(run(&["gen-store-key", "--id", id], ""));
+        assert!(
+            err.contains("--id") && err.contains("key id"),
+            "{id:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn check_config_refuses_bad_store_settings_without_showing_secrets() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = dir.path().join("keys");
+    fs::write(&good, "k1 AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n").expect("write");
+    let bad = dir.path().join("bad-keys");
+    fs::write(
+        &bad,
+        "k1 AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\nk2 U0VDUkVULWtleQ==\n",
+    )
+    .expect("write");
+    let missing = dir.path().join("missing-keys");
+    let cases: Vec<(String, &[&str])> = vec![
+        (
+            store_section(&bad, ""),
+            &["store.redis.encryption_key_file", "line 2", "32 bytes"],
+        ),
+        (
+            store_section(&missing, ""),
+            &[
+                "store.redis.encryption_key_file",
+                "cannot read",
+                "missing-keys",
+            ],
+        ),
+        (
+            "store:\n  redis:\n    url: redis://127.0.0.1:6379\n".to_owned(),
+            &[
+                "store.redis.encryption_key_file",
+                "is required",
+                "gen-store-key",
+            ],
+        ),
+        (
+            store_section(&good, "").replace("redis://127.0.0.1", "redis://:SECRET-pw@127.0.0.1"),
+            &["store.redis.url", "holds a password"],
+        ),
+        (
+            store_section(&good, "    ca_file: /etc/ssl/ca.pem\n"),
+            &["store.redis.ca_file", "rediss://"],
+        ),
+        (
+            store_section(&good, "    lease: 1s\n"),
+            &["store.redis.lease", "three times"],
+        ),
+        (
+            store_section(&good, "    tls: true\n"),
+            &["unknown field `tls`"],
+        ),
+    ];
+    for (store, wants) in cases {
+        let err = fails(check_config(
+            dir.path(),
+            &format!("{store}{}", config_with_account(GOOD_ACCOUNT)),
+        ));
+        for want in wants {
+            assert!(err.contains(want), "{store:?}: {err:?} lacks {want:?}");
+        }
+        assert!(
+            !err.contains("SECRET") && !err.contains("U0VDUkVU") && !err.contains("AAECAw"),
+            "{err}"
+        );
+    }
 }
 
 // === serve ===

@@ -7,14 +7,15 @@
 //! - this file: the validated [`Config`] and its errors;
 //! - `schema`: the YAML as written (`Raw*`), its defaults and its validation;
 //! - `account`: one account and its [`Credentials`];
-//! - `auth`, `tls`: the schemas of the `auth` and `tls` sections, with what reading their files
-//!   needs (PEM certificates and keys, JWKS documents), so that config depends on no runtime
-//!   module;
+//! - `auth`, `tls`, `store`: the schemas of the `auth`, `tls` and `store` sections, with what
+//!   reading their files needs (PEM certificates and keys, JWKS documents, the store's key
+//!   file), so that config depends on no runtime module;
 //! - `yaml`: the streaming YAML reader.
 
 mod account;
 mod auth;
 mod schema;
+mod store;
 mod tls;
 mod yaml;
 
@@ -33,6 +34,11 @@ pub use self::{
     auth::{
         AllowedAccounts, AuthConfig, DEFAULT_AUDIENCE, JwksSource, KubernetesConfig, LoadedFile,
         RawAllow, RawAuth, RawKubernetes,
+    },
+    store::{
+        DEFAULT_KEY_PREFIX, DEFAULT_STORE_LEASE, DEFAULT_STORE_TIMEOUT, KeyFileError, KeyIdError,
+        MAX_KEY_ID_LEN, RawRedis, RawStore, RedisConfig, STORE_KEY_LEN, StoreConfig, StoreKey,
+        StoreKeys, generate_key_line, validate_key_id,
     },
     tls::{RawTls, TlsConfig},
     yaml::from_yaml,
@@ -77,6 +83,8 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// Caller identity and per-account authorization, if on.
     pub auth: Option<AuthConfig>,
+    /// The store shared by replicas (Redis); `None`: tokens live in this process's memory.
+    pub store: Option<StoreConfig>,
     /// How BACE is reached.
     pub upstream: UpstreamConfig,
     /// When and how tokens are refreshed and failures retried.
@@ -139,6 +147,8 @@ impl Config {
             "auth (turned on or off)",
             a.auth.is_some() == b.auth.is_some(),
         );
+        // The store's connection, prefix, keys and timings are set up once at start.
+        check("store", a.store == b.store);
         check(
             "warmup_concurrency",
             a.warmup_concurrency == b.warmup_concurrency,
@@ -366,6 +376,61 @@ accounts:
         assert!(
             !debug.contains("hunter2") && !debug.contains("s3cret"),
             "{debug}"
+        );
+    }
+
+    #[test]
+    fn the_store_section_and_its_defaults_need_a_restart_to_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys");
+        std::fs::write(&keys, "k1 AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n").unwrap();
+        let pw = dir.path().join("redis-pw");
+        std::fs::write(&pw, "redis-SECRET\n").unwrap();
+        let text = |extra: &str| {
+            format!(
+                "store:\n  redis:\n    url: redis://redis:6379/0\n    password_file: {}\n    encryption_key_file: {}\n{extra}{MINIMAL}",
+                pw.display(),
+                keys.display()
+            )
+        };
+        let c = Config::parse(&text("")).unwrap();
+        assert!(Config::parse(MINIMAL).unwrap().store.is_none());
+        let r = &c.store.as_ref().unwrap().redis;
+        assert_eq!(r.key_prefix, "bace-broker");
+        assert_eq!(r.timeout, Duration::from_millis(500));
+        assert_eq!(r.lease, secs(30));
+        assert_eq!(r.username, None);
+        assert!(!r.tls());
+        assert_eq!(r.keys.encrypting().id(), "k1");
+        assert!(c.secret_files.contains(&keys) && c.secret_files.contains(&pw));
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("redis-SECRET") && !shown.contains("AAECAw"),
+            "{shown}"
+        );
+
+        // A reload reads the section again: unchanged is no change; a changed key file,
+        // password or setting needs a restart.
+        assert!(
+            c.restart_only_changes(&Config::parse(&text("")).unwrap())
+                .is_empty()
+        );
+        let lease = Config::parse(&text("    lease: 10s\n")).unwrap();
+        assert_eq!(c.restart_only_changes(&lease), vec!["store"]);
+        std::fs::write(&pw, "redis-SECRET-2\n").unwrap();
+        assert_eq!(
+            c.restart_only_changes(&Config::parse(&text("")).unwrap()),
+            vec!["store"]
+        );
+        std::fs::write(&pw, "redis-SECRET\n").unwrap();
+        std::fs::write(&keys, "k2 AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n").unwrap();
+        assert_eq!(
+            c.restart_only_changes(&Config::parse(&text("")).unwrap()),
+            vec!["store"]
+        );
+        assert_eq!(
+            c.restart_only_changes(&Config::parse(MINIMAL).unwrap()),
+            vec!["store"]
         );
     }
 

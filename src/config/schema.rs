@@ -15,7 +15,7 @@ use serde::{Deserialize, Deserializer};
 
 use super::{
     Config, ConfigError, RefreshConfig, UpstreamConfig, account::RawAccount, auth::RawAuth,
-    tls::RawTls,
+    store::RawStore, tls::RawTls,
 };
 
 fn default_listen() -> SocketAddr {
@@ -59,6 +59,8 @@ pub(super) struct RawConfig {
     tls: Option<RawTls>,
     #[serde(default)]
     auth: Option<RawAuth>,
+    #[serde(default)]
+    store: Option<RawStore>,
     #[serde(default)]
     upstream: RawUpstream,
     #[serde(default)]
@@ -176,6 +178,7 @@ impl RawConfig {
             health_listen: default_health_listen(),
             tls: None,
             auth: None,
+            store: None,
             upstream: RawUpstream::default(),
             refresh: RawRefresh::default(),
             invalidate_cooldown: Self::cooldown(),
@@ -284,6 +287,11 @@ impl RawConfig {
                 ));
             }
         }
+        let store = self
+            .store
+            .map(RawStore::validate)
+            .transpose()
+            .map_err(|problem| field("store", problem.to_string()))?;
         if self.accounts.is_empty() && accounts_rule == Accounts::Required {
             return Err(field("accounts", "at least one account is required".into()));
         }
@@ -292,6 +300,7 @@ impl RawConfig {
             .iter()
             .flat_map(|t| t.files())
             .chain(auth.iter().flat_map(|a| a.files()))
+            .chain(store.iter().flat_map(|s| s.redis.files()))
             .map(Path::to_path_buf)
             .collect();
         let shared_url = Arc::new(token_url.clone());
@@ -311,6 +320,7 @@ impl RawConfig {
             health_listen: self.health_listen,
             tls,
             auth,
+            store,
             upstream: UpstreamConfig {
                 token_url,
                 timeout: self.upstream.timeout,

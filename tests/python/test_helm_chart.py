@@ -38,6 +38,10 @@ FULLNAME = "tb-bace-token-broker"
 SECRETS_DIR = "/var/run/secrets/bace"
 TLS_DIR = "/var/run/secrets/bace-tls"
 KUBE_API_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+STORE_DIR = "/var/run/secrets/bace-store"
+STORE_CA_DIR = "/var/run/secrets/bace-store-ca"
+# A line of the store's key file (`bace-token-broker gen-store-key` prints such lines).
+STORE_KEY_LINE = "k1 AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
 ISSUER_DISCOVERY_BINDING = f"{NAMESPACE}-{FULLNAME}-issuer-discovery"
 # Objects without a namespace.
 CLUSTER_SCOPED = {"ClusterRoleBinding"}
@@ -72,6 +76,8 @@ EXPECTED_FILES = {
     "servicemonitor-on",
     "tls-mtls",
     "auth-kubernetes",
+    "store-redis",
+    "store-rediss",
 }
 
 
@@ -246,9 +252,11 @@ def test_schema_matches_values(chart):
         f"values.yaml and values.schema.json disagree: only in values {set(defaults) - top}, "
         f"only in schema {top - set(defaults)}"
     )
-    for key in ("image", "service", "metrics", "serviceMonitor", "networkPolicy", "tls", "auth"):
+    for key in ("image", "service", "metrics", "serviceMonitor", "networkPolicy", "tls", "auth", "topologySpread"):
         sub = schema["properties"][key]["properties"]
         assert set(defaults[key]) <= set(sub), (key, set(defaults[key]) - set(sub))
+    store = schema["properties"]["store"]["properties"]["redis"]["properties"]
+    assert set(defaults["store"]["redis"]) == set(store), set(defaults["store"]["redis"]) ^ set(store)
     for values in CASES.values():
         chart.validate_schema(values)
 
@@ -518,7 +526,13 @@ def check_config(values: dict[str, Any], r: Rendered, tmp_path: Path, pki) -> tu
     root = tmp_path / "secrets"
     text = r.config_text
     assert SECRETS_DIR in text
-    mounted = {SECRETS_DIR: root / "bace", TLS_DIR: root / "bace-tls", KUBE_API_DIR: root / "sa"}
+    mounted = {
+        SECRETS_DIR: root / "bace",
+        TLS_DIR: root / "bace-tls",
+        KUBE_API_DIR: root / "sa",
+        STORE_DIR: root / "bace-store",
+        STORE_CA_DIR: root / "bace-store-ca",
+    }
     for directory, replacement in mounted.items():
         text = text.replace(directory + "/", f"{replacement}/")
     assert "/var/run/secrets/" not in text, text
@@ -544,6 +558,16 @@ def check_config(values: dict[str, Any], r: Rendered, tmp_path: Path, pki) -> tu
         ca_file.parent.mkdir(parents=True, exist_ok=True)
         ca_file.write_bytes(ca.cert_pem)  # kube-root-ca.crt's ca.crt
         token_file.write_text("projected-service-account-token")
+    redis = config.get("store", {}).get("redis")
+    if redis:
+        keys = Path(redis["encryption_key_file"])
+        keys.parent.mkdir(parents=True, exist_ok=True)
+        keys.write_text(STORE_KEY_LINE + "\n")
+        if "password_file" in redis:
+            Path(redis["password_file"]).write_text("redis-password-from-secret\n")
+        if "ca_file" in redis:
+            Path(redis["ca_file"]).parent.mkdir(parents=True, exist_ok=True)
+            Path(redis["ca_file"]).write_bytes(ca.cert_pem)
     config_file = tmp_path / "config.yaml"
     config_file.write_text(text)
     proc = subprocess.run(
@@ -855,6 +879,23 @@ def test_tls_and_auth_kubernetes_together(chart, tmp_path, pki):
 _ACCOUNT = ONE_ACCOUNT["accounts"]["fleet-a"]
 _NO_SECRET = {"clientId": "c", "username": "u"}
 
+def store_redis(**overrides: Any) -> dict[str, Any]:
+    """store.redis values: the chart defaults, on (a URL and a Secret), with `overrides`."""
+    redis = {
+        "url": "redis://redis-master:6379/0",
+        "username": "",
+        "existingSecret": "bace-broker-store",
+        "passwordKey": "redis-password",
+        "encryptionKeysKey": "encryption-keys",
+        "caSecret": "",
+        "keyPrefix": "bace-broker",
+        "timeout": "500ms",
+        "lease": "30s",
+    }
+    redis.update(overrides)
+    return redis
+
+
 BAD_VALUES = [
     ("no accounts", {}, "accounts: at least one account is required"),
     ("empty accounts", {"accounts": {}}, "accounts: at least one account is required"),
@@ -997,6 +1038,41 @@ BAD_VALUES = [
         "additional properties 'audiences' not allowed",
     ),
     (
+        "chart-owned store in config",
+        with_account(config={"store": {"redis": {"url": "redis://r:6379"}}}),
+        "config.store is set by the chart (from store.redis)",
+    ),
+    (
+        "store URL with a password",
+        with_account(store={"redis": store_redis(url="redis://:hunter2@r:6379")}),
+        "store.redis.url must not hold a user or password",
+    ),
+    (
+        "store URL of another scheme",
+        with_account(store={"redis": store_redis(url="http://r:6379")}),
+        "/store/redis/url",
+    ),
+    (
+        "store without its Secret",
+        with_account(store={"redis": store_redis(existingSecret="")}),
+        "store.redis.existingSecret is required with store.redis.url",
+    ),
+    (
+        "store CA without TLS",
+        with_account(store={"redis": store_redis(caSecret="redis-ca")}),
+        "store.redis.caSecret needs a rediss:// URL",
+    ),
+    (
+        "store settings without a URL",
+        with_account(store={"redis": store_redis(url="", existingSecret="s")}),
+        "store.redis.existingSecret, caSecret and username need store.redis.url",
+    ),
+    (
+        "misspelt store key",
+        with_account(store={"redis": dict(store_redis(), keyprefix="x")}),
+        "additional properties 'keyprefix' not allowed",
+    ),
+    (
         "unknown top-level value",
         with_account(replicas=2),
         "additional properties 'replicas' not allowed",
@@ -1013,3 +1089,141 @@ BAD_VALUES = [
 def test_bad_values_fail_rendering(chart, values, message):
     error = render_error(chart, values)
     assert message in error, error
+
+
+# === the Redis store ===
+
+
+def test_store_off_by_default(chart):
+    """No store.redis.url: no store section, no store volume; a single replica's NOTES say
+    nothing about independence."""
+    r = render(chart, with_account())
+    assert "store" not in r.config
+    volumes = {v["name"] for v in r.pod_spec["volumes"]}
+    assert not {"store", "store-ca"} & volumes
+    assert "run independently" not in r.notes and "Redis" not in r.notes
+
+
+def test_replicas_without_a_store_are_said_to_run_independently(chart):
+    r = render(chart, with_account(replicaCount=3))
+    assert "The 3 replicas run independently" in r.notes
+    assert "store.redis.url" in r.notes
+
+
+def test_store_redis(chart):
+    """store.redis: rendered into the broker's store section, its Secret mounted read-only
+    where the section points, and NOTES say the replicas are one broker."""
+    values = CASES["store-redis"]
+    r = render(chart, values)
+    assert r.config["store"] == {
+        "redis": {
+            "url": "redis://redis-master.data.svc:6379/0",
+            "key_prefix": "team-a-broker",
+            "timeout": "750ms",
+            "lease": "20s",
+            "encryption_key_file": f"{STORE_DIR}/encryption-keys",
+            "password_file": f"{STORE_DIR}/redis-password",
+        }
+    }
+    mounts = {m["name"]: m for m in r.broker["volumeMounts"]}
+    assert mounts["store"] == {"name": "store", "mountPath": STORE_DIR, "readOnly": True}
+    assert "store-ca" not in mounts
+    volumes = {v["name"]: v for v in r.pod_spec["volumes"]}
+    assert volumes["store"]["secret"] == {
+        "secretName": "bace-broker-store",
+        "items": [
+            {"key": "encryption-keys", "path": "encryption-keys"},
+            {"key": "redis-password", "path": "redis-password"},
+        ],
+        "defaultMode": 0o440,
+    }
+    assert "share one token per account through Redis" in r.notes
+    assert "run independently" not in r.notes
+    assert "maxmemory-policy noeviction" in r.notes
+    assert r.deployment["spec"]["replicas"] == 3
+
+
+def test_store_rediss_with_user_ca_and_custom_keys(chart):
+    values = CASES["store-rediss"]
+    r = render(chart, values)
+    redis = r.config["store"]["redis"]
+    assert redis["url"] == "rediss://redis.data.svc:6380"
+    assert redis["username"] == "broker"
+    assert redis["ca_file"] == f"{STORE_CA_DIR}/ca.crt"
+    assert redis["password_file"] == f"{STORE_DIR}/redis-password"
+    volumes = {v["name"]: v for v in r.pod_spec["volumes"]}
+    assert volumes["store"]["secret"]["items"] == [
+        {"key": "keys", "path": "encryption-keys"},
+        {"key": "password", "path": "redis-password"},
+    ]
+    assert volumes["store-ca"]["secret"] == {
+        "secretName": "redis-ca",
+        "items": [{"key": "ca.crt", "path": "ca.crt"}],
+        "defaultMode": 0o440,
+    }
+    mounts = {m["name"]: m for m in r.broker["volumeMounts"]}
+    assert mounts["store-ca"] == {"name": "store-ca", "mountPath": STORE_CA_DIR, "readOnly": True}
+    (spread,) = r.pod_spec["topologySpreadConstraints"]
+    assert spread["whenUnsatisfiable"] == "DoNotSchedule"
+
+
+def test_store_without_a_password(chart):
+    r = render(chart, with_account(store={"redis": store_redis(passwordKey="")}))
+    assert "password_file" not in r.config["store"]["redis"]
+    volumes = {v["name"]: v for v in r.pod_spec["volumes"]}
+    assert volumes["store"]["secret"]["items"] == [
+        {"key": "encryption-keys", "path": "encryption-keys"}
+    ]
+
+
+@pytest.mark.parametrize("replicas", [1, 3])
+def test_pods_spread_across_nodes_by_default(chart, replicas):
+    r = render(chart, with_account(replicaCount=replicas))
+    (spread,) = r.pod_spec["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "kubernetes.io/hostname"
+    assert spread["maxSkew"] == 1 and spread["whenUnsatisfiable"] == "ScheduleAnyway"
+    assert spread["labelSelector"]["matchLabels"] == r.deployment["spec"]["selector"]["matchLabels"]
+    off = render(chart, with_account(topologySpread={"enabled": False}))
+    assert "topologySpreadConstraints" not in off.pod_spec
+
+
+def test_broker_check_config_refuses_a_malformed_store_key_file(chart, tmp_path, pki):
+    """check-config reads the store's key file: a malformed one is refused, naming the field
+    and the line, never the key."""
+    binary = testkit.broker_bin()
+    if not binary.is_file():
+        pytest.fail(f"broker binary not found at {binary}; run `cargo build --bins` first")
+    text = render(chart, CASES["store-redis"]).config_text
+    text = text.replace(SECRETS_DIR + "/", f"{tmp_path}/bace/").replace(STORE_DIR + "/", f"{tmp_path}/store/")
+    config = yaml.safe_load(text)
+    for acc in config["accounts"].values():
+        for field in ("client_secret_file", "password_file"):
+            path = Path(acc[field])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("x\n")
+    redis = config["store"]["redis"]
+    Path(redis["encryption_key_file"]).parent.mkdir(parents=True, exist_ok=True)
+    Path(redis["password_file"]).write_text("pw\n")
+    Path(redis["encryption_key_file"]).write_text(STORE_KEY_LINE + "\nk2 c2VjcmV0LVNFQ1JFVA==\n")
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(text)
+    proc = subprocess.run(
+        [str(binary), "check-config", "--config", str(config_file)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0, proc.stdout
+    assert "store.redis.encryption_key_file" in proc.stderr and "line 2" in proc.stderr, proc.stderr
+    assert "c2VjcmV0" not in proc.stderr and "AAECAw" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "port"),
+    [("redis://redis-master:6379/0", 6379), ("rediss://r.data.svc:6380", 6380), ("redis://r", 6379)],
+)
+def test_network_policy_lets_the_broker_reach_redis(chart, url, port):
+    values = dict(CASES["networkpolicy-on"], store={"redis": store_redis(url=url)})
+    np = render(chart, values).get("NetworkPolicy")["spec"]
+    egress_ports = sorted((p["port"], p["protocol"]) for rule in np["egress"] for p in rule["ports"])
+    assert egress_ports == sorted([(53, "TCP"), (53, "UDP"), (443, "TCP"), (port, "TCP")])

@@ -117,6 +117,85 @@ impl Kubernetes {
     }
 }
 
+/// A `store.redis` section (the Redis store replicas share). Keys left unset are absent from
+/// the YAML (the broker's defaults apply).
+#[derive(Debug, Clone)]
+pub struct RedisStore {
+    url: String,
+    encryption_key_file: PathBuf,
+    username: Option<String>,
+    password_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+    key_prefix: Option<String>,
+    timeout: Option<Duration>,
+    lease: Option<Duration>,
+}
+
+impl RedisStore {
+    /// Redis at `url`, records sealed with the keys of `encryption_key_file` (see
+    /// [`RedisStore::write_key_file`]).
+    pub fn new(url: impl Into<String>, encryption_key_file: impl Into<PathBuf>) -> Self {
+        Self {
+            url: url.into(),
+            encryption_key_file: encryption_key_file.into(),
+            username: None,
+            password_file: None,
+            ca_file: None,
+            key_prefix: None,
+            timeout: None,
+            lease: None,
+        }
+    }
+
+    /// Writes a key file at `path` with one fresh random key per id, the first encrypting.
+    pub fn write_key_file(path: &Path, ids: &[&str]) {
+        let lines: Vec<String> = ids
+            .iter()
+            .map(|id| {
+                bace_token_broker::config::generate_key_line(id)
+                    .unwrap_or_else(|e| panic!("key id {id:?}: {e}"))
+            })
+            .collect();
+        std::fs::write(path, lines.join("\n") + "\n").expect("write the key file");
+    }
+
+    /// `username`.
+    pub fn username(mut self, user: impl Into<String>) -> Self {
+        self.username = Some(user.into());
+        self
+    }
+
+    /// `password_file`.
+    pub fn password_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.password_file = Some(path.into());
+        self
+    }
+
+    /// `ca_file`.
+    pub fn ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.ca_file = Some(path.into());
+        self
+    }
+
+    /// `key_prefix`.
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.key_prefix = Some(prefix.into());
+        self
+    }
+
+    /// `timeout`.
+    pub fn timeout(mut self, d: Duration) -> Self {
+        self.timeout = Some(d);
+        self
+    }
+
+    /// `lease`.
+    pub fn lease(mut self, d: Duration) -> Self {
+        self.lease = Some(d);
+        self
+    }
+}
+
 /// A broker config under construction. Keys left unset are absent from the YAML (the broker's
 /// defaults apply).
 #[derive(Debug, Clone, Default)]
@@ -135,6 +214,7 @@ pub struct BrokerConfig {
     tls: Option<(PathBuf, PathBuf, Option<PathBuf>)>,
     kubernetes: Option<Kubernetes>,
     allow: Option<Vec<(String, Vec<String>)>>,
+    store: Option<RedisStore>,
     accounts: Vec<Account>,
 }
 
@@ -275,6 +355,12 @@ impl BrokerConfig {
         self
     }
 
+    /// `store.redis`: replicas share their tokens through Redis.
+    pub fn store(mut self, store: RedisStore) -> Self {
+        self.store = Some(store);
+        self
+    }
+
     /// The YAML text.
     pub fn to_yaml(&self) -> String {
         let mut y = String::new();
@@ -355,6 +441,33 @@ impl BrokerConfig {
                     }
                 }
                 None => line("  allow: []".into()),
+            }
+        }
+        if let Some(r) = &self.store {
+            line("store:".into());
+            line("  redis:".into());
+            line(format!("    url: {}", quote(&r.url)));
+            line(format!(
+                "    encryption_key_file: {}",
+                path(&r.encryption_key_file)
+            ));
+            if let Some(u) = &r.username {
+                line(format!("    username: {}", quote(u)));
+            }
+            if let Some(p) = &r.password_file {
+                line(format!("    password_file: {}", path(p)));
+            }
+            if let Some(p) = &r.ca_file {
+                line(format!("    ca_file: {}", path(p)));
+            }
+            if let Some(p) = &r.key_prefix {
+                line(format!("    key_prefix: {}", quote(p)));
+            }
+            if let Some(d) = r.timeout {
+                line(format!("    timeout: {}", duration(d)));
+            }
+            if let Some(d) = r.lease {
+                line(format!("    lease: {}", duration(d)));
             }
         }
         // One flow mapping per account: a config of 100,000 accounts stays compact (the
@@ -497,5 +610,38 @@ mod tests {
         assert_eq!(b.credentials.expose_client_secret(), "1e3");
         assert_eq!(b.credentials.username(), "u@example.com");
         assert_eq!(b.credentials.expose_password(), "~");
+    }
+
+    #[test]
+    fn every_store_key_reaches_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let (keys, pw, ca) = (
+            dir.path().join("keys"),
+            dir.path().join("pw"),
+            dir.path().join("ca.pem"),
+        );
+        RedisStore::write_key_file(&keys, &["new", "old"]);
+        std::fs::write(&pw, "redis-pw\n").unwrap();
+        std::fs::write(&ca, crate::pki::Ca::new("ca").pem()).unwrap();
+        let store = RedisStore::new("rediss://redis.example:6380/2", &keys)
+            .username("broker")
+            .password_file(&pw)
+            .ca_file(&ca)
+            .key_prefix("team-a")
+            .timeout(Duration::from_millis(250))
+            .lease(Duration::from_secs(5));
+        let config = BrokerConfig::new()
+            .store(store)
+            .account(Account::standard("a"))
+            .build();
+        let r = config.store.unwrap().redis;
+        assert_eq!(r.url.as_str(), "rediss://redis.example:6380/2");
+        assert_eq!(r.username.as_deref(), Some("broker"));
+        assert!(r.password.is_some() && r.ca_pem.is_some());
+        assert_eq!(r.key_prefix, "team-a");
+        assert_eq!(r.timeout, Duration::from_millis(250));
+        assert_eq!(r.lease, Duration::from_secs(5));
+        let ids: Vec<&str> = r.keys.iter().map(|k| k.id()).collect();
+        assert_eq!(ids, ["new", "old"]);
     }
 }

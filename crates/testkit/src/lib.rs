@@ -4,7 +4,9 @@
 //!   and the hang guard;
 //! - `config`: [`BrokerConfig`], the typed builder that writes every test's broker YAML;
 //! - `pki`: test certificates (rcgen) and Kubernetes-style service-account tokens;
-//! - `upstream`: in-process upstreams ([`InstantUpstream`], [`ScriptedUpstream`]).
+//! - `upstream`: in-process upstreams ([`InstantUpstream`], [`ScriptedUpstream`]);
+//! - `redis_server`: [`RedisServer`], a private `redis-server` per test (stop, restart, pause,
+//!   killing subscribers, dumping every key).
 //!
 //! The fake BACE itself is `fake-bace` (also used by the broker's demo).
 #![forbid(unsafe_code)]
@@ -13,13 +15,15 @@
 pub mod config;
 mod harness;
 pub mod pki;
+mod redis_server;
 pub mod upstream;
 
 pub use fake_bace;
 
 pub use self::{
-    config::{Account, BrokerConfig, Jwks, Kubernetes},
+    config::{Account, BrokerConfig, Jwks, Kubernetes, RedisStore},
     harness::*,
+    redis_server::{RedisServer, RedisTls},
     upstream::{Answer, InstantUpstream, ScriptedUpstream},
 };
 

@@ -93,6 +93,19 @@ The broker image, tag defaulting to the chart's appVersion.
 {{/* Where the config file and the account secrets are mounted. */}}
 {{- define "bace-token-broker.configDir" -}}/etc/bace-token-broker{{- end }}
 {{- define "bace-token-broker.secretsDir" -}}/var/run/secrets/bace{{- end }}
+{{/* Where the store's Secret (encryption keys, Redis password) and its CA are mounted. */}}
+{{- define "bace-token-broker.storeDir" -}}/var/run/secrets/bace-store{{- end }}
+{{- define "bace-token-broker.storeCaDir" -}}/var/run/secrets/bace-store-ca{{- end }}
+{{/* The port of store.redis.url (default 6379). */}}
+{{- define "bace-token-broker.storePort" -}}
+{{- $hostport := regexReplaceAll "^rediss?://([^/]*).*$" .Values.store.redis.url "${1}" }}
+{{- $port := regexFind ":[0-9]+$" $hostport | trimPrefix ":" }}
+{{- $port | default "6379" | int }}
+{{- end }}
+{{/* "true" when the Redis store is on (store.redis.url set), else empty. */}}
+{{- define "bace-token-broker.storeEnabled" -}}
+{{- if .Values.store.redis.url }}true{{ end }}
+{{- end }}
 {{/* Where the TLS Secret (tls.crt, tls.key, ca.crt) is mounted. */}}
 {{- define "bace-token-broker.tlsDir" -}}/var/run/secrets/bace-tls{{- end }}
 {{/*
@@ -171,8 +184,8 @@ Returns nothing.
 {{- fail (printf "accounts.%s: inline credentials need both clientSecret and password" $name) }}
 {{- end }}
 {{- end }}
-{{- $owned := dict "listen" "service.port" "metrics_listen" "metrics.enabled/metrics.port" "health_listen" "service.healthPort" "tls" "tls.existingSecret/tls.clientCA" "auth" "auth.kubernetes/auth.allow" "accounts" "accounts" }}
-{{- range $key := list "listen" "metrics_listen" "health_listen" "tls" "auth" "accounts" }}
+{{- $owned := dict "listen" "service.port" "metrics_listen" "metrics.enabled/metrics.port" "health_listen" "service.healthPort" "tls" "tls.existingSecret/tls.clientCA" "auth" "auth.kubernetes/auth.allow" "store" "store.redis" "accounts" "accounts" }}
+{{- range $key := list "listen" "metrics_listen" "health_listen" "tls" "auth" "store" "accounts" }}
 {{- if hasKey ($.Values.config | default dict) $key }}
 {{- fail (printf "config.%s is set by the chart (from %s); remove it from config" $key (get $owned $key)) }}
 {{- end }}
@@ -195,6 +208,27 @@ Returns nothing.
 {{- end }}
 {{- if not (or .Values.auth.kubernetes.enabled (and $tlsOn .Values.tls.clientCA)) }}
 {{- fail "auth.allow needs a way to identify callers: auth.kubernetes.enabled, or tls.existingSecret with tls.clientCA" }}
+{{- end }}
+{{- end }}
+{{- with .Values.store.redis }}
+{{- if .url }}
+{{- if not (regexMatch "^rediss?://" .url) }}
+{{- fail "store.redis.url must start with redis:// or rediss:// (TLS)" }}
+{{- end }}
+{{- if contains "@" .url }}
+{{- fail "store.redis.url must not hold a user or password: set store.redis.username, and the password in store.redis.existingSecret" }}
+{{- end }}
+{{- if not .existingSecret }}
+{{- fail "store.redis.existingSecret is required with store.redis.url (a Secret with the encryption key file, and the Redis password)" }}
+{{- end }}
+{{- if not .encryptionKeysKey }}
+{{- fail "store.redis.encryptionKeysKey must name the key of the encryption key file in store.redis.existingSecret" }}
+{{- end }}
+{{- if and .caSecret (not (hasPrefix "rediss://" .url)) }}
+{{- fail "store.redis.caSecret needs a rediss:// URL (TLS)" }}
+{{- end }}
+{{- else if or .existingSecret .caSecret .username }}
+{{- fail "store.redis.existingSecret, caSecret and username need store.redis.url" }}
 {{- end }}
 {{- end }}
 {{- if and .Values.serviceMonitor.enabled (not .Values.metrics.enabled) }}
@@ -301,6 +335,22 @@ The broker's config file (YAML): config merged with the keys the chart owns.
 {{- end }}
 {{- $_ := set $auth "allow" $allow }}
 {{- $_ := set $cfg "auth" $auth }}
+{{- end }}
+{{- if include "bace-token-broker.storeEnabled" . }}
+{{- $dir := include "bace-token-broker.storeDir" . }}
+{{- with .Values.store.redis }}
+{{- $redis := dict "url" (toString .url) "key_prefix" (toString .keyPrefix) "timeout" (toString .timeout) "lease" (toString .lease) "encryption_key_file" (printf "%s/encryption-keys" $dir) }}
+{{- with .username }}
+{{- $_ := set $redis "username" (toString .) }}
+{{- end }}
+{{- if .passwordKey }}
+{{- $_ := set $redis "password_file" (printf "%s/redis-password" $dir) }}
+{{- end }}
+{{- if .caSecret }}
+{{- $_ := set $redis "ca_file" (printf "%s/ca.crt" (include "bace-token-broker.storeCaDir" $)) }}
+{{- end }}
+{{- $_ := set $cfg "store" (dict "redis" $redis) }}
+{{- end }}
 {{- end }}
 {{- toYaml $cfg }}
 {{- end }}
