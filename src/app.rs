@@ -199,6 +199,14 @@ pub async fn serve_with(
         ),
     };
     info!(%addr, tls = config.tls.is_some(), accounts = account_count, "broker listening");
+    if config.store.is_some() {
+        // Said at every start until the broker uses the store (see "Several replicas on one
+        // Redis" in the README): an operator must not believe the replicas coordinate.
+        warn!(
+            "store.redis is configured and checked, but this version does not use it yet: \
+             each replica logs in, refreshes and backs off on its own"
+        );
+    }
 
     // Runs until a shutdown signal, or until the server or the refresher stops on its own
     // (without the refresher no token would be kept fresh: fail loudly, and restart).
