@@ -1139,6 +1139,7 @@ def test_store_redis(chart):
     }
     assert "share one token per account through Redis" in r.notes
     assert "run independently" not in r.notes
+    assert "does not use the store yet" in r.notes  # until the broker is wired to it
     assert "maxmemory-policy noeviction" in r.notes
     assert r.deployment["spec"]["replicas"] == 3
 
