@@ -208,19 +208,16 @@ mod tests {
 
     const MARGIN: Duration = Duration::from_secs(30);
 
+    type Start = Pin<Box<dyn Future<Output = Result<Token, Error>> + Send>>;
+    type Gate = oneshot::Sender<Result<Token, Error>>;
+
     /// A start function counting its calls, answering what the gate sends.
-    fn gated(
-        starts: &Arc<AtomicUsize>,
-    ) -> (
-        oneshot::Sender<Result<Token, Error>>,
-        impl FnOnce() -> Pin<Box<dyn Future<Output = Result<Token, Error>> + Send>>,
-    ) {
+    fn gated(starts: &Arc<AtomicUsize>) -> (Gate, impl FnOnce() -> Start) {
         let (tx, rx) = oneshot::channel();
         let starts = starts.clone();
         let start = move || {
             starts.fetch_add(1, Ordering::SeqCst);
-            let call: Pin<Box<dyn Future<Output = Result<Token, Error>> + Send>> =
-                Box::pin(async move { rx.await.unwrap() });
+            let call: Start = Box::pin(async move { rx.await.unwrap() });
             call
         };
         (tx, start)
@@ -251,7 +248,7 @@ mod tests {
         assert!(matches!(b, Err(Error::UnknownAccount { .. })));
         // Errors are not cached: the next caller starts a new call.
         let (_tx, start3) = gated(&starts);
-        let _ = wait(slot.join_fetch(MARGIN, Duration::ZERO, start3));
+        drop(wait(slot.join_fetch(MARGIN, Duration::ZERO, start3)));
         assert_eq!(starts.load(Ordering::SeqCst), 2);
     }
 
@@ -291,7 +288,11 @@ mod tests {
         ));
         // A caller needing 80 s more does not get it from the cache.
         let (_tx2, start) = gated(&starts);
-        let _ = wait(slot.join_fetch(MARGIN, Duration::from_secs(80), start));
+        drop(wait(slot.join_fetch(
+            MARGIN,
+            Duration::from_secs(80),
+            start,
+        )));
         assert_eq!(starts.load(Ordering::SeqCst), 2);
         tokio::time::advance(Duration::from_secs(69)).await;
         assert!(slot.fresh(Instant::now(), MARGIN).is_some());

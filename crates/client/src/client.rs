@@ -113,15 +113,31 @@ impl BrokerClient {
         account: &str,
         min_validity: Duration,
     ) -> Result<Token, Error> {
-        let margin = self.inner.settings.margin;
-        // The fast path: one map lookup, one lock-free load, one clock reading.
-        if let Some(slot) = self.inner.slots.get(account)
-            && let Some(token) = slot.fresh(Instant::now(), margin.saturating_add(min_validity))
-        {
-            return Ok(token);
+        match self.fresh(account, min_validity) {
+            Some(token) => Ok(token),
+            None => self.fetch(account, min_validity).await,
         }
+    }
+
+    /// The cached token if it stays valid for more than the margin plus `min_validity`: one map
+    /// lookup, one lock-free load, one clock reading. Synchronous, so callers on a hot path
+    /// (the middleware) keep the slow path's future out of theirs.
+    pub(crate) fn fresh(&self, account: &str, min_validity: Duration) -> Option<Token> {
+        let left = self.inner.settings.margin.saturating_add(min_validity);
+        self.inner
+            .slots
+            .get(account)
+            .and_then(|slot| slot.fresh(Instant::now(), left))
+    }
+
+    /// The slow path: join or start the account's GetToken.
+    pub(crate) async fn fetch(
+        &self,
+        account: &str,
+        min_validity: Duration,
+    ) -> Result<Token, Error> {
         let slot = self.slot(account);
-        let call = match slot.join_fetch(margin, min_validity, || {
+        let call = match slot.join_fetch(self.inner.settings.margin, min_validity, || {
             Box::pin(get_token(
                 self.inner.rpc.clone(),
                 self.inner.caller.clone(),

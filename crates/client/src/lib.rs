@@ -84,6 +84,7 @@ mod cache;
 mod client;
 mod connect;
 mod error;
+#[cfg(any(feature = "reqwest-middleware", feature = "tower"))]
 mod http;
 pub mod proto;
 mod token;

@@ -36,6 +36,8 @@ use crate::{
 #[derive(Clone, Debug)]
 pub struct TokenWatch {
     rx: watch::Receiver<State>,
+    /// The `State::tokens` and `State::errors` this handle has reported through `changed`.
+    seen: (u64, u64),
 }
 
 /// What the stream last told.
@@ -46,6 +48,10 @@ struct State {
     error: Option<Error>,
     /// Streams opened so far (1 once connected the first time).
     connections: u64,
+    /// Tokens received so far.
+    tokens: u64,
+    /// Failures so far.
+    errors: u64,
 }
 
 impl TokenWatch {
@@ -66,7 +72,7 @@ impl TokenWatch {
             delivered: false,
         };
         tokio::spawn(task.run(tx));
-        Self { rx }
+        Self { rx, seen: (0, 0) }
     }
 
     /// The latest token received, if it has not expired.
@@ -108,21 +114,28 @@ impl TokenWatch {
     }
 
     /// Waits for the next token (a new token, or the same with a new expiry) after the last
-    /// one this handle saw, and returns it.
+    /// one this handle's `changed` returned, and returns it. The first call returns the first
+    /// token received (at once if it has arrived).
     ///
     /// # Errors
     ///
-    /// A failure of the stream, reported once when it happens (the watch keeps retrying).
+    /// A failure of the stream, reported once per failure (the watch keeps retrying).
     pub async fn changed(&mut self) -> Result<Token, Error> {
         loop {
+            let state = self.rx.borrow_and_update().clone();
+            if state.errors != self.seen.1 {
+                self.seen.1 = state.errors;
+                if let Some(e) = state.error {
+                    return Err(e);
+                }
+            }
+            if state.tokens != self.seen.0 {
+                self.seen.0 = state.tokens;
+                if let Some(token) = state.token {
+                    return Ok(token);
+                }
+            }
             self.rx.changed().await.map_err(|_| ended())?;
-            let state = self.rx.borrow_and_update();
-            if let Some(e) = &state.error {
-                return Err(e.clone());
-            }
-            if let Some(token) = &state.token {
-                return Ok(token.clone());
-            }
         }
     }
 
@@ -169,7 +182,10 @@ impl Task {
                     }
                     if let Err(error) = received {
                         tracing::debug!(account = %self.account, %error, "token watch broken");
-                        tx.send_modify(|s| s.error = Some(error));
+                        tx.send_modify(|s| {
+                            s.error = Some(error);
+                            s.errors += 1;
+                        });
                     }
                 }
             }
@@ -208,6 +224,7 @@ impl Task {
             self.delivered = true;
             tx.send_modify(|s| {
                 s.token = Some(token);
+                s.tokens += 1;
                 s.error = None;
             });
         }

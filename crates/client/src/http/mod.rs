@@ -17,7 +17,18 @@ pub(crate) mod reqwest;
 #[cfg(feature = "tower")]
 pub(crate) mod tower;
 
-use crate::{BrokerClient, Token};
+use std::time::Duration;
+
+use crate::{BrokerClient, Error, Token};
+
+/// The token for a request: the cached one, or (boxed, so the middleware's own future stays
+/// small on the hot path) the shared fetch.
+async fn token(client: &BrokerClient, account: &str) -> Result<Token, Error> {
+    match client.fresh(account, Duration::ZERO) {
+        Some(token) => Ok(token),
+        None => Box::pin(client.fetch(account, Duration::ZERO)).await,
+    }
+}
 
 /// After a 401 to a request sent with `used`: the token to send it again with, if any.
 async fn retry_token(client: &BrokerClient, account: &str, used: &Token) -> Option<Token> {

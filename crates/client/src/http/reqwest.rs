@@ -62,20 +62,21 @@ impl Middleware for BrokerAuthMiddleware {
         extensions: &mut Extensions,
         next: Next<'_>,
     ) -> reqwest_middleware::Result<Response> {
-        let token = self
-            .client
-            .token(&self.account)
+        let token = super::token(&self.client, &self.account)
             .await
             .map_err(reqwest_middleware::Error::middleware)?;
+        // The copy for a retry is taken before the header goes in (one entry less to copy).
+        let replay = request.try_clone();
         request
             .headers_mut()
             .insert(AUTHORIZATION, token.authorization().clone());
-        let replay = request.try_clone();
         let response = next.clone().run(request, extensions).await?;
         if response.status() != StatusCode::UNAUTHORIZED {
             return Ok(response);
         }
-        let Some(new) = super::retry_token(&self.client, &self.account, &token).await else {
+        // Boxed: the cold path's future stays out of the hot path's.
+        let retry = Box::pin(super::retry_token(&self.client, &self.account, &token)).await;
+        let Some(new) = retry else {
             return Ok(response);
         };
         let Some(mut replay) = replay else {

@@ -194,14 +194,13 @@ where
         let client = self.client.clone();
         let account = self.account.clone();
         Box::pin(async move {
-            let token = client
-                .token(&account)
+            let token = super::token(&client, &account)
                 .await
                 .map_err(BrokerAuthError::Broker)?;
+            let replay = copy(&request);
             request
                 .headers_mut()
                 .insert(AUTHORIZATION, token.authorization().clone());
-            let replay = copy(&request);
             let response = inner
                 .call(request)
                 .await
@@ -209,7 +208,8 @@ where
             if response.status() != StatusCode::UNAUTHORIZED {
                 return Ok(response);
             }
-            let Some(new) = super::retry_token(&client, &account, &token).await else {
+            let retry = Box::pin(super::retry_token(&client, &account, &token)).await;
+            let Some(new) = retry else {
                 return Ok(response);
             };
             let Some(mut replay) = replay else {
