@@ -301,6 +301,37 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn reports_of_one_token_share_one_invalidate_and_store_its_answer() {
+        let slot = Arc::new(Slot::default());
+        let starts = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = oneshot::channel::<()>();
+        let rx = futures_util::FutureExt::shared(async move { rx.await.ok() });
+        let start = |starts: Arc<AtomicUsize>, rx: futures_util::future::Shared<_>| {
+            move || {
+                starts.fetch_add(1, Ordering::SeqCst);
+                let call: Pin<Box<dyn Future<Output = Result<Invalidated, Error>> + Send>> =
+                    Box::pin(async move {
+                        rx.await;
+                        Ok(Invalidated {
+                            outcome: crate::InvalidateOutcome::Invalidated,
+                            invalidated: true,
+                            token: test_token("a", "new", Duration::from_secs(3600)),
+                        })
+                    });
+                call
+            }
+        };
+        let a = slot.join_invalidation("old", start(starts.clone(), rx.clone()));
+        let b = slot.join_invalidation("old", start(starts.clone(), rx.clone()));
+        let other = slot.join_invalidation("older", start(starts.clone(), rx.clone()));
+        assert_eq!(starts.load(Ordering::SeqCst), 2, "one per reported token");
+        tx.send(()).unwrap();
+        let (a, b, _) = tokio::join!(a, b, other);
+        assert!(a.unwrap().token.same_token(&b.unwrap().token));
+        assert_eq!(slot.current().unwrap().access_token(), "new");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_caller_needing_more_validity_does_not_join_a_smaller_call() {
         let slot = Arc::new(Slot::default());
         let starts = Arc::new(AtomicUsize::new(0));

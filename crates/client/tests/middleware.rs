@@ -240,3 +240,20 @@ async fn an_unreachable_broker_is_a_typed_error() {
         "{direct:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_invalidate_fails_the_401_is_returned_without_a_retry() {
+    let fake = fake().await;
+    let mut broker = Broker::for_fake(&fake, |c| c).await;
+    let client = BrokerClient::new(&broker.url).unwrap();
+    let sends = Sends::default();
+    let http = http(&client, &sends);
+    let url = api(&fake, "physical-device");
+
+    let old = client.token(ACCOUNT).await.unwrap();
+    fake.revoke(old.access_token());
+    broker.kill();
+    let response = guard(http.get(&url).send()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(sends.get(), 1);
+}
