@@ -16,10 +16,14 @@ async fn concurrent_callers_share_one_call_and_its_error() {
     let broker = Broker::for_fake(&fake, |c| c).await;
     let client = BrokerClient::new(&broker.url).unwrap();
 
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(200));
     let mut calls = tokio::task::JoinSet::new();
     for _ in 0..200 {
-        let client = client.clone();
-        calls.spawn(async move { client.token("no-such-account").await });
+        let (client, start) = (client.clone(), start.clone());
+        calls.spawn(async move {
+            start.wait().await;
+            client.token("no-such-account").await
+        });
     }
     for result in guard(calls.join_all()).await {
         let error = result.unwrap_err();

@@ -56,10 +56,16 @@ async fn a_thousand_concurrent_requests_make_one_get_token_then_none_until_the_m
     let http = http(&client, &sends);
     let url = api(&fake, "physical-device");
 
+    // All 1,000 start together (a barrier), so they overlap the one GetToken in flight.
+    let start = Arc::new(tokio::sync::Barrier::new(1000));
     let mut calls = tokio::task::JoinSet::new();
     for _ in 0..1000 {
-        let (http, url) = (http.clone(), url.clone());
-        calls.spawn(async move { http.get(url).send().await.map(|r| r.status()) });
+        let (http, url, start) = (http.clone(), url.clone(), start.clone());
+        calls.spawn(async move {
+            let request = http.get(url);
+            start.wait().await;
+            request.send().await.map(|r| r.status())
+        });
     }
     let statuses = guard(calls.join_all()).await;
     assert!(

@@ -62,10 +62,15 @@ async fn a_thousand_concurrent_requests_make_one_get_token() {
     let (svc, sends) = service::<Full<Bytes>>(&client);
     let url = api(&fake, "physical-device");
 
+    // All 1,000 start together (a barrier), so they overlap the one GetToken in flight.
+    let start = Arc::new(tokio::sync::Barrier::new(1000));
     let mut calls = tokio::task::JoinSet::new();
     for _ in 0..1000 {
-        let (svc, request) = (svc.clone(), get(&url));
-        calls.spawn(async move { svc.oneshot(request).await.map(|r| r.status()) });
+        let (svc, request, start) = (svc.clone(), get(&url), start.clone());
+        calls.spawn(async move {
+            start.wait().await;
+            svc.oneshot(request).await.map(|r| r.status())
+        });
     }
     let statuses = guard(calls.join_all()).await;
     assert!(
