@@ -861,12 +861,9 @@ async fn physical_device(
     headers: HeaderMap,
     _body: Bytes,
 ) -> Response {
-    match bearer_token(&headers) {
-        Some(token) if inner.token_is_valid(token) => {
-            json_response(StatusCode::OK, &Value::Array(Vec::new()))
-        }
-        _ => yii_error(StatusCode::UNAUTHORIZED, YII_UNAUTHORIZED),
-    }
+    if_valid_token(&inner, &headers, || {
+        json_response(StatusCode::OK, &Value::Array(Vec::new()))
+    })
 }
 
 /// `GET|POST /api/v2/restricted`: an endpoint the accounts may not use. `401` for every request,
@@ -877,10 +874,19 @@ async fn restricted(
     headers: HeaderMap,
     _body: Bytes,
 ) -> Response {
-    match bearer_token(&headers) {
-        Some(token) if inner.token_is_valid(token) => {
-            yii_error(StatusCode::UNAUTHORIZED, YII_NOT_ALLOWED)
-        }
+    if_valid_token(&inner, &headers, || {
+        yii_error(StatusCode::UNAUTHORIZED, YII_NOT_ALLOWED)
+    })
+}
+
+/// `answer()` for a request whose Bearer token is valid, else BACE's 401.
+fn if_valid_token(
+    inner: &Inner,
+    headers: &HeaderMap,
+    answer: impl FnOnce() -> Response,
+) -> Response {
+    match bearer_token(headers) {
+        Some(token) if inner.token_is_valid(token) => answer(),
         _ => yii_error(StatusCode::UNAUTHORIZED, YII_UNAUTHORIZED),
     }
 }
@@ -896,11 +902,7 @@ async fn fake_revoke(
             token.revoked = true;
             StatusCode::NO_CONTENT.into_response()
         }
-        None => oauth2_error(
-            StatusCode::NOT_FOUND,
-            "unknown_token",
-            "The fake BACE did not issue this access token",
-        ),
+        None => unknown_token(),
     }
 }
 
@@ -920,11 +922,7 @@ async fn fake_token_info(
     });
     match info {
         Some(info) => json_response(StatusCode::OK, &info),
-        None => oauth2_error(
-            StatusCode::NOT_FOUND,
-            "unknown_token",
-            "The fake BACE did not issue this access token",
-        ),
+        None => unknown_token(),
     }
 }
 
@@ -947,6 +945,15 @@ async fn fake_calls(AxumState(inner): AxumState<Arc<Inner>>) -> Response {
         Value::Object(body)
     };
     json_response(StatusCode::OK, &body)
+}
+
+/// The introspection endpoints' answer for a token the fake did not issue.
+fn unknown_token() -> Response {
+    oauth2_error(
+        StatusCode::NOT_FOUND,
+        "unknown_token",
+        "The fake BACE did not issue this access token",
+    )
 }
 
 async fn not_found() -> Response {
