@@ -207,18 +207,20 @@ async fn holding_renews_the_lease_and_reports_its_loss() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
     let mut setup = Setup::new(&redis);
-    setup.lease = Duration::from_millis(1500);
-    setup.timeout = Duration::from_millis(500);
+    // Renewals 2 s apart with 4 s to spare each: a loaded machine stalling this process
+    // for a second does not lose the lease.
+    setup.lease = Duration::from_secs(6);
+    setup.timeout = Duration::from_secs(2);
     let (one, two) = (setup.store(dir.path()), setup.store(dir.path()));
     let a = account("fleet-a");
     let Acquired::Acquired(mut lease) = guard(one.acquire_lease(&a)).await.unwrap() else {
         panic!("first");
     };
-    // The work outlives the lease twice over; the other replica keeps trying meanwhile.
+    // The work outlives the lease by half; the other replica keeps trying meanwhile.
     let started = Instant::now();
     let (attempts, kept) = guard(one.hold(&mut lease, async {
         let mut attempts = 0;
-        while started.elapsed() < Duration::from_secs(3) {
+        while started.elapsed() < Duration::from_secs(9) {
             match two.acquire_lease(&a).await.unwrap() {
                 Acquired::Held { .. } => attempts += 1,
                 Acquired::Acquired(_) => panic!("the lease was taken while renewed"),
@@ -239,12 +241,41 @@ async fn holding_renews_the_lease_and_reports_its_loss() {
         panic!("free after the delete");
     };
     let (output, kept) = guard(one.hold(&mut lease, async {
-        tokio::time::sleep(Duration::from_millis(2500)).await;
+        // The first renewal is due 2 s after the last confirmation.
+        tokio::time::sleep(Duration::from_secs(4)).await;
         "done"
     }))
     .await;
     assert_eq!((output, kept), ("done", LeaseKept::Lost));
     assert_eq!(one.counts().leases_lost, 1);
+}
+
+#[tokio::test]
+async fn renewals_count_from_the_lease_s_last_confirmation_not_from_hold() {
+    // Work between acquiring a lease and holding it (a second read of the record, a look at
+    // the shared backoff) uses up part of the lease: the first renewal must not wait a whole
+    // renewal period after `hold` starts, or it comes after the lease's end.
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut setup = Setup::new(&redis);
+    setup.lease = Duration::from_secs(6);
+    setup.timeout = Duration::from_secs(2);
+    let (one, two) = (setup.store(dir.path()), setup.store(dir.path()));
+    let a = account("fleet-a");
+    let Acquired::Acquired(mut lease) = guard(one.acquire_lease(&a)).await.unwrap() else {
+        panic!("first");
+    };
+    // 4.5 s of the 6 s pass before `hold`: a renewal 2 s after `hold` starts would be 0.5 s
+    // too late; one due 2 s after the acquisition is made at once, with 1.5 s to spare.
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let (taken, kept) = guard(one.hold(&mut lease, async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        matches!(two.acquire_lease(&a).await.unwrap(), Acquired::Acquired(_))
+    }))
+    .await;
+    assert!(!taken, "the other replica got the lease while it was held");
+    assert_eq!(kept, LeaseKept::Held);
+    assert_eq!(one.counts().leases_lost, 0);
 }
 
 // === Records ===
@@ -939,8 +970,9 @@ async fn the_documented_acl_is_enough() {
     // As in README.md, "Redis settings".
     redis::cmd("ACL")
         .arg(
-            "SETUSER scoped on >scoped-PW ~bace-broker:* &bace-broker:announce +@read +@write \
-             +@pubsub +@scripting +ping +hello"
+            "SETUSER scoped on >scoped-PW ~bace-broker:* &bace-broker:announce -@all +get +set \
+             +del +pexpire +pttl +hget +hmget +hset +exists +mget +publish +subscribe \
+             +unsubscribe +ping +hello +eval +evalsha +script|load"
                 .split(' ')
                 .collect::<Vec<_>>(),
         )
@@ -1002,6 +1034,27 @@ async fn the_documented_acl_is_enough() {
     other.prefix = "other-broker";
     let error = guard(other.store(dir.path()).read(&a)).await.unwrap_err();
     assert_eq!(error.kind(), StoreErrorKind::Refused, "{error}");
+    // ... and no command that reaches past the prefix or wipes the server (this Redis may be
+    // shared with other applications).
+    let mut scoped = redis::Client::open(format!(
+        "redis://scoped:scoped-PW@127.0.0.1:{}",
+        redis.port()
+    ))
+    .unwrap()
+    .get_connection()
+    .unwrap();
+    for command in [
+        &["FLUSHALL"][..],
+        &["FLUSHDB"],
+        &["KEYS", "*"],
+        &["SCRIPT", "FLUSH"],
+        &["CONFIG", "GET", "*"],
+    ] {
+        let refused = redis::cmd(command[0])
+            .arg(&command[1..])
+            .query::<redis::Value>(&mut scoped);
+        assert!(refused.is_err(), "{command:?} allowed");
+    }
 }
 
 /// The broker runs store calls in spawned tasks: every future the store hands out is `Send`,
@@ -1087,4 +1140,36 @@ async fn racing_replicas_get_one_lease_and_one_write() {
     };
     let r = record(guard(replicas[0].read(&a)).await.unwrap());
     assert_eq!(r.token.expose_access(), format!("access-{winner}"));
+}
+
+#[tokio::test]
+async fn a_record_with_an_unreadable_version_is_superseded_and_the_store_stays_up() {
+    // Someone (or an older broker) left a record whose version is not a number: it can never
+    // be read, so a write must replace it, and one odd record says nothing about Redis.
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Setup::new(&redis).store(dir.path());
+    let a = account("fleet-a");
+    let _: () = redis.cmd(&["HSET", "bace-broker:token:fleet-a", "v", "not-a-number"]);
+    let fresh = token("fleet-a", "access-v1", Some("refresh-v1"));
+    assert_eq!(
+        guard(store.write(&fresh, 1)).await.unwrap(),
+        Written::Stored { version: 1 }
+    );
+    assert_eq!(record(guard(store.read(&a)).await.unwrap()).version, 1);
+
+    let _: () = redis.cmd(&["HSET", "bace-broker:token:fleet-a", "v", "junk"]);
+    let fingerprint = fresh.fingerprint();
+    assert_eq!(
+        guard(store.invalidate(&a, fingerprint, Duration::from_secs(10)))
+            .await
+            .unwrap(),
+        Invalidation::Absent,
+        "an unreadable version is no token to invalidate"
+    );
+    assert_eq!(
+        guard(store.versions(&[a.clone()])).await.unwrap(),
+        vec![None]
+    );
+    assert_eq!(store.is_up(), Some(true));
 }

@@ -157,35 +157,62 @@ impl Store {
     /// whether the lease stayed held. `work` is never cancelled: a lost lease is reported, and
     /// the caller's write, fenced by its version, decides whether its result still counts.
     /// Renewals run beside `work` (a slow renewal never delays it).
+    ///
+    /// Renewals are timed from the last confirmation of the lease (its acquisition included),
+    /// not from the call: work done between acquiring and holding counts against the lease.
+    /// A failed renewal is retried after half of what is left of the lease (at most a third
+    /// of it), so that with `lease` at three times `store.redis.timeout` (the smallest the
+    /// config allows) a slow renewal still leaves room for another before the lease ends.
+    /// Work that ends after the lease's end without a renewal having confirmed it is reported
+    /// as [`LeaseKept::Lost`], whatever the renewals were doing.
     pub async fn hold<F: Future>(&self, lease: &mut Lease, work: F) -> (F::Output, LeaseKept) {
         let mut work = pin!(work);
         let period = lease.duration / 3;
         let account = lease.account.clone();
-        let renewing = async {
-            loop {
-                sleep_until(Instant::now() + period).await;
-                match self.renew(lease).await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        warn!(%account, "lease lost while fetching: another replica holds it or it expired");
-                        return;
-                    }
-                    Err(error) if Instant::now() >= lease.confirmed_at + lease.duration => {
-                        warn!(%account, %error, "lease lost while fetching: renewals failed for a whole lease");
-                        return;
-                    }
-                    Err(error) => {
-                        warn!(%account, %error, "lease renewal failed; retrying");
+        let finished = {
+            let lease = &mut *lease;
+            let renewing = async {
+                let mut next = lease.confirmed_at + period;
+                loop {
+                    sleep_until(next).await;
+                    let ends = |lease: &Lease| lease.confirmed_at + lease.duration;
+                    match self.renew(lease).await {
+                        Ok(true) => next = lease.confirmed_at + period,
+                        Ok(false) => {
+                            warn!(%account, "lease lost while fetching: another replica holds it or it expired");
+                            return;
+                        }
+                        Err(error) if Instant::now() >= ends(lease) => {
+                            warn!(%account, %error, "lease lost while fetching: renewals failed for a whole lease");
+                            return;
+                        }
+                        Err(error) => {
+                            warn!(%account, %error, "lease renewal failed; retrying");
+                            let left = ends(lease).saturating_duration_since(Instant::now());
+                            next = Instant::now() + (left / 2).min(period);
+                        }
                     }
                 }
+            };
+            tokio::select! {
+                output = &mut work => Some(output),
+                () = renewing => None,
             }
         };
-        tokio::select! {
-            output = &mut work => return (output, LeaseKept::Held),
-            () = renewing => {}
+        match finished {
+            Some(output) if Instant::now() < lease.confirmed_at + lease.duration => {
+                (output, LeaseKept::Held)
+            }
+            Some(output) => {
+                warn!(%account, "lease ended before the fetch did");
+                self.shared.metrics.count(Event::LeaseLost);
+                (output, LeaseKept::Lost)
+            }
+            None => {
+                self.shared.metrics.count(Event::LeaseLost);
+                (work.await, LeaseKept::Lost)
+            }
         }
-        self.shared.metrics.count(Event::LeaseLost);
-        (work.await, LeaseKept::Lost)
     }
 }
 

@@ -171,13 +171,14 @@ pub struct Backoffs {
     pub rejected: Option<Backoff>,
 }
 
-/// Writes a token if the stored version is lower or absent.
+/// Writes a token if the stored version is lower or absent (a record whose version is not a
+/// number counts as absent: it can never be read, so it must not block every write).
 /// KEYS[1] record; ARGV: version, fingerprint, sealed record, TTL ms.
 /// Returns {1, version} when written, {0, stored version} when refused.
 const WRITE: &str = r"
-local stored = redis.call('HGET', KEYS[1], 'v')
-if stored and tonumber(stored) >= tonumber(ARGV[1]) then
-  return {0, tonumber(stored)}
+local stored = tonumber(redis.call('HGET', KEYS[1], 'v') or '')
+if stored and stored >= tonumber(ARGV[1]) then
+  return {0, stored}
 end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'v', ARGV[1], 'fp', ARGV[2], 'r', ARGV[3])
@@ -189,8 +190,8 @@ return {1, tonumber(ARGV[1])}
 /// KEYS[1] record, KEYS[2] cooldown; ARGV: fingerprint, cooldown ms.
 const INVALIDATE: &str = r"
 local rec = redis.call('HMGET', KEYS[1], 'v', 'fp', 'inv')
-if not rec[1] then return {'absent', 0} end
-local v = tonumber(rec[1])
+local v = tonumber(rec[1] or '')
+if not v then return {'absent', 0} end
 if rec[2] ~= ARGV[1] then return {'replaced', v} end
 if rec[3] then return {'already', v} end
 if redis.call('EXISTS', KEYS[2]) == 1 then return {'cooldown', v} end
@@ -291,12 +292,18 @@ impl Store {
         self.shared
             .metrics
             .op(op, outcome.map_or_else(StoreError::class, |()| "ok"));
-        let now = if outcome.is_ok() { UP } else { DOWN };
+        // An answer Redis gave but this broker did not expect (one odd record, say) says
+        // nothing about Redis being there: only a timeout, no connection or a refusal (no
+        // authentication, a read-only replica, out of memory) marks the store down.
+        let answered = matches!(outcome, Ok(()) | Err(StoreError::Protocol { .. }));
+        let now = if answered { UP } else { DOWN };
         let before = self.shared.health.swap(now, Ordering::Relaxed);
         if before != now {
             match outcome {
-                Ok(()) => info!(prefix = %self.shared.prefix, "store is up: Redis answers"),
-                Err(error) => warn!(%error, "store is down: Redis does not answer as it should"),
+                Err(error) if !answered => {
+                    warn!(%error, "store is down: Redis does not answer as it should")
+                }
+                _ => info!(prefix = %self.shared.prefix, "store is up: Redis answers"),
             }
         }
     }
