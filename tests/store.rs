@@ -1168,7 +1168,9 @@ async fn a_record_with_an_unreadable_version_is_superseded_and_the_store_stays_u
         "an unreadable version is no token to invalidate"
     );
     assert_eq!(
-        guard(store.versions(&[a.clone()])).await.unwrap(),
+        guard(store.versions(std::slice::from_ref(&a)))
+            .await
+            .unwrap(),
         vec![None]
     );
     assert_eq!(store.is_up(), Some(true));
