@@ -168,10 +168,20 @@ impl RedisServer {
             let ready = match self.tls {
                 // A TCP connect is all a TLS server can be asked without a TLS client here.
                 Some(_) => std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok(),
-                None => self
-                    .try_connection()
-                    .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c).ok())
-                    .is_some(),
+                // Ours, not another test's server that took the port while ours was down
+                // (a restart reuses the port): the answering process must be our child.
+                None => {
+                    let ours = self.pid().map(|pid| format!("process_id:{pid}\r\n"));
+                    self.try_connection()
+                        .and_then(|mut c| {
+                            redis::cmd("INFO")
+                                .arg("server")
+                                .query::<String>(&mut c)
+                                .ok()
+                        })
+                        .zip(ours)
+                        .is_some_and(|(info, ours)| info.contains(&ours))
+                }
             };
             if ready {
                 return;
