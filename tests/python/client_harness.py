@@ -26,7 +26,7 @@ FAKE_LOGIN_LIFETIME_S = 3600
 # Accounts the fake knows and the broker serves. Each test that changes an account's token
 # (revoke, invalidate) takes its own (`fresh_account`), so the broker's invalidate cooldown of
 # one test never meets another's.
-ACCOUNTS = [f"acct-{i:02d}" for i in range(40)]
+ACCOUNTS = [f"acct-{i:02d}" for i in range(60)]
 # An account the broker is configured with a wrong password for: BACE rejects its login.
 REJECTED = "rejected"
 

@@ -17,6 +17,7 @@ import httpx
 import pytest
 import testkit
 from client_harness import (  # noqa: F401  (fixtures)
+    FAKE_LOGIN_LIFETIME_S,
     REJECTED,
     ManualClock,
     broker,
@@ -32,6 +33,7 @@ from bace_token_broker import (
     CredentialsRejected,
     HttpxAuth,
     InvalidateOutcome,
+    InvalidRequest,
     UnknownAccount,
 )
 from bace_token_broker._core import expires_at
@@ -164,6 +166,23 @@ async def test_a_failure_reaches_every_waiter(broker):
     assert all(isinstance(r, CredentialsRejected) for r in results), results
     assert delta(broker, before)["GetToken"] == 1
     await client.close()
+
+
+@pytest.mark.asyncio
+async def test_the_broker_is_asked_for_the_margin_plus_min_validity(broker, fresh_account):
+    """As in the sync tests: GetToken asks for `margin + min_validity`, so a margin longer than
+    the fake's login tokens last gets the refreshed token, which the cache keeps."""
+    margin = FAKE_LOGIN_LIFETIME_S + 600
+    async with AsyncBrokerClient(broker.addr, timeout=TIMEOUT, margin=margin) as client:
+        before = await counts(broker)
+        token = await client.token(fresh_account, min_validity=60)
+        assert expires_at(token) - time.time() > margin + 60
+        assert await client.token(fresh_account, min_validity=60) is token
+        assert delta(broker, before)["GetToken"] == 1
+    async with AsyncBrokerClient(broker.addr, timeout=TIMEOUT, margin=14 * 24 * 3600) as far:
+        with pytest.raises(InvalidRequest) as e:
+            await far.token(fresh_account)
+        assert e.value.code == grpc.StatusCode.OUT_OF_RANGE
 
 
 @pytest.mark.asyncio

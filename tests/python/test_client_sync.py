@@ -25,6 +25,7 @@ import pytest
 import requests
 import testkit
 from client_harness import (  # noqa: F401  (fixtures)
+    FAKE_LOGIN_LIFETIME_S,
     REJECTED,
     BrokerProcess,
     ManualClock,
@@ -191,6 +192,26 @@ def test_min_validity_beyond_the_cached_token_asks_the_broker(broker, fresh_acco
         client.token(fresh_account, min_validity=30 * 24 * 3600)
     assert e.value.code == grpc.StatusCode.OUT_OF_RANGE and not e.value.retryable
     assert delta(broker, before)["GetToken"] == 1
+
+
+def test_the_broker_is_asked_for_the_margin_plus_min_validity(broker, fresh_account):
+    """GetToken asks for `margin + min_validity`, the cache's bar. With a margin longer than the
+    fake's login tokens last (1 h), the broker refreshes (to 14 d) and the cache keeps the
+    answer; asked for `min_validity` alone it would serve the login token, which the cache
+    never keeps: a GetToken on every call."""
+    margin = FAKE_LOGIN_LIFETIME_S + 600
+    client = BrokerClient(broker.addr, timeout=TIMEOUT, margin=margin)
+    before = broker.counts()
+    token = client.token(fresh_account, min_validity=60)
+    assert expires_at(token) - time.time() > margin + 60
+    assert client.token(fresh_account, min_validity=60) is token
+    assert delta(broker, before)["GetToken"] == 1
+    # A bar past what the broker can promise (its refreshed_lifetime, 14 d) is OUT_OF_RANGE,
+    # though the broker could serve `min_validity` alone.
+    far = BrokerClient(broker.addr, timeout=TIMEOUT, margin=14 * 24 * 3600)
+    with pytest.raises(InvalidRequest) as e:
+        far.token(fresh_account)
+    assert e.value.code == grpc.StatusCode.OUT_OF_RANGE
 
 
 class Gate(grpc.UnaryUnaryClientInterceptor):

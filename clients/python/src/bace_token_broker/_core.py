@@ -125,6 +125,18 @@ def duration(secs: float) -> duration_pb2.Duration:
     return d
 
 
+def get_token_request(account: str, margin: float, min_validity: float) -> pb.GetTokenRequest:
+    """The GetToken request behind `token(account, min_validity=...)`: it asks the broker for
+    `margin + min_validity`, the bar the client's cache applies, so the answer is a token the
+    cache keeps (the broker would serve anything past its own 10 s expiry margin). If the broker
+    cannot promise that much (its `refresh.refreshed_lifetime`), it answers OUT_OF_RANGE
+    (`InvalidRequest`): lower `margin` or `min_validity`."""
+    request = pb.GetTokenRequest(account=account)
+    if margin + min_validity > 0:
+        request.min_validity.CopyFrom(duration(margin + min_validity))
+    return request
+
+
 def access_token_of(token: str | pb.Token) -> str:
     """The access token given as a string or inside a Token message."""
     if isinstance(token, str):
