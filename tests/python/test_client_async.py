@@ -9,6 +9,7 @@ client's flight bookkeeping, never from sleeps."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import grpc
@@ -19,8 +20,10 @@ import testkit
 from client_harness import (  # noqa: F401  (fixtures)
     FAKE_LOGIN_LIFETIME_S,
     REJECTED,
+    BrokerProcess,
     ManualClock,
     broker,
+    broker_config,
     fake_bace,
     fresh_account,
     revoke,
@@ -263,6 +266,36 @@ async def test_a_streamed_body_is_not_replayed(broker, fake_bace, fresh_account)
         r = await http.post(fake_bace.api_url, json={"name": "device"})
         assert (r.status_code, sent.count) == (200, 2)
     await client.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", ["async", "sync-client"])
+async def test_a_failed_invalidate_returns_the_401_with_a_warning(
+    fake_bace, fresh_account, tmp_path, caplog, kind
+):
+    """The broker gone when BACE answers 401: a warning (without the token) and the 401."""
+    gone = await asyncio.to_thread(
+        BrokerProcess, testkit.broker_bin(), broker_config(fake_bace), tmp_path
+    )
+    if kind == "async":
+        client = AsyncBrokerClient(gone.addr, timeout=TIMEOUT)
+        token = await client.token(fresh_account)
+    else:
+        client = BrokerClient(gone.addr, timeout=TIMEOUT)
+        token = client.token(fresh_account)
+    await asyncio.to_thread(gone.stop_cleanly)
+    await asyncio.to_thread(revoke, fake_bace, token.access_token)
+    http, sent = async_http(client, fresh_account)
+    with caplog.at_level(logging.WARNING, logger="bace_token_broker"):
+        async with http:
+            assert await get(http, fake_bace.api_url) == (401, [])
+    assert sent.count == 1
+    warnings = [r for r in caplog.records if r.name == "bace_token_broker"]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING, caplog.text
+    assert "UNAVAILABLE" in warnings[0].getMessage()
+    assert token.access_token not in caplog.text
+    if isinstance(client, AsyncBrokerClient):
+        await client.close()
 
 
 @pytest.mark.asyncio

@@ -9,6 +9,7 @@ barriers and the client's own flight bookkeeping, never with sleeps."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -513,6 +514,28 @@ def test_no_retry_when_the_cooldown_returns_the_same_token(
     assert delta(broker_no_verify, before) == {"GetToken": 0, "Invalidate": 1}
     outcome, token = client.invalidate(fresh_account, second)
     assert (outcome, token.access_token) == (InvalidateOutcome.COOLDOWN, second.access_token)
+
+
+def test_a_failed_invalidate_returns_the_401_with_a_warning(
+    fake_bace, fresh_account, tmp_path, caplog
+):
+    """The broker gone when BACE answers 401: the Invalidate fails, a warning says so (without
+    the token), and the request returns BACE's 401 instead of raising."""
+    gone = BrokerProcess(testkit.broker_bin(), broker_config(fake_bace), tmp_path)
+    client = BrokerClient(gone.addr, timeout=TIMEOUT)
+    token = client.token(fresh_account)
+    gone.stop_cleanly()
+    revoke(fake_bace, token.access_token)
+    for library in ("requests", "httpx"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="bace_token_broker"):
+            result = do_get(library, client, fresh_account, fake_bace.api_url)
+        assert result == (401, 1, []), library
+        warnings = [r for r in caplog.records if r.name == "bace_token_broker"]
+        assert len(warnings) == 1, (library, caplog.text)
+        assert warnings[0].levelno == logging.WARNING
+        assert "UNAVAILABLE" in warnings[0].getMessage() and fresh_account in caplog.text
+        assert token.access_token not in caplog.text
 
 
 # === broker failures ===

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import logging
 import os
 import threading
 import time
@@ -14,7 +15,10 @@ from typing import Callable, NamedTuple, Union
 import grpc
 from google.protobuf import duration_pb2
 
+from . import errors
 from ._pb import token_broker_pb2 as pb
+
+log = logging.getLogger("bace_token_broker")
 
 Token = pb.Token
 """The broker's `Token` message: `account`, `access_token` (secret), `token_type`,
@@ -78,6 +82,14 @@ def worth_retrying(result: InvalidateResult, used: str) -> bool:
     problem) nor when the answer is that same token (the broker's invalidate cooldown kept it),
     which BACE would refuse again."""
     return result.retry and result.token.access_token != used
+
+
+def invalidate_failed(account: str, error: errors.BrokerError) -> None:
+    """Logs that the `invalidate` after a 401 failed; the HTTP integrations then return the 401
+    (the broker's error details never hold a token)."""
+    log.warning(
+        "invalidate after a 401 for account %r failed (%s); returning the 401", account, error
+    )
 
 
 def describe_token(token: pb.Token) -> str:

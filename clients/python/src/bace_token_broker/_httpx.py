@@ -7,7 +7,7 @@ from typing import AsyncGenerator, Generator
 
 import httpx
 
-from . import _core
+from . import _core, errors
 from ._aio import AsyncBrokerClient
 from ._core import InvalidateResult, Seconds
 from ._pb import token_broker_pb2 as pb
@@ -32,7 +32,8 @@ class HttpxAuth(httpx.Auth):
       replayed (content given as bytes, str, `json=`, `data=` or already read; not a
       generator or other stream), with the 401 in `response.history`. At most one retry.
 
-    Broker failures raise the typed errors of `bace_token_broker.errors` from the request call.
+    Broker failures of `token()` raise the typed errors of `bace_token_broker.errors` from the
+    request call; a failed `invalidate` is logged as a warning and the 401 returned.
     """
 
     def __init__(
@@ -62,7 +63,11 @@ class HttpxAuth(httpx.Auth):
         response = yield request
         if response.status_code != 401:
             return
-        result = client.invalidate(self.account, token.access_token)
+        try:
+            result = client.invalidate(self.account, token.access_token)
+        except errors.BrokerError as e:
+            _core.invalidate_failed(self.account, e)
+            return
         if _retry(request, result, token.access_token):
             yield request
 
@@ -74,7 +79,11 @@ class HttpxAuth(httpx.Auth):
         response = yield request
         if response.status_code != 401:
             return
-        result = await self._invalidate(token.access_token)
+        try:
+            result = await self._invalidate(token.access_token)
+        except errors.BrokerError as e:
+            _core.invalidate_failed(self.account, e)
+            return
         if _retry(request, result, token.access_token):
             yield request
 
