@@ -26,6 +26,7 @@ from client_harness import (  # noqa: F401  (fixtures)
     broker_config,
     fake_bace,
     fresh_account,
+    redirects,
     revoke,
 )
 
@@ -266,6 +267,28 @@ async def test_a_streamed_body_is_not_replayed(broker, fake_bace, fresh_account)
         r = await http.post(fake_bace.api_url, json={"name": "device"})
         assert (r.status_code, sent.count) == (200, 2)
     await client.close()
+
+
+@pytest.mark.asyncio
+async def test_a_401_after_a_redirect_to_another_origin_keeps_the_token(
+    broker, fake_bace, redirects, fresh_account
+):
+    """httpx drops `Authorization` on a redirect to another origin: that host's 401 comes back
+    without an Invalidate; a 401 after a same-origin redirect is reported."""
+    async with AsyncBrokerClient(broker.addr, timeout=TIMEOUT) as client:
+        token = await client.token(fresh_account)
+        before = await counts(broker)
+        http, _ = async_http(client, fresh_account)
+        async with http:
+            r = await http.get(redirects.base_url + "/away", follow_redirects=True)
+            assert (r.status_code, [h.status_code for h in r.history]) == (401, [302])
+            assert redirects.authorizations == [("/away", token.authorization)]
+            assert delta(broker, before) == {"GetToken": 0, "Invalidate": 0}
+            assert await client.token(fresh_account) is token
+            r = await http.get(redirects.base_url + "/here", follow_redirects=True)
+            assert (r.status_code, [h.status_code for h in r.history]) == (401, [302])
+            assert redirects.authorizations[-1] == ("/deny", token.authorization)
+            assert delta(broker, before) == {"GetToken": 0, "Invalidate": 1}
 
 
 @pytest.mark.asyncio

@@ -34,6 +34,7 @@ from client_harness import (  # noqa: F401  (fixtures)
     broker_config,
     fake_bace,
     fresh_account,
+    redirects,
     revoke,
 )
 
@@ -514,6 +515,37 @@ def test_no_retry_when_the_cooldown_returns_the_same_token(
     assert delta(broker_no_verify, before) == {"GetToken": 0, "Invalidate": 1}
     outcome, token = client.invalidate(fresh_account, second)
     assert (outcome, token.access_token) == (InvalidateOutcome.COOLDOWN, second.access_token)
+
+
+@pytest.mark.parametrize("library", ["requests", "httpx"])
+def test_a_401_after_a_redirect_to_another_origin_keeps_the_token(
+    broker, fake_bace, redirects, fresh_account, library
+):
+    """Both libraries drop `Authorization` on a redirect to another origin: that host's 401 is
+    not BACE refusing the token, so it is returned without an Invalidate. A redirect on the
+    same origin keeps the token, and a 401 there is reported (TOKEN_VALID: no retry)."""
+    client = BrokerClient(broker.addr, timeout=TIMEOUT)
+    token = client.token(fresh_account)
+    before = broker.counts()
+
+    def follow(path: str) -> tuple[int, list[int]]:
+        if library == "requests":
+            r: Any = requests_session(client, fresh_account)[0].get(
+                redirects.base_url + path, timeout=30
+            )
+        else:
+            with httpx_client(client, fresh_account)[0] as http:
+                r = http.get(redirects.base_url + path, follow_redirects=True)
+        return r.status_code, [h.status_code for h in r.history]
+
+    assert follow("/away") == (401, [302])
+    assert redirects.authorizations == [("/away", token.authorization)]
+    assert delta(broker, before) == {"GetToken": 0, "Invalidate": 0}
+    assert client.token(fresh_account) is token
+
+    assert follow("/here") == (401, [302])
+    assert redirects.authorizations[-1] == ("/deny", token.authorization)
+    assert delta(broker, before) == {"GetToken": 0, "Invalidate": 1}
 
 
 def test_a_failed_invalidate_returns_the_401_with_a_warning(

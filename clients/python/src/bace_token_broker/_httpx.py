@@ -32,8 +32,10 @@ class HttpxAuth(httpx.Auth):
       replayed (content given as bytes, str, `json=`, `data=` or already read; not a
       generator or other stream), with the 401 in `response.history`. At most one retry.
 
-    Broker failures of `token()` raise the typed errors of `bace_token_broker.errors` from the
-    request call; a failed `invalidate` is logged as a warning and the 401 returned.
+    A 401 to a request that no longer carried the token (httpx follows redirects below the
+    auth and drops `Authorization` on a hop to another origin) is returned as is. Broker
+    failures of `token()` raise the typed errors of `bace_token_broker.errors` from the request
+    call; a failed `invalidate` is logged as a warning and the 401 returned.
     """
 
     def __init__(
@@ -61,7 +63,7 @@ class HttpxAuth(httpx.Auth):
         token = client.token(self.account, min_validity=self.min_validity)
         request.headers["Authorization"] = _core.authorization(token)
         response = yield request
-        if response.status_code != 401:
+        if not _refused(response, request):
             return
         try:
             result = client.invalidate(self.account, token.access_token)
@@ -77,7 +79,7 @@ class HttpxAuth(httpx.Auth):
         token = await self._token()
         request.headers["Authorization"] = _core.authorization(token)
         response = yield request
-        if response.status_code != 401:
+        if not _refused(response, request):
             return
         try:
             result = await self._invalidate(token.access_token)
@@ -109,6 +111,15 @@ class HttpxAuth(httpx.Auth):
 
     def __repr__(self) -> str:
         return f"HttpxAuth(account={self.account!r}, client={self.client!r})"
+
+
+def _refused(response: httpx.Response, request: httpx.Request) -> bool:
+    """Whether BACE refused our token: a 401 to a request that still carried it. httpx follows
+    redirects below the auth flow, so `response` may answer another origin's request, from
+    which httpx dropped `Authorization`; that host's 401 says nothing about the token."""
+    return response.status_code == 401 and response.request.headers.get(
+        "Authorization"
+    ) == request.headers.get("Authorization")
 
 
 def _retry(request: httpx.Request, result: InvalidateResult, used: str) -> bool:

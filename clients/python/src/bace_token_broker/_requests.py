@@ -30,8 +30,9 @@ class RequestsAuth(AuthBase):
       returned, with the 401 in `response.history`. A 401 to the retry is returned as is: at
       most one retry, never a loop.
 
-    Broker failures of `token()` raise the typed errors of `bace_token_broker.errors` from the
-    request call; a failed `invalidate` is logged as a warning and the 401 returned.
+    A 401 to a request without the token (a redirect to another origin dropped it) is returned
+    as is. Broker failures of `token()` raise the typed errors of `bace_token_broker.errors`
+    from the request call; a failed `invalidate` is logged as a warning and the 401 returned.
 
         session = requests.Session()
         session.auth = RequestsAuth(BrokerClient("token-broker:50051"), "fleet-a")
