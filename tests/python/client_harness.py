@@ -10,6 +10,8 @@ from __future__ import annotations
 import itertools
 import re
 import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import quote
@@ -26,7 +28,7 @@ FAKE_LOGIN_LIFETIME_S = 3600
 # Accounts the fake knows and the broker serves. Each test that changes an account's token
 # (revoke, invalidate) takes its own (`fresh_account`), so the broker's invalidate cooldown of
 # one test never meets another's.
-ACCOUNTS = [f"acct-{i:02d}" for i in range(40)]
+ACCOUNTS = [f"acct-{i:02d}" for i in range(60)]
 # An account the broker is configured with a wrong password for: BACE rejects its login.
 REJECTED = "rejected"
 
@@ -177,3 +179,51 @@ class ManualClock:
 
     def __call__(self) -> float:
         return self.now
+
+
+class RedirectServer:
+    """A loopback HTTP server that redirects: `GET /away` answers 302 to `away_url` (another
+    origin), `GET /here` 302 to its own `/deny`, which answers 401. `authorizations` holds the
+    `Authorization` header (or None) of every request it received, by path."""
+
+    def __init__(self, away_url: str):
+        self.authorizations: list[tuple[str, str | None]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                outer.authorizations.append((self.path, self.headers.get("Authorization")))
+                if self.path == "/away":
+                    self._answer(302, {"Location": away_url})
+                elif self.path == "/here":
+                    self._answer(302, {"Location": "/deny"})
+                else:
+                    self._answer(401, {})
+
+            def _answer(self, status: int, headers: dict[str, str]) -> None:
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+
+@pytest.fixture
+def redirects(fake_bace) -> Iterator[RedirectServer]:
+    """A RedirectServer whose `/away` leads to the fake BACE's physical-device endpoint."""
+    server = RedirectServer(fake_bace.api_url)
+    yield server
+    server.close()

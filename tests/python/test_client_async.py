@@ -9,6 +9,7 @@ client's flight bookkeeping, never from sleeps."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import grpc
@@ -17,11 +18,15 @@ import httpx
 import pytest
 import testkit
 from client_harness import (  # noqa: F401  (fixtures)
+    FAKE_LOGIN_LIFETIME_S,
     REJECTED,
+    BrokerProcess,
     ManualClock,
     broker,
+    broker_config,
     fake_bace,
     fresh_account,
+    redirects,
     revoke,
 )
 
@@ -32,6 +37,7 @@ from bace_token_broker import (
     CredentialsRejected,
     HttpxAuth,
     InvalidateOutcome,
+    InvalidRequest,
     UnknownAccount,
 )
 from bace_token_broker._core import expires_at
@@ -167,6 +173,23 @@ async def test_a_failure_reaches_every_waiter(broker):
 
 
 @pytest.mark.asyncio
+async def test_the_broker_is_asked_for_the_margin_plus_min_validity(broker, fresh_account):
+    """As in the sync tests: GetToken asks for `margin + min_validity`, so a margin longer than
+    the fake's login tokens last gets the refreshed token, which the cache keeps."""
+    margin = FAKE_LOGIN_LIFETIME_S + 600
+    async with AsyncBrokerClient(broker.addr, timeout=TIMEOUT, margin=margin) as client:
+        before = await counts(broker)
+        token = await client.token(fresh_account, min_validity=60)
+        assert expires_at(token) - time.time() > margin + 60
+        assert await client.token(fresh_account, min_validity=60) is token
+        assert delta(broker, before)["GetToken"] == 1
+    async with AsyncBrokerClient(broker.addr, timeout=TIMEOUT, margin=14 * 24 * 3600) as far:
+        with pytest.raises(InvalidRequest) as e:
+            await far.token(fresh_account)
+        assert e.value.code == grpc.StatusCode.OUT_OF_RANGE
+
+
+@pytest.mark.asyncio
 async def test_invalidate_returns_outcome_and_token(broker, fake_bace, fresh_account):
     async with AsyncBrokerClient(broker.addr, timeout=TIMEOUT) as client:
         old = await client.token(fresh_account)
@@ -244,6 +267,58 @@ async def test_a_streamed_body_is_not_replayed(broker, fake_bace, fresh_account)
         r = await http.post(fake_bace.api_url, json={"name": "device"})
         assert (r.status_code, sent.count) == (200, 2)
     await client.close()
+
+
+@pytest.mark.asyncio
+async def test_a_401_after_a_redirect_to_another_origin_keeps_the_token(
+    broker, fake_bace, redirects, fresh_account
+):
+    """httpx drops `Authorization` on a redirect to another origin: that host's 401 comes back
+    without an Invalidate; a 401 after a same-origin redirect is reported."""
+    async with AsyncBrokerClient(broker.addr, timeout=TIMEOUT) as client:
+        token = await client.token(fresh_account)
+        before = await counts(broker)
+        http, _ = async_http(client, fresh_account)
+        async with http:
+            r = await http.get(redirects.base_url + "/away", follow_redirects=True)
+            assert (r.status_code, [h.status_code for h in r.history]) == (401, [302])
+            assert redirects.authorizations == [("/away", token.authorization)]
+            assert delta(broker, before) == {"GetToken": 0, "Invalidate": 0}
+            assert await client.token(fresh_account) is token
+            r = await http.get(redirects.base_url + "/here", follow_redirects=True)
+            assert (r.status_code, [h.status_code for h in r.history]) == (401, [302])
+            assert redirects.authorizations[-1] == ("/deny", token.authorization)
+            assert delta(broker, before) == {"GetToken": 0, "Invalidate": 1}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", ["async", "sync-client"])
+async def test_a_failed_invalidate_returns_the_401_with_a_warning(
+    fake_bace, fresh_account, tmp_path, caplog, kind
+):
+    """The broker gone when BACE answers 401: a warning (without the token) and the 401."""
+    gone = await asyncio.to_thread(
+        BrokerProcess, testkit.broker_bin(), broker_config(fake_bace), tmp_path
+    )
+    if kind == "async":
+        client = AsyncBrokerClient(gone.addr, timeout=TIMEOUT)
+        token = await client.token(fresh_account)
+    else:
+        client = BrokerClient(gone.addr, timeout=TIMEOUT)
+        token = client.token(fresh_account)
+    await asyncio.to_thread(gone.stop_cleanly)
+    await asyncio.to_thread(revoke, fake_bace, token.access_token)
+    http, sent = async_http(client, fresh_account)
+    with caplog.at_level(logging.WARNING, logger="bace_token_broker"):
+        async with http:
+            assert await get(http, fake_bace.api_url) == (401, [])
+    assert sent.count == 1
+    warnings = [r for r in caplog.records if r.name == "bace_token_broker"]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING, caplog.text
+    assert "UNAVAILABLE" in warnings[0].getMessage()
+    assert token.access_token not in caplog.text
+    if isinstance(client, AsyncBrokerClient):
+        await client.close()
 
 
 @pytest.mark.asyncio

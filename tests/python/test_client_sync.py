@@ -9,6 +9,7 @@ barriers and the client's own flight bookkeeping, never with sleeps."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -25,6 +26,7 @@ import pytest
 import requests
 import testkit
 from client_harness import (  # noqa: F401  (fixtures)
+    FAKE_LOGIN_LIFETIME_S,
     REJECTED,
     BrokerProcess,
     ManualClock,
@@ -32,6 +34,7 @@ from client_harness import (  # noqa: F401  (fixtures)
     broker_config,
     fake_bace,
     fresh_account,
+    redirects,
     revoke,
 )
 
@@ -191,6 +194,26 @@ def test_min_validity_beyond_the_cached_token_asks_the_broker(broker, fresh_acco
         client.token(fresh_account, min_validity=30 * 24 * 3600)
     assert e.value.code == grpc.StatusCode.OUT_OF_RANGE and not e.value.retryable
     assert delta(broker, before)["GetToken"] == 1
+
+
+def test_the_broker_is_asked_for_the_margin_plus_min_validity(broker, fresh_account):
+    """GetToken asks for `margin + min_validity`, the cache's bar. With a margin longer than the
+    fake's login tokens last (1 h), the broker refreshes (to 14 d) and the cache keeps the
+    answer; asked for `min_validity` alone it would serve the login token, which the cache
+    never keeps: a GetToken on every call."""
+    margin = FAKE_LOGIN_LIFETIME_S + 600
+    client = BrokerClient(broker.addr, timeout=TIMEOUT, margin=margin)
+    before = broker.counts()
+    token = client.token(fresh_account, min_validity=60)
+    assert expires_at(token) - time.time() > margin + 60
+    assert client.token(fresh_account, min_validity=60) is token
+    assert delta(broker, before)["GetToken"] == 1
+    # A bar past what the broker can promise (its refreshed_lifetime, 14 d) is OUT_OF_RANGE,
+    # though the broker could serve `min_validity` alone.
+    far = BrokerClient(broker.addr, timeout=TIMEOUT, margin=14 * 24 * 3600)
+    with pytest.raises(InvalidRequest) as e:
+        far.token(fresh_account)
+    assert e.value.code == grpc.StatusCode.OUT_OF_RANGE
 
 
 class Gate(grpc.UnaryUnaryClientInterceptor):
@@ -492,6 +515,59 @@ def test_no_retry_when_the_cooldown_returns_the_same_token(
     assert delta(broker_no_verify, before) == {"GetToken": 0, "Invalidate": 1}
     outcome, token = client.invalidate(fresh_account, second)
     assert (outcome, token.access_token) == (InvalidateOutcome.COOLDOWN, second.access_token)
+
+
+@pytest.mark.parametrize("library", ["requests", "httpx"])
+def test_a_401_after_a_redirect_to_another_origin_keeps_the_token(
+    broker, fake_bace, redirects, fresh_account, library
+):
+    """Both libraries drop `Authorization` on a redirect to another origin: that host's 401 is
+    not BACE refusing the token, so it is returned without an Invalidate. A redirect on the
+    same origin keeps the token, and a 401 there is reported (TOKEN_VALID: no retry)."""
+    client = BrokerClient(broker.addr, timeout=TIMEOUT)
+    token = client.token(fresh_account)
+    before = broker.counts()
+
+    def follow(path: str) -> tuple[int, list[int]]:
+        if library == "requests":
+            r: Any = requests_session(client, fresh_account)[0].get(
+                redirects.base_url + path, timeout=30
+            )
+        else:
+            with httpx_client(client, fresh_account)[0] as http:
+                r = http.get(redirects.base_url + path, follow_redirects=True)
+        return r.status_code, [h.status_code for h in r.history]
+
+    assert follow("/away") == (401, [302])
+    assert redirects.authorizations == [("/away", token.authorization)]
+    assert delta(broker, before) == {"GetToken": 0, "Invalidate": 0}
+    assert client.token(fresh_account) is token
+
+    assert follow("/here") == (401, [302])
+    assert redirects.authorizations[-1] == ("/deny", token.authorization)
+    assert delta(broker, before) == {"GetToken": 0, "Invalidate": 1}
+
+
+def test_a_failed_invalidate_returns_the_401_with_a_warning(
+    fake_bace, fresh_account, tmp_path, caplog
+):
+    """The broker gone when BACE answers 401: the Invalidate fails, a warning says so (without
+    the token), and the request returns BACE's 401 instead of raising."""
+    gone = BrokerProcess(testkit.broker_bin(), broker_config(fake_bace), tmp_path)
+    client = BrokerClient(gone.addr, timeout=TIMEOUT)
+    token = client.token(fresh_account)
+    gone.stop_cleanly()
+    revoke(fake_bace, token.access_token)
+    for library in ("requests", "httpx"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="bace_token_broker"):
+            result = do_get(library, client, fresh_account, fake_bace.api_url)
+        assert result == (401, 1, []), library
+        warnings = [r for r in caplog.records if r.name == "bace_token_broker"]
+        assert len(warnings) == 1, (library, caplog.text)
+        assert warnings[0].levelno == logging.WARNING
+        assert "UNAVAILABLE" in warnings[0].getMessage() and fresh_account in caplog.text
+        assert token.access_token not in caplog.text
 
 
 # === broker failures ===

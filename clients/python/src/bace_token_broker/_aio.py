@@ -148,9 +148,7 @@ class AsyncBrokerClient:
         if hit is not None:
             return hit
         generation = self._cache.generation(account)
-        request = pb.GetTokenRequest(account=account)
-        if min_validity > 0:
-            request.min_validity.CopyFrom(_core.duration(min_validity))
+        request = _core.get_token_request(account, self._cache.margin, min_validity)
         token = (await self._call("GetToken", request)).token
         self._cache.store(account, token, generation)
         return token

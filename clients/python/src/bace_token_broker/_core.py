@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import logging
 import os
 import threading
 import time
@@ -14,7 +15,10 @@ from typing import Callable, NamedTuple, Union
 import grpc
 from google.protobuf import duration_pb2
 
+from . import errors
 from ._pb import token_broker_pb2 as pb
+
+log = logging.getLogger("bace_token_broker")
 
 Token = pb.Token
 """The broker's `Token` message: `account`, `access_token` (secret), `token_type`,
@@ -80,6 +84,14 @@ def worth_retrying(result: InvalidateResult, used: str) -> bool:
     return result.retry and result.token.access_token != used
 
 
+def invalidate_failed(account: str, error: errors.BrokerError) -> None:
+    """Logs that the `invalidate` after a 401 failed; the HTTP integrations then return the 401
+    (the broker's error details never hold a token)."""
+    log.warning(
+        "invalidate after a 401 for account %r failed (%s); returning the 401", account, error
+    )
+
+
 def describe_token(token: pb.Token) -> str:
     """A token for logs and reprs: its account and expiry, never the access token."""
     expires = expires_at(token)
@@ -123,6 +135,18 @@ def duration(secs: float) -> duration_pb2.Duration:
     d = duration_pb2.Duration()
     d.FromNanoseconds(int(secs * 1e9))
     return d
+
+
+def get_token_request(account: str, margin: float, min_validity: float) -> pb.GetTokenRequest:
+    """The GetToken request behind `token(account, min_validity=...)`: it asks the broker for
+    `margin + min_validity`, the bar the client's cache applies, so the answer is a token the
+    cache keeps (the broker would serve anything past its own 10 s expiry margin). If the broker
+    cannot promise that much (its `refresh.refreshed_lifetime`), it answers OUT_OF_RANGE
+    (`InvalidRequest`): lower `margin` or `min_validity`."""
+    request = pb.GetTokenRequest(account=account)
+    if margin + min_validity > 0:
+        request.min_validity.CopyFrom(duration(margin + min_validity))
+    return request
 
 
 def access_token_of(token: str | pb.Token) -> str:

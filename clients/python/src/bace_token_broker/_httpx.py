@@ -7,7 +7,7 @@ from typing import AsyncGenerator, Generator
 
 import httpx
 
-from . import _core
+from . import _core, errors
 from ._aio import AsyncBrokerClient
 from ._core import InvalidateResult, Seconds
 from ._pb import token_broker_pb2 as pb
@@ -32,7 +32,10 @@ class HttpxAuth(httpx.Auth):
       replayed (content given as bytes, str, `json=`, `data=` or already read; not a
       generator or other stream), with the 401 in `response.history`. At most one retry.
 
-    Broker failures raise the typed errors of `bace_token_broker.errors` from the request call.
+    A 401 to a request that no longer carried the token (httpx follows redirects below the
+    auth and drops `Authorization` on a hop to another origin) is returned as is. Broker
+    failures of `token()` raise the typed errors of `bace_token_broker.errors` from the request
+    call; a failed `invalidate` is logged as a warning and the 401 returned.
     """
 
     def __init__(
@@ -60,9 +63,13 @@ class HttpxAuth(httpx.Auth):
         token = client.token(self.account, min_validity=self.min_validity)
         request.headers["Authorization"] = _core.authorization(token)
         response = yield request
-        if response.status_code != 401:
+        if not _refused(response, request):
             return
-        result = client.invalidate(self.account, token.access_token)
+        try:
+            result = client.invalidate(self.account, token.access_token)
+        except errors.BrokerError as e:
+            _core.invalidate_failed(self.account, e)
+            return
         if _retry(request, result, token.access_token):
             yield request
 
@@ -72,9 +79,13 @@ class HttpxAuth(httpx.Auth):
         token = await self._token()
         request.headers["Authorization"] = _core.authorization(token)
         response = yield request
-        if response.status_code != 401:
+        if not _refused(response, request):
             return
-        result = await self._invalidate(token.access_token)
+        try:
+            result = await self._invalidate(token.access_token)
+        except errors.BrokerError as e:
+            _core.invalidate_failed(self.account, e)
+            return
         if _retry(request, result, token.access_token):
             yield request
 
@@ -100,6 +111,15 @@ class HttpxAuth(httpx.Auth):
 
     def __repr__(self) -> str:
         return f"HttpxAuth(account={self.account!r}, client={self.client!r})"
+
+
+def _refused(response: httpx.Response, request: httpx.Request) -> bool:
+    """Whether BACE refused our token: a 401 to a request that still carried it. httpx follows
+    redirects below the auth flow, so `response` may answer another origin's request, from
+    which httpx dropped `Authorization`; that host's 401 says nothing about the token."""
+    return response.status_code == 401 and response.request.headers.get(
+        "Authorization"
+    ) == request.headers.get("Authorization")
 
 
 def _retry(request: httpx.Request, result: InvalidateResult, used: str) -> bool:

@@ -8,7 +8,7 @@ import requests
 from requests.auth import AuthBase
 from requests.cookies import extract_cookies_to_jar
 
-from . import _core
+from . import _core, errors
 from ._core import Seconds
 from ._sync import BrokerClient
 
@@ -30,7 +30,9 @@ class RequestsAuth(AuthBase):
       returned, with the 401 in `response.history`. A 401 to the retry is returned as is: at
       most one retry, never a loop.
 
-    Broker failures raise the typed errors of `bace_token_broker.errors` from the request call.
+    A 401 to a request without the token (a redirect to another origin dropped it) is returned
+    as is. Broker failures of `token()` raise the typed errors of `bace_token_broker.errors`
+    from the request call; a failed `invalidate` is logged as a warning and the 401 returned.
 
         session = requests.Session()
         session.auth = RequestsAuth(BrokerClient("token-broker:50051"), "fleet-a")
@@ -59,7 +61,11 @@ class RequestsAuth(AuthBase):
         used = _core.bearer_token(request.headers.get("Authorization"))
         if used is None:
             return response
-        result = self.client.invalidate(self.account, used)
+        try:
+            result = self.client.invalidate(self.account, used)
+        except errors.BrokerError as e:
+            _core.invalidate_failed(self.account, e)
+            return response
         if not _core.worth_retrying(result, used) or not replayable(request):
             return response
         _ = response.content  # read the 401 so its connection goes back to the pool

@@ -92,8 +92,8 @@ class BrokerClient:
         token_file: a service-account token file, sent as `authorization: Bearer` metadata and
             re-read when it changes (checked at most every `token_file_check_interval` s).
         margin: the cache answers while a token has more than this left (default 30 s).
-        min_validity: default `min_validity` of `token()`: sent to the broker and added to
-            `margin` for the cache.
+        min_validity: default `min_validity` of `token()`: added to `margin` for the cache,
+            and `margin + min_validity` is what GetToken asks the broker for.
         interceptors: grpcio client interceptors (tracing, metrics, ...).
         channel_options: extra grpcio channel options.
         clock: wall-clock time in Unix seconds, compared with `expires_at` (for tests).
@@ -164,9 +164,7 @@ class BrokerClient:
 
     def _fetch(self, account: str, min_validity: float) -> pb.Token:
         generation = self._cache.generation(account)
-        request = pb.GetTokenRequest(account=account)
-        if min_validity > 0:
-            request.min_validity.CopyFrom(_core.duration(min_validity))
+        request = _core.get_token_request(account, self._cache.margin, min_validity)
         token = self._call(self._stub.GetToken, request).token
         self._cache.store(account, token, generation)
         return token
