@@ -426,6 +426,16 @@ mod tests {
         let skipped = parse_bace_expires("2011-12-30 12:00:00", apia).unwrap();
         let next_day = parse_bace_expires("2011-12-31 00:00:00", apia).unwrap();
         assert!(skipped < next_day);
+        // A leap second (chrono reads `:60` in any minute) is the second after `:59` (found
+        // by the bace_expires fuzz target: chrono shows it as `:59` plus a second of nanos).
+        assert_eq!(
+            parse_bace_expires("2016-12-31 23:59:60", chrono_tz::UTC).map(utc).unwrap(),
+            "2017-01-01T00:00:00+00:00"
+        );
+        assert_eq!(
+            parse_bace_expires("2026-01-01 00:00:60", AMS).map(utc).unwrap(),
+            "2025-12-31T23:01:00+00:00"
+        );
         // The boundaries of the format: no panic, an instant or nothing.
         for text in [
             "0000-01-01 00:00:00",

@@ -1,0 +1,106 @@
+//! The YAML config (`Config::parse`), with the secret, JWKS and TLS files it may name.
+//!
+//! The target runs in a directory holding `pw.txt`, `cs.txt` (secrets), `empty.txt`,
+//! `jwks.json` (a real JWKS), `ca.pem`, `cert.pem` and `key.pem` (a real test PKI), so seeds
+//! name them by relative path.
+//!
+//! Checks: no panic; an error never quotes a `password` or `client_secret` given inline
+//! (as far as a line-based reading finds them); a parsed config's credentials print neither
+//! secret.
+#![no_main]
+
+use std::sync::Once;
+
+use bace_token_broker::Config;
+use jsonwebtoken::{Algorithm, EncodingKey, jwk::Jwk};
+use libfuzzer_sys::fuzz_target;
+
+/// The contents of the secret files, as the seeds' secrets: long enough to spot.
+const FILE_PASSWORD: &str = "hunter2-from-file";
+const FILE_CLIENT_SECRET: &str = "s3cret-from-file";
+
+static SETUP: Once = Once::new();
+
+fn setup() {
+    let dir = std::env::temp_dir().join(format!("bace-fuzz-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("pw.txt"), format!("{FILE_PASSWORD}\n")).unwrap();
+    std::fs::write(dir.join("cs.txt"), format!("{FILE_CLIENT_SECRET}\r\n")).unwrap();
+    std::fs::write(dir.join("empty.txt"), "\n").unwrap();
+    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let key = EncodingKey::from_ec_der(pair.serialized_der());
+    let mut jwk = Jwk::from_encoding_key(&key, Algorithm::ES256).unwrap();
+    jwk.common.key_id = Some("k1".into());
+    std::fs::write(
+        dir.join("jwks.json"),
+        serde_json::json!({ "keys": [jwk] }).to_string(),
+    )
+    .unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &*ca)
+        .unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(dir.join("cert.pem"), leaf.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), leaf_key.serialize_pem()).unwrap();
+    std::env::set_current_dir(&dir).unwrap();
+}
+
+/// Values of `password:` and `client_secret:` lines, unquoted.
+fn inline_secrets(text: &str) -> Vec<&str> {
+    text.lines()
+        .filter_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            let key = key.trim().trim_start_matches(['-', '{', ' ']);
+            matches!(key, "password" | "client_secret").then_some(value)
+        })
+        .map(|value| {
+            let value = value.trim().trim_end_matches([',', '}']);
+            value.trim_matches(['"', '\''])
+        })
+        .collect()
+}
+
+fuzz_target!(|data: &[u8]| {
+    SETUP.call_once(setup);
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    match Config::parse(text) {
+        Ok(config) => {
+            for account in config.accounts.values() {
+                let c = &account.credentials;
+                let shown = format!("{:?} {:?}", account, c);
+                for secret in [c.expose_password(), c.expose_client_secret()] {
+                    if secret.len() >= 6
+                        && !c.client_id().contains(secret)
+                        && !c.username().contains(secret)
+                        && !account.name.as_str().contains(secret)
+                        && !account.token_url.as_str().contains(secret)
+                    {
+                        assert!(!shown.contains(secret), "{shown}");
+                    }
+                }
+            }
+        }
+        Err(error) => {
+            let message = error.to_string();
+            for secret in inline_secrets(text) {
+                // A secret that is also written elsewhere in the text may be quoted for that.
+                if secret.len() >= 6 && text.matches(secret).count() == 1 {
+                    assert!(!message.contains(secret), "{message:?} quotes {secret:?}");
+                }
+            }
+            for secret in [FILE_PASSWORD, FILE_CLIENT_SECRET] {
+                if !text.contains(secret) {
+                    assert!(!message.contains(secret), "{message:?}");
+                }
+            }
+        }
+    }
+});
