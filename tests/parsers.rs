@@ -1051,3 +1051,4 @@ fn files_the_config_names_are_read_up_to_a_limit() {
         "{jwks}"
     );
 }
+
