@@ -1051,4 +1051,3 @@ fn files_the_config_names_are_read_up_to_a_limit() {
         "{jwks}"
     );
 }
-

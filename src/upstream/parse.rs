@@ -429,11 +429,15 @@ mod tests {
         // A leap second (chrono reads `:60` in any minute) is the second after `:59` (found
         // by the bace_expires fuzz target: chrono shows it as `:59` plus a second of nanos).
         assert_eq!(
-            parse_bace_expires("2016-12-31 23:59:60", chrono_tz::UTC).map(utc).unwrap(),
+            parse_bace_expires("2016-12-31 23:59:60", chrono_tz::UTC)
+                .map(utc)
+                .unwrap(),
             "2017-01-01T00:00:00+00:00"
         );
         assert_eq!(
-            parse_bace_expires("2026-01-01 00:00:60", AMS).map(utc).unwrap(),
+            parse_bace_expires("2026-01-01 00:00:60", AMS)
+                .map(utc)
+                .unwrap(),
             "2025-12-31T23:01:00+00:00"
         );
         // The boundaries of the format: no panic, an instant or nothing.
