@@ -21,21 +21,30 @@ const FILE_CLIENT_SECRET: &str = "s3cret-from-file";
 
 static SETUP: Once = Once::new();
 
+/// Writes `contents` to `dir/name` through a rename, so a run started alongside never reads
+/// half a file.
+fn put(dir: &std::path::Path, name: &str, contents: impl AsRef<[u8]>) {
+    let part = dir.join(format!("{name}.{}", std::process::id()));
+    std::fs::write(&part, contents).unwrap();
+    std::fs::rename(&part, dir.join(name)).unwrap();
+}
+
 fn setup() {
-    let dir = std::env::temp_dir().join(format!("bace-fuzz-config-{}", std::process::id()));
+    // One directory for every run (not one per process, left behind by each).
+    let dir = std::env::temp_dir().join("bace-token-broker-fuzz-config");
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("pw.txt"), format!("{FILE_PASSWORD}\n")).unwrap();
-    std::fs::write(dir.join("cs.txt"), format!("{FILE_CLIENT_SECRET}\r\n")).unwrap();
-    std::fs::write(dir.join("empty.txt"), "\n").unwrap();
+    put(&dir, "pw.txt", format!("{FILE_PASSWORD}\n"));
+    put(&dir, "cs.txt", format!("{FILE_CLIENT_SECRET}\r\n"));
+    put(&dir, "empty.txt", "\n");
     let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let key = EncodingKey::from_ec_der(pair.serialized_der());
     let mut jwk = Jwk::from_encoding_key(&key, Algorithm::ES256).unwrap();
     jwk.common.key_id = Some("k1".into());
-    std::fs::write(
-        dir.join("jwks.json"),
+    put(
+        &dir,
+        "jwks.json",
         serde_json::json!({ "keys": [jwk] }).to_string(),
-    )
-    .unwrap();
+    );
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -45,9 +54,9 @@ fn setup() {
         .unwrap()
         .signed_by(&leaf_key, &*ca)
         .unwrap();
-    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
-    std::fs::write(dir.join("cert.pem"), leaf.pem()).unwrap();
-    std::fs::write(dir.join("key.pem"), leaf_key.serialize_pem()).unwrap();
+    put(&dir, "ca.pem", ca.pem());
+    put(&dir, "cert.pem", leaf.pem());
+    put(&dir, "key.pem", leaf_key.serialize_pem());
     std::env::set_current_dir(&dir).unwrap();
 }
 
