@@ -40,6 +40,8 @@
 //! - `token`: the domain values: account names, tokens (redacting `Debug`), fingerprints.
 //! - `counts`: the plain counters modules keep of their own work.
 //! - [`proto`]: the generated `bace.tokenbroker.v1` types and stubs.
+//! - `fuzzing` (feature `fuzzing`, hidden): the private parsers the fuzz targets in `fuzz/`
+//!   call; every other parser is fuzzed through the public API.
 //!
 //! Test equipment lives outside the product: `crates/fake-bace` (a fake BACE on loopback,
 //! also behind `serve --demo`), `crates/testkit` (the in-process harness, test PKI, the typed
@@ -55,6 +57,9 @@ pub mod config;
 mod counts;
 #[cfg(feature = "demo")]
 mod demo;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod grpc;
 mod reload;
 mod store;
@@ -93,6 +98,20 @@ pub use crate::{
         parse_answer,
     },
 };
+
+/// The property tests' config: 256 cases from a fixed seed, so the normal test run is
+/// deterministic; `PROPTEST_CASES` and `PROPTEST_RNG_SEED` explore further.
+#[cfg(test)]
+fn proptest_config() -> proptest::test_runner::Config {
+    let mut config = proptest::test_runner::Config::default();
+    if std::env::var_os("PROPTEST_CASES").is_none() {
+        config.cases = 256;
+    }
+    if std::env::var_os("PROPTEST_RNG_SEED").is_none() {
+        config.rng_seed = proptest::test_runner::RngSeed::Fixed(0x00b4_ce5e);
+    }
+    config
+}
 
 /// Generated protobuf types and gRPC stubs for `bace.tokenbroker.v1`.
 #[allow(missing_docs, unreachable_pub, clippy::all)]

@@ -209,7 +209,12 @@ fn secret(
             }
             return Ok(SecretString::from(v));
         }
-        (None, Some(path)) => std::fs::read_to_string(&path)
+        (None, Some(path)) => super::read_file(&path)
+            .and_then(|bytes| {
+                String::from_utf8(bytes).map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text")
+                })
+            })
             .map_err(|e| (file_field, format!("cannot read {}: {e}", path.display())))
             .map(|text| (text, path))?,
     };

@@ -281,7 +281,7 @@ impl RawKubernetes {
 }
 
 pub(super) fn read(path: PathBuf) -> Result<LoadedFile, String> {
-    match std::fs::read(&path) {
+    match super::read_file(&path) {
         Ok(contents) => Ok(LoadedFile { path, contents }),
         Err(e) => Err(format!("cannot read {}: {e}", path.display())),
     }
@@ -311,8 +311,20 @@ pub(crate) fn parse_jwks(body: &[u8]) -> Result<Vec<ParsedKey>, String> {
     struct Document {
         keys: Vec<serde_json::Value>,
     }
-    let document: Document =
-        serde_json::from_slice(body).map_err(|e| format!("not a JWKS document: {e}"))?;
+    // The position only: serde's message would quote a string of the document, and a JWKS
+    // put in the wrong place may hold an HMAC or private key.
+    let document: Document = serde_json::from_slice(body).map_err(|e| {
+        let problem = match e.classify() {
+            serde_json::error::Category::Syntax | serde_json::error::Category::Io => "invalid JSON",
+            serde_json::error::Category::Eof => "JSON ends early",
+            serde_json::error::Category::Data => "expected {\"keys\": [...]}",
+        };
+        format!(
+            "not a JWKS document: {problem} at line {} column {}",
+            e.line(),
+            e.column()
+        )
+    })?;
     let keys: Vec<ParsedKey> = document
         .keys
         .into_iter()

@@ -230,6 +230,27 @@ pub enum ConfigError {
     },
 }
 
+/// The largest file the config may name (secret, certificate, key and JWKS files): the size
+/// limit of a Kubernetes Secret. A path to something endless (`/dev/zero`, a log) is refused
+/// after reading this much, never read into memory whole.
+pub const MAX_FILE_BYTES: usize = 1024 * 1024;
+
+/// Reads a file the config names, of at most [`MAX_FILE_BYTES`].
+pub(crate) fn read_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let mut contents = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_FILE_BYTES as u64 + 1)
+        .read_to_end(&mut contents)?;
+    if contents.len() > MAX_FILE_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {MAX_FILE_BYTES} bytes"),
+        ));
+    }
+    Ok(contents)
+}
+
 fn origin(path: &Option<PathBuf>) -> String {
     path.as_ref()
         .map(|p| format!("{}: ", p.display()))

@@ -131,7 +131,7 @@ impl TlsMaterial {
 }
 
 fn read_file(path: &Path, field: &str) -> Result<Vec<u8>, FieldError> {
-    std::fs::read(path)
+    super::read_file(path)
         .map_err(|e| FieldError::new(field, format!("cannot read {}: {e}", path.display())))
 }
 

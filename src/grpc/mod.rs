@@ -23,12 +23,12 @@ use tonic::{Code, Request, Response, Status};
 use tracing::debug;
 
 use self::{
-    convert::{min_validity, outcome_to_proto},
+    convert::outcome_to_proto,
     metrics::Handling,
     status::{denied_status, no_longer_allowed},
 };
 pub(crate) use self::{
-    convert::{status_to_proto, token_to_proto},
+    convert::{min_validity, status_to_proto, token_to_proto},
     metrics::{Rpc, RpcHandling},
 };
 pub use self::{

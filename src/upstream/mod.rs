@@ -20,6 +20,8 @@ use tokio::time::Duration;
 
 pub use bace_wire::Grant;
 
+#[cfg(feature = "fuzzing")]
+pub(crate) use self::parse::parse_bace_expires;
 pub use self::{http::HttpUpstream, parse::parse_answer};
 use crate::{config::AccountConfig, token::Token};
 

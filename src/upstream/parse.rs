@@ -4,7 +4,7 @@
 
 use std::time::SystemTime;
 
-use chrono::{NaiveDateTime, TimeZone};
+use chrono::{DateTime, LocalResult, NaiveDateTime, Offset, TimeDelta, TimeZone, Utc};
 use chrono_tz::Tz;
 use secrecy::SecretString;
 use serde::Deserialize;
@@ -142,12 +142,37 @@ fn error_text(a: &Answer) -> Option<String> {
 
 /// Parses BACE's refresh answer `expires` (`"YYYY-MM-DD HH:MM:SS"`, local time in `tz`).
 ///
-/// Returns `None` when the text is not of that form or names a local time that does not exist
-/// in `tz` (a DST gap). An ambiguous local time (DST fold) resolves to the earlier instant.
+/// Returns `None` when the text is not of that form. A local time that names one instant is
+/// that instant. Around a DST change the rule is: **the earliest instant the text can mean**,
+/// so that a token is never taken to live longer than BACE may have meant:
+///
+/// - in a fold (the clock went back: `2026-10-25 02:30` happens twice in Europe/Amsterdam),
+///   the first of the two instants (`00:30Z`, not `01:30Z`);
+/// - in a gap (the clock jumped over it: `2026-03-29 02:30` never happens in
+///   Europe/Amsterdam), the time read with the offset in force after the jump, which is the
+///   earlier of the two readings (`00:30Z`, i.e. 01:30 local: the gap's length before it).
 pub(crate) fn parse_bace_expires(text: &str, tz: Tz) -> Option<SystemTime> {
     let naive = NaiveDateTime::parse_from_str(text.trim(), bace_wire::EXPIRES_FORMAT).ok()?;
-    let local = tz.from_local_datetime(&naive).earliest()?;
-    Some(SystemTime::from(local.with_timezone(&chrono::Utc)))
+    local_to_utc(naive, tz).map(SystemTime::from)
+}
+
+/// The earliest instant the local time `naive` in `tz` can mean (see [`parse_bace_expires`]).
+fn local_to_utc(naive: NaiveDateTime, tz: Tz) -> Option<DateTime<Utc>> {
+    match tz.from_local_datetime(&naive) {
+        LocalResult::Single(t) => Some(t.to_utc()),
+        LocalResult::Ambiguous(first, second) => Some(first.to_utc().min(second.to_utc())),
+        // A gap: read `naive` with the offsets in force a day before and a day after it (no
+        // zone changes its offset twice within a day), and take the earlier instant.
+        LocalResult::None => [-1, 1]
+            .into_iter()
+            .filter_map(|days| {
+                let probe = naive.checked_add_signed(TimeDelta::days(days))?;
+                let offset = tz.offset_from_utc_datetime(&probe).fix().local_minus_utc();
+                naive.checked_sub_signed(TimeDelta::seconds(offset.into()))
+            })
+            .min()
+            .map(|utc| utc.and_utc()),
+    }
 }
 
 #[cfg(test)]
@@ -330,8 +355,6 @@ mod tests {
             chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339(),
             "2022-01-04T14:19:49+00:00"
         );
-        // DST gap (02:30 does not exist on 2022-03-27 in Amsterdam) and garbage.
-        assert_eq!(parse_bace_expires("2022-03-27 02:30:00", tz), None);
         for bad in [
             "",
             "tomorrow",
@@ -340,6 +363,178 @@ mod tests {
             "1649074789",
         ] {
             assert_eq!(parse_bace_expires(bad, tz), None, "{bad}");
+        }
+    }
+
+    fn utc(t: SystemTime) -> String {
+        chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339()
+    }
+
+    #[test]
+    fn bace_expires_around_dst_changes_is_the_earliest_instant_meant() {
+        // Gap: 2026-03-29 02:00 CET jumps to 03:00 CEST; 02:30 never happens. Read with CEST
+        // (+2): 00:30Z, which is 01:30 CET, an hour before the text.
+        assert_eq!(
+            parse_bace_expires("2026-03-29 02:30:00", AMS)
+                .map(utc)
+                .unwrap(),
+            "2026-03-29T00:30:00+00:00"
+        );
+        assert_eq!(
+            parse_bace_expires("2026-03-29 02:00:00", AMS)
+                .map(utc)
+                .unwrap(),
+            "2026-03-29T00:00:00+00:00"
+        );
+        // Either side of the gap: the one instant each names.
+        assert_eq!(
+            parse_bace_expires("2026-03-29 01:59:59", AMS)
+                .map(utc)
+                .unwrap(),
+            "2026-03-29T00:59:59+00:00"
+        );
+        assert_eq!(
+            parse_bace_expires("2026-03-29 03:00:00", AMS)
+                .map(utc)
+                .unwrap(),
+            "2026-03-29T01:00:00+00:00"
+        );
+        // Fold: 2026-10-25 03:00 CEST goes back to 02:00 CET; 02:30 happens at 00:30Z (CEST)
+        // and at 01:30Z (CET): the first.
+        assert_eq!(
+            parse_bace_expires("2026-10-25 02:30:00", AMS)
+                .map(utc)
+                .unwrap(),
+            "2026-10-25T00:30:00+00:00"
+        );
+        assert_eq!(
+            parse_bace_expires("2026-10-25 03:00:00", AMS)
+                .map(utc)
+                .unwrap(),
+            "2026-10-25T02:00:00+00:00"
+        );
+        // A zone whose gap is not an hour (Lord Howe: 30 minutes), and one that skipped a
+        // whole day (Samoa, 2011-12-30).
+        let lord_howe: Tz = "Australia/Lord_Howe".parse().unwrap();
+        assert_eq!(
+            parse_bace_expires("2026-10-04 02:15:00", lord_howe)
+                .map(utc)
+                .unwrap(),
+            "2026-10-03T15:15:00+00:00"
+        );
+        let apia: Tz = "Pacific/Apia".parse().unwrap();
+        let skipped = parse_bace_expires("2011-12-30 12:00:00", apia).unwrap();
+        let next_day = parse_bace_expires("2011-12-31 00:00:00", apia).unwrap();
+        assert!(skipped < next_day);
+        // A leap second (chrono reads `:60` in any minute) is the second after `:59` (found
+        // by the bace_expires fuzz target: chrono shows it as `:59` plus a second of nanos).
+        assert_eq!(
+            parse_bace_expires("2016-12-31 23:59:60", chrono_tz::UTC)
+                .map(utc)
+                .unwrap(),
+            "2017-01-01T00:00:00+00:00"
+        );
+        assert_eq!(
+            parse_bace_expires("2026-01-01 00:00:60", AMS)
+                .map(utc)
+                .unwrap(),
+            "2025-12-31T23:01:00+00:00"
+        );
+        // The boundaries of the format: no panic, an instant or nothing.
+        for text in [
+            "0000-01-01 00:00:00",
+            "9999-12-31 23:59:59",
+            "+262142-12-31 23:59:59",
+            "-262143-01-01 00:00:00",
+            "2026-02-29 00:00:00",
+            "2026-01-01 24:00:00",
+            "2026-01-01 23:59:60",
+        ] {
+            let _ = parse_bace_expires(text, AMS);
+            let _ = parse_bace_expires(text, apia);
+        }
+    }
+
+    mod properties {
+        use chrono::{NaiveDateTime, TimeZone};
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Zones with DST of every kind: hour gaps (north and south), a half-hour one, none.
+        const ZONES: [&str; 6] = [
+            "Europe/Amsterdam",
+            "America/New_York",
+            "Australia/Sydney",
+            "Australia/Lord_Howe",
+            "Pacific/Apia",
+            "UTC",
+        ];
+
+        fn zone() -> impl Strategy<Value = Tz> {
+            proptest::sample::select(&ZONES[..]).prop_map(|z| z.parse::<Tz>().unwrap())
+        }
+
+        /// 1970 to 2100, to the second.
+        fn instant() -> impl Strategy<Value = i64> {
+            0i64..4_102_444_800
+        }
+
+        proptest! {
+            #![proptest_config(crate::proptest_config())]
+
+            /// An instant written as BACE writes it, in the zone, reads back as itself, or as
+            /// the earlier instant with the same local time when it falls in a fold.
+            #[test]
+            fn written_instants_read_back(tz in zone(), secs in instant()) {
+                let at = chrono::DateTime::from_timestamp(secs, 0).unwrap();
+                let text = at.with_timezone(&tz).format(bace_wire::EXPIRES_FORMAT).to_string();
+                let read = chrono::DateTime::<chrono::Utc>::from(parse_bace_expires(&text, tz).unwrap());
+                prop_assert!(read <= at, "{text}: {read} after {at}");
+                prop_assert_eq!(read.with_timezone(&tz).naive_local(), at.with_timezone(&tz).naive_local());
+                if read != at {
+                    // Only in a fold: both instants show the same local time.
+                    prop_assert!(tz.from_local_datetime(&at.with_timezone(&tz).naive_local()).single().is_none());
+                }
+            }
+
+            /// Any local time reads as an instant (gap included), never later than any instant
+            /// it can mean, and at most the zone's jump away from the text.
+            #[test]
+            fn every_local_time_reads_as_its_earliest_instant(tz in zone(), secs in instant()) {
+                let naive: NaiveDateTime = chrono::DateTime::from_timestamp(secs, 0).unwrap().naive_utc();
+                let text = naive.format(bace_wire::EXPIRES_FORMAT).to_string();
+                let read = chrono::DateTime::<chrono::Utc>::from(parse_bace_expires(&text, tz).unwrap());
+                match tz.from_local_datetime(&naive) {
+                    chrono::LocalResult::Single(t) => prop_assert_eq!(read, t.to_utc()),
+                    chrono::LocalResult::Ambiguous(a, b) => prop_assert_eq!(read, a.to_utc().min(b.to_utc())),
+                    chrono::LocalResult::None => {
+                        // In a gap: before the first instant after it, and shown as a local
+                        // time before the text by no more than a day.
+                        let shown = read.with_timezone(&tz).naive_local();
+                        prop_assert!(shown < naive);
+                        prop_assert!(naive - shown <= chrono::TimeDelta::days(1));
+                    }
+                }
+            }
+
+            /// Arbitrary text never panics; what is not the format reads as nothing.
+            #[test]
+            fn arbitrary_text_never_panics(tz in zone(), text in "\\PC{0,40}") {
+                let read = parse_bace_expires(&text, tz);
+                if NaiveDateTime::parse_from_str(text.trim(), bace_wire::EXPIRES_FORMAT).is_err() {
+                    prop_assert_eq!(read, None);
+                }
+            }
+
+            /// Text close to the format (digits and separators in its places) never panics.
+            #[test]
+            fn near_format_text_never_panics(
+                tz in zone(),
+                text in "[+-]?[0-9]{1,7}-[0-9]{1,3}-[0-9]{1,3} [0-9]{1,3}:[0-9]{1,3}:[0-9]{1,3}",
+            ) {
+                let _ = parse_bace_expires(&text, tz);
+            }
         }
     }
 }
