@@ -23,7 +23,7 @@ use axum::{
 use bace_token_broker::{
     Authorizer, Denied, HANDSHAKE_TIMEOUT, MAX_CACHED_TOKEN_BYTES, TOKEN_CACHE_CAPACITY,
     TOKEN_CACHE_TTL, TlsAcceptor, TlsConn, TlsConnInfo, TokenCacheCounts,
-    config::{RawAuth, RawTls, TlsConfig},
+    config::{MAX_FILE_BYTES, RawAuth, RawTls, TlsConfig},
     incoming, peer_identity,
 };
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -612,6 +612,33 @@ fn url_authorizer(url: &str) -> Authorizer {
     authorizer(&format!(
         "kubernetes:\n  issuer: {ISSUER}\n  jwks_url: {url}\nallow: []\n"
     ))
+}
+
+#[tokio::test]
+async fn an_oversized_bearer_token_file_fails_the_fetch_not_the_broker() {
+    // The file is read at each fetch (the kubelet rotates it), bounded like every file the
+    // config names: one that grew past the limit after the start fails the fetch.
+    let key = SigningKey::es256("k1");
+    let (fake, url) = JwksFake::start(&[&key]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = write(dir.path(), "token", "broker-own-token\n");
+    let auth = authorizer(&format!(
+        "kubernetes:\n  issuer: {ISSUER}\n  jwks_url: {url}\n  audience: {AUDIENCE}\n  bearer_token_file: {}\n",
+        token_file.display()
+    ));
+    std::fs::write(&token_file, "t".repeat(MAX_FILE_BYTES + 1)).unwrap();
+    let bearer = key.bearer(&claims("reports", "exporter"));
+    assert_eq!(
+        guard(auth.authenticate(Some(&bearer), None)).await,
+        Err(Denied::KEYS_UNAVAILABLE)
+    );
+    assert_eq!(
+        fake.requests(),
+        0,
+        "no fetch without the broker's own token"
+    );
+    std::fs::write(&token_file, "broker-own-token\n").unwrap();
+    assert!(guard(auth.authenticate(Some(&bearer), None)).await.is_ok());
 }
 
 #[tokio::test]

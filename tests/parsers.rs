@@ -1050,4 +1050,32 @@ fn files_the_config_names_are_read_up_to_a_limit() {
         jwks.contains("auth.kubernetes.jwks_file") && jwks.contains("larger than"),
         "{jwks}"
     );
+    // The store's files too (password, CA, encryption keys).
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, format!("k1 {}\n", "A".repeat(43) + "=")).unwrap();
+    for (field, line) in [
+        ("password_file", "password_file: /dev/zero"),
+        ("encryption_key_file", "encryption_key_file: /dev/zero"),
+        ("ca_file", "ca_file: /dev/zero"),
+    ] {
+        let url = if field == "ca_file" {
+            "rediss://127.0.0.1:6379"
+        } else {
+            "redis://127.0.0.1:6379"
+        };
+        let key_file = if field == "encryption_key_file" {
+            String::new()
+        } else {
+            format!("\n    encryption_key_file: {}", keys.display())
+        };
+        let store = Config::parse(&format!(
+            "store:\n  redis:\n    url: {url}\n    {line}{key_file}\naccounts:\n  a: {{client_id: c, client_secret: s, username: u, password: p}}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            store.contains(&format!("store.redis.{field}")) && store.contains("larger than"),
+            "{store}"
+        );
+    }
 }

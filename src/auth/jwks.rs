@@ -159,12 +159,17 @@ impl Fetcher {
             .get(self.url.clone())
             .header(reqwest::header::ACCEPT, "application/json");
         if let Some(path) = &self.bearer_token_file {
-            let token = tokio::fs::read_to_string(path).await.map_err(|source| {
-                FetchError::BearerToken {
+            // Read at each fetch (the kubelet rotates it), bounded like every file the config
+            // names; off the runtime's threads, as tokio's own file reads are.
+            let file = path.clone();
+            let token = tokio::task::spawn_blocking(move || crate::config::read_file(&file))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+                .and_then(|bytes| String::from_utf8(bytes).map_err(std::io::Error::other))
+                .map_err(|source| FetchError::BearerToken {
                     path: path.clone(),
                     source,
-                }
-            })?;
+                })?;
             request = request.bearer_auth(token.trim());
         }
         let transport = |e: reqwest::Error| FetchError::Transport(error_chain(&e));

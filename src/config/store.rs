@@ -324,8 +324,10 @@ fn parse_redis_url(text: &str) -> Result<Url, FieldError> {
 
 fn read_password(path: &Path) -> Result<SecretString, FieldError> {
     const FIELD: &str = "store.redis.password_file";
-    let mut text = std::fs::read_to_string(path)
+    let bytes = super::read_file(path)
         .map_err(|e| FieldError::new(FIELD, format!("cannot read {}: {e}", path.display())))?;
+    let mut text = String::from_utf8(bytes)
+        .map_err(|_| FieldError::new(FIELD, format!("{} is not UTF-8 text", path.display())))?;
     if text.ends_with('\n') {
         text.pop();
         if text.ends_with('\r') {
@@ -344,7 +346,7 @@ fn read_password(path: &Path) -> Result<SecretString, FieldError> {
 fn read_ca(path: &Path) -> Result<Vec<u8>, FieldError> {
     use tokio_rustls::rustls::pki_types::{CertificateDer, pem::PemObject};
     const FIELD: &str = "store.redis.ca_file";
-    let pem = std::fs::read(path)
+    let pem = super::read_file(path)
         .map_err(|e| FieldError::new(FIELD, format!("cannot read {}: {e}", path.display())))?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
@@ -475,7 +477,7 @@ impl StoreKeys {
     /// file and the line.
     pub fn load(path: &Path) -> Result<Self, FieldError> {
         const FIELD: &str = "store.redis.encryption_key_file";
-        let text = std::fs::read(path)
+        let text = super::read_file(path)
             .map_err(|e| FieldError::new(FIELD, format!("cannot read {}: {e}", path.display())))?;
         // Not `read_to_string`: its error would not say where, and the text is secret.
         let text = secrecy::zeroize::Zeroizing::new(text);
