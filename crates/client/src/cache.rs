@@ -4,6 +4,11 @@
 //! Single flight survives its leader: the call runs as its own task, and the callers await a
 //! shared handle to it. A caller that gives up (its future dropped) neither cancels nor restarts
 //! the call; every other waiter gets the same result, success or error.
+//!
+//! A GetToken answer may arrive after a newer token was stored (an Invalidate or a watch that
+//! replaced the token the broker was about to hand out). A generation per slot, bumped by those
+//! stores, keeps such a late answer out of the cache: a fetch stores its token only if the
+//! generation is still the one it saw when it started.
 
 use std::{
     future::Future,
@@ -31,6 +36,10 @@ pub(crate) struct Slot {
     fetch: Mutex<Option<Fetch>>,
     /// The Invalidate in flight, with the token it reports. Same locking rule.
     invalidation: Mutex<Option<Invalidation>>,
+    /// Bumped by every store of a token newer than any GetToken in flight (Invalidate, watch).
+    /// A `Mutex`, not an atomic: a fetch compares it and stores under the lock, so an
+    /// Invalidate cannot slip in between. Writers only; readers load `cached` without it.
+    generation: Mutex<u64>,
 }
 
 struct Fetch {
@@ -69,9 +78,34 @@ impl Slot {
         self.cached.load_full().map(|t| Token::clone(&t))
     }
 
-    /// Stores the broker's current token.
+    /// Stores the broker's current token as it stands now (an Invalidate's or a watch's
+    /// answer): newer than whatever a GetToken in flight will bring back.
     pub(crate) fn store(&self, token: &Token) {
+        let mut generation = self
+            .generation
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *generation = generation.wrapping_add(1);
         self.cached.store(Some(Arc::new(token.clone())));
+    }
+
+    /// The generation a fetch starting now must find unchanged to store its answer.
+    fn generation(&self) -> u64 {
+        *self
+            .generation
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Stores a GetToken answer unless a newer token was stored since `seen`.
+    fn store_fetched(&self, token: &Token, seen: u64) {
+        let generation = self
+            .generation
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if *generation == seen {
+            self.cached.store(Some(Arc::new(token.clone())));
+        }
     }
 
     /// Joins the GetToken in flight that asked for at least `min_validity`, or starts one with
@@ -99,11 +133,12 @@ impl Slot {
         // (later callers join the new one; the older one still answers its own waiters).
         let id = next_id();
         let slot = Arc::clone(self);
+        let seen = self.generation();
         let call = start();
         let call = async move {
             let result = call.await;
             if let Ok(token) = &result {
-                slot.store(token);
+                slot.store_fetched(token, seen);
             }
             slot.end_fetch(id);
             result
@@ -329,6 +364,48 @@ mod tests {
         let (a, b, _) = tokio::join!(a, b, other);
         assert!(a.unwrap().token.same_token(&b.unwrap().token));
         assert_eq!(slot.current().unwrap().access_token(), "new");
+    }
+
+    /// An Invalidate answer (T2) stored while a GetToken was in flight; the GetToken's late
+    /// answer (T1, the token just reported) must not replace it.
+    #[tokio::test(start_paused = true)]
+    async fn a_late_get_token_answer_does_not_replace_a_newer_token() {
+        let slot = Arc::new(Slot::default());
+        let starts = Arc::new(AtomicUsize::new(0));
+        let (tx, start) = gated(&starts);
+        let fetch = wait(slot.join_fetch(MARGIN, Duration::from_secs(60), start));
+        let invalidation = slot.join_invalidation("t1", || {
+            Box::pin(async {
+                Ok(Invalidated {
+                    outcome: crate::InvalidateOutcome::Invalidated,
+                    invalidated: true,
+                    token: test_token("a", "t2", Duration::from_secs(3600)),
+                })
+            })
+        });
+        invalidation.await.unwrap();
+        tx.send(Ok(test_token("a", "t1", Duration::from_secs(80))))
+            .unwrap();
+        // The caller that asked gets its answer; the cache keeps the newer token.
+        assert_eq!(fetch.await.unwrap().access_token(), "t1");
+        assert_eq!(slot.current().unwrap().access_token(), "t2");
+        let hot = slot.fresh(Instant::now(), MARGIN).unwrap();
+        assert_eq!(hot.access_token(), "t2");
+        // A watch's store counts the same way.
+        let (tx, start) = gated(&starts);
+        let fetch = wait(slot.join_fetch(MARGIN, Duration::from_secs(7200), start));
+        slot.store(&test_token("a", "t3", Duration::from_secs(3600)));
+        tx.send(Ok(test_token("a", "t2", Duration::from_secs(7300))))
+            .unwrap();
+        fetch.await.unwrap();
+        assert_eq!(slot.current().unwrap().access_token(), "t3");
+        // With nothing stored meanwhile, a fetch's answer is cached as before.
+        let (tx, start) = gated(&starts);
+        let fetch = wait(slot.join_fetch(MARGIN, Duration::from_secs(7200), start));
+        tx.send(Ok(test_token("a", "t4", Duration::from_secs(9000))))
+            .unwrap();
+        fetch.await.unwrap();
+        assert_eq!(slot.current().unwrap().access_token(), "t4");
     }
 
     #[tokio::test(start_paused = true)]

@@ -102,12 +102,19 @@ impl BrokerClient {
     }
 
     /// A token for `account` that stays valid for at least `min_validity` beyond the margin.
-    /// The broker is asked for that much validity (refreshing first if it must); concurrent
-    /// callers that need no more than an earlier caller join its call.
+    /// The broker is asked for the margin plus `min_validity` (refreshing first if it must), so
+    /// the answer can be cached; concurrent callers that need no more than an earlier caller
+    /// join its call.
+    ///
+    /// If the broker answers `OUT_OF_RANGE` to that (the margin plus `min_validity` is longer
+    /// than any BACE token lasts), the client asks once more for `min_validity` alone and
+    /// returns that answer: a token valid for at least `min_validity`, which the cache cannot
+    /// keep (every such call reaches the broker).
     ///
     /// # Errors
     ///
-    /// As [`token`](Self::token); [`Error::OutOfRange`] when no BACE token lasts that long.
+    /// As [`token`](Self::token); [`Error::OutOfRange`] when no BACE token lasts
+    /// `min_validity`.
     pub async fn token_with_min_validity(
         &self,
         account: &str,
@@ -142,7 +149,7 @@ impl BrokerClient {
                 self.inner.rpc.clone(),
                 self.inner.caller.clone(),
                 account.to_owned(),
-                min_validity,
+                (self.inner.settings.margin, min_validity),
                 self.inner.settings.timeout,
             ))
         }) {
@@ -214,9 +221,27 @@ impl BrokerClient {
     }
 }
 
+/// GetToken for the margin plus `min_validity`; after `OUT_OF_RANGE`, for `min_validity` alone.
 async fn get_token(
-    mut rpc: Rpc,
+    rpc: Rpc,
     caller: CallerToken,
+    account: String,
+    (margin, min_validity): (Duration, Duration),
+    timeout: Duration,
+) -> Result<Token, Error> {
+    let cacheable = margin.saturating_add(min_validity);
+    let first = get_token_once(rpc.clone(), &caller, account.clone(), cacheable, timeout).await;
+    match first {
+        Err(Error::OutOfRange { .. }) if cacheable != min_validity => {
+            get_token_once(rpc, &caller, account, min_validity, timeout).await
+        }
+        other => other,
+    }
+}
+
+async fn get_token_once(
+    mut rpc: Rpc,
+    caller: &CallerToken,
     account: String,
     min_validity: Duration,
     timeout: Duration,
@@ -235,7 +260,7 @@ async fn get_token(
     let answer = rpc
         .get_token(request)
         .await
-        .map_err(|s| failed(&caller, s))?;
+        .map_err(|s| failed(caller, s))?;
     let token = answer
         .into_inner()
         .token

@@ -124,7 +124,10 @@ impl BrokerClientBuilder {
     }
 
     /// A cached token is handed out while it stays valid for more than this margin (plus the
-    /// caller's `min_validity`); after that the next call asks the broker. Default: 30 s.
+    /// caller's `min_validity`); after that the next call asks the broker, for a token valid
+    /// beyond this margin too (see
+    /// [`token_with_min_validity`](crate::BrokerClient::token_with_min_validity)). A margin
+    /// longer than BACE tokens last makes every call reach the broker. Default: 30 s.
     pub fn margin(mut self, margin: Duration) -> Self {
         self.settings.margin = margin;
         self

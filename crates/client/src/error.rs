@@ -92,7 +92,9 @@ impl Error {
     /// Whether trying again (with backoff) can succeed without anything being fixed:
     /// [`UpstreamUnavailable`](Error::UpstreamUnavailable),
     /// [`BrokerUnreachable`](Error::BrokerUnreachable), [`Timeout`](Error::Timeout), and
-    /// unexpected `UNAVAILABLE`, `RESOURCE_EXHAUSTED`, `ABORTED` or `INTERNAL` answers.
+    /// unexpected `UNAVAILABLE`, `RESOURCE_EXHAUSTED` or `ABORTED` answers. Not `INTERNAL`: that
+    /// code also stands for an answer that broke the API's contract, which asking again does
+    /// not fix (the Python client agrees).
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::UpstreamUnavailable { .. }
@@ -100,7 +102,7 @@ impl Error {
             | Error::Timeout { .. } => true,
             Error::Broker { code, .. } => matches!(
                 code,
-                Code::Unavailable | Code::ResourceExhausted | Code::Aborted | Code::Internal
+                Code::Unavailable | Code::ResourceExhausted | Code::Aborted
             ),
             _ => false,
         }
@@ -188,7 +190,9 @@ mod tests {
             (Code::Cancelled, "Timeout", true),
             (Code::Unauthenticated, "Unauthenticated", false),
             (Code::PermissionDenied, "PermissionDenied", false),
-            (Code::Internal, "Broker", true),
+            (Code::Internal, "Broker", false),
+            (Code::ResourceExhausted, "Broker", true),
+            (Code::Aborted, "Broker", true),
             (Code::Unimplemented, "Broker", false),
         ];
         for (code, variant, retryable) in cases {
@@ -212,5 +216,12 @@ mod tests {
         assert!(e.is_retryable());
         assert!(e.to_string().contains("refused"), "{e}");
         assert_eq!(e.code(), None);
+    }
+
+    #[test]
+    fn a_protocol_error_is_not_retryable() {
+        let e = Error::protocol("the broker answered GetToken without a token");
+        assert_eq!(e.code(), Some(Code::Internal));
+        assert!(!e.is_retryable());
     }
 }

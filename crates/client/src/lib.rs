@@ -4,12 +4,14 @@
 //! - [`BrokerClient`]: built from an endpoint with the CLI's connection options (TLS CA, client
 //!   certificate and key, a service-account token file re-read when the kubelet rotates it).
 //!   [`token`](BrokerClient::token) answers from a local cache while the token has more than a
-//!   margin left (default 30 s); otherwise one `GetToken` call serves every concurrent caller of
-//!   the account. [`invalidate`](BrokerClient::invalidate) reports a refused token;
+//!   margin left (default 30 s); otherwise one `GetToken` call, asking for a token valid beyond
+//!   the margin so that it can be cached, serves every concurrent caller of the account.
+//!   [`invalidate`](BrokerClient::invalidate) reports a refused token;
 //!   [`watch`](BrokerClient::watch) follows an account's token over `WatchToken`.
 //! - [`BrokerAuthMiddleware`] (`reqwest-middleware`, feature `reqwest-middleware`) and
 //!   [`BrokerAuthLayer`] (`tower`, feature `tower`; both on by default) set `Authorization` on
-//!   every request and perform the 401 dance: on a 401 from BACE, report the token with
+//!   every request and perform the 401 dance: on a 401 from BACE (the origin the token was
+//!   sent to, not another one reached by a redirect), report the token with
 //!   `Invalidate`; if the broker says BACE accepts that token (`TOKEN_VALID`, with
 //!   `upstream.verify_url` configured: the account lacks a permission), hand the 401 back;
 //!   otherwise send the request once more with the new token, if its body can be replayed.

@@ -8,32 +8,149 @@ use std::time::Duration;
 
 use bace_token_broker_client::{BrokerClient, Error, InvalidateOutcome, Token};
 use common::{ACCOUNT, Broker, fake, guard};
-use testkit::pki;
+use testkit::{
+    fake_bace::{ErrorShape, Step},
+    pki,
+};
 
+/// Every caller joins while the one GetToken is held (the broker's refresh waits at the fake's
+/// gate); released, the refresh fails and all 200 get that one error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_callers_share_one_call_and_its_error() {
     let fake = fake().await;
     let broker = Broker::for_fake(&fake, |c| c).await;
     let client = BrokerClient::new(&broker.url).unwrap();
+    // More than the broker's 24 h login: it must refresh, and BACE is down.
+    let two_days = Duration::from_secs(48 * 3600);
+    fake.set_outage(Some(Step::Status(503, ErrorShape::default())));
+    fake.hold();
 
-    let start = std::sync::Arc::new(tokio::sync::Barrier::new(200));
+    let (joined, mut joins) = tokio::sync::mpsc::unbounded_channel();
     let mut calls = tokio::task::JoinSet::new();
     for _ in 0..200 {
-        let (client, start) = (client.clone(), start.clone());
+        let (client, joined) = (client.clone(), joined.clone());
         calls.spawn(async move {
-            start.wait().await;
-            client.token("no-such-account").await
+            // The first poll joins the account's call (or starts it).
+            let mut call = std::pin::pin!(client.token_with_min_validity(ACCOUNT, two_days));
+            assert!(futures_util::poll!(call.as_mut()).is_pending());
+            joined.send(()).unwrap();
+            call.await
         });
     }
-    for result in guard(calls.join_all()).await {
-        let error = result.unwrap_err();
-        assert!(matches!(error, Error::UnknownAccount { .. }), "{error:?}");
-        assert!(!error.is_retryable());
+    for _ in 0..200 {
+        guard(joins.recv()).await.unwrap();
+    }
+    fake.release();
+    let results = guard(calls.join_all()).await;
+    let first = results[0].clone().unwrap_err();
+    assert!(
+        matches!(first, Error::UpstreamUnavailable { .. }),
+        "{first:?}"
+    );
+    for result in results {
+        assert_eq!(result.unwrap_err(), first);
     }
     assert_eq!(broker.get_token_calls().await, 1);
     // Errors are not cached.
-    assert!(client.token("no-such-account").await.is_err());
+    assert!(
+        client
+            .token_with_min_validity(ACCOUNT, two_days)
+            .await
+            .is_err()
+    );
     assert_eq!(broker.get_token_calls().await, 2);
+}
+
+/// The broker is asked for the margin too, so the answer can be cached; a margin longer than
+/// any token lasts is dropped after the broker's OUT_OF_RANGE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_is_asked_for_a_token_valid_beyond_the_margin() {
+    let fake = fake().await;
+    let broker = Broker::for_fake(&fake, |c| c).await;
+    let day = Duration::from_secs(24 * 3600);
+    // The broker holds a 24 h login (its warm-up): not enough for a margin of a day.
+    let client = BrokerClient::builder(&broker.url)
+        .margin(day)
+        .build()
+        .unwrap();
+    let token = client.token(ACCOUNT).await.unwrap();
+    assert!(token.valid_for() > day, "{:?}", token.valid_for());
+    assert_eq!(broker.get_token_calls().await, 1);
+    assert!(client.token(ACCOUNT).await.unwrap().same_token(&token));
+    assert_eq!(broker.get_token_calls().await, 1);
+
+    let longer = BrokerClient::builder(&broker.url)
+        .margin(400 * day)
+        .build()
+        .unwrap();
+    assert!(longer.token(ACCOUNT).await.unwrap().same_token(&token));
+    assert_eq!(
+        broker.get_token_calls().await,
+        3,
+        "out of range, then without the margin"
+    );
+    let error = longer
+        .token_with_min_validity(ACCOUNT, 400 * day)
+        .await
+        .unwrap_err();
+    assert!(matches!(error, Error::OutOfRange { .. }), "{error:?}");
+}
+
+/// A redirect to another origin answering 401: reqwest did not send the token there, so it is
+/// not reported and stays in use.
+#[cfg(feature = "reqwest-middleware")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_401_from_another_origin_after_a_redirect_keeps_the_token() {
+    use bace_token_broker_client::BrokerAuthMiddleware;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Answers each connection on `listener` with `response`, once per request.
+    async fn serve(listener: tokio::net::TcpListener, response: String) {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            let response = response.clone();
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream.write_all(response.as_bytes()).await;
+            });
+        }
+    }
+    let listen = || tokio::net::TcpListener::bind("127.0.0.1:0");
+    let (redirecting, refusing) = (listen().await.unwrap(), listen().await.unwrap());
+    let target = format!("http://{}/api/v2/elsewhere", refusing.local_addr().unwrap());
+    let start = format!("http://{}/api/v2/moved", redirecting.local_addr().unwrap());
+    tokio::spawn(serve(
+        redirecting,
+        format!(
+            "HTTP/1.1 302 Found\r\nLocation: {target}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        ),
+    ));
+    tokio::spawn(serve(
+        refusing,
+        "HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into(),
+    ));
+
+    let fake = fake().await;
+    let broker = Broker::for_fake(&fake, |c| c).await;
+    let client = BrokerClient::new(&broker.url).unwrap();
+    let http = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+        .with(BrokerAuthMiddleware::new(client.clone(), ACCOUNT))
+        .build();
+    let response = guard(http.get(&start).send()).await.unwrap();
+    assert_eq!(response.status(), reqwest::StatusCode::UNAUTHORIZED);
+    assert_eq!(response.url().as_str(), target);
+    assert_eq!(broker.invalidate_calls().await, 0);
+    let token = client.cached(ACCOUNT).unwrap();
+    assert!(fake.is_valid(token.access_token()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -158,11 +275,18 @@ async fn the_watch_stream_stops_when_the_last_handle_is_dropped() {
     let broker = Broker::for_fake(&fake, |c| c).await;
     let client = BrokerClient::new(&broker.url).unwrap();
     let mut watch = client.watch(ACCOUNT);
-    let copy = watch.clone();
+    let mut copy = watch.clone();
     guard(watch.token()).await.unwrap();
     broker.wait_open_watches(1).await;
+    let first = watch.current().unwrap();
     drop(watch);
-    assert!(copy.current().is_some());
+    // The stream goes on for the remaining clone: it follows a rotation.
+    client
+        .invalidate(ACCOUNT, first.access_token())
+        .await
+        .unwrap();
+    let second = next_other(&mut copy, &first).await;
+    assert!(fake.is_valid(second.access_token()));
     broker.wait_open_watches(1).await;
     drop(copy);
     broker.wait_open_watches(0).await;
@@ -219,7 +343,8 @@ async fn tls_client_certificates_and_a_rotating_token_file() {
         .unwrap();
     mtls.token(ACCOUNT).await.unwrap();
 
-    // A service-account token, checked at every call (the margin makes every call ask).
+    // A service-account token, checked at every call (a margin longer than any token lasts
+    // makes every call ask).
     let token_file = write(
         "sa-token",
         &signer.sign(&pki::sa_claims("ingest", "exporter")),
@@ -229,7 +354,7 @@ async fn tls_client_certificates_and_a_rotating_token_file() {
         .tls_domain_name("localhost")
         .token_file(&token_file)
         .token_file_check(Duration::ZERO)
-        .margin(Duration::from_secs(25 * 3600))
+        .margin(Duration::from_secs(400 * 24 * 3600))
         .build()
         .unwrap();
     sa.token(ACCOUNT).await.unwrap();

@@ -11,6 +11,10 @@ use crate::BrokerClient;
 /// A `reqwest-middleware` middleware that authorises every request with a token of one
 /// account and performs the 401 dance (see the crate docs).
 ///
+/// Only a 401 from the origin the request (and its token) was sent to counts: reqwest follows
+/// redirects below the middleware and drops `Authorization` when one leads to another origin,
+/// so a 401 from there is returned untouched and the token is not reported.
+///
 /// A retry needs a request that can be sent twice: `reqwest::Request::try_clone` must
 /// succeed, which it does for every body but a stream (`Body::wrap_stream`). A streamed
 /// request that gets a 401 is still reported to the broker (so the next request carries the new
@@ -70,8 +74,15 @@ impl Middleware for BrokerAuthMiddleware {
         request
             .headers_mut()
             .insert(AUTHORIZATION, token.authorization().clone());
+        let origin = request.url().origin();
         let response = next.clone().run(request, extensions).await?;
         if response.status() != StatusCode::UNAUTHORIZED {
+            return Ok(response);
+        }
+        // reqwest follows redirects below the middleware and drops `Authorization` on the way
+        // to another origin: a 401 from there says nothing about the token.
+        if response.url().origin() != origin {
+            tracing::debug!(account = %self.account, "401 from another origin after a redirect; token kept");
             return Ok(response);
         }
         // Boxed: the cold path's future stays out of the hot path's.
