@@ -227,7 +227,9 @@ def broker_b(binary, fake_bace, signing_key, tmp_path_factory):
 # === channels and calls ===
 
 
-def _mtls_channel(broker: testkit.BrokerProcess, pki: dict[str, Path], client: str | None) -> grpc.Channel:
+def _mtls_channel(
+    broker: testkit.BrokerProcess, pki: dict[str, Path], client: str | None
+) -> grpc.Channel:
     creds = grpc.ssl_channel_credentials(
         root_certificates=pki["ca"].read_bytes(),
         private_key=pki[f"{client}.key"].read_bytes() if client else None,

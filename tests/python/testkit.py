@@ -299,7 +299,9 @@ def built(path: Path) -> Path:
     return path
 
 
-def running_fake_bace(accounts: Iterable[dict[str, Any]], workdir: Path) -> Iterator[FakeBaceProcess]:
+def running_fake_bace(
+    accounts: Iterable[dict[str, Any]], workdir: Path
+) -> Iterator[FakeBaceProcess]:
     """The body of a fake BACE fixture (`yield from`): the fake with `accounts`, failing the
     test if it does not start, and the fixture if it does not stop cleanly."""
     try:
