@@ -7,25 +7,19 @@ mod common;
 use std::time::Duration;
 
 use bace_token_broker_client::{BrokerClient, Error, InvalidateOutcome, Token};
-use common::{ACCOUNT, Broker, fake, guard};
+use common::{ACCOUNT, Broker, fake, guard, scene, together};
 use testkit::pki;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_callers_share_one_call_and_its_error() {
-    let fake = fake().await;
-    let broker = Broker::for_fake(&fake, |c| c).await;
-    let client = BrokerClient::new(&broker.url).unwrap();
+    let (_fake, broker, client) = scene().await;
 
-    let start = std::sync::Arc::new(tokio::sync::Barrier::new(200));
-    let mut calls = tokio::task::JoinSet::new();
-    for _ in 0..200 {
-        let (client, start) = (client.clone(), start.clone());
-        calls.spawn(async move {
-            start.wait().await;
-            client.token("no-such-account").await
-        });
-    }
-    for result in guard(calls.join_all()).await {
+    let results = together(200, || {
+        let client = client.clone();
+        async move { client.token("no-such-account").await }
+    })
+    .await;
+    for result in results {
         let error = result.unwrap_err();
         assert!(matches!(error, Error::UnknownAccount { .. }), "{error:?}");
         assert!(!error.is_retryable());
@@ -38,9 +32,7 @@ async fn concurrent_callers_share_one_call_and_its_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn min_validity_beyond_the_cached_token_asks_the_broker() {
-    let fake = fake().await;
-    let broker = Broker::for_fake(&fake, |c| c).await;
-    let client = BrokerClient::new(&broker.url).unwrap();
+    let (_fake, broker, client) = scene().await;
 
     let first = client.token(ACCOUNT).await.unwrap(); // a 24 h login
     let hour = Duration::from_secs(3600);
@@ -74,9 +66,7 @@ async fn min_validity_beyond_the_cached_token_asks_the_broker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalidate_returns_the_outcome_and_the_new_token() {
-    let fake = fake().await;
-    let broker = Broker::for_fake(&fake, |c| c).await;
-    let client = BrokerClient::new(&broker.url).unwrap();
+    let (_fake, broker, client) = scene().await;
 
     let old = client.token(ACCOUNT).await.unwrap();
     let answer = client
@@ -154,9 +144,7 @@ async fn a_watch_follows_a_rotation_and_survives_a_broker_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_watch_stream_stops_when_the_last_handle_is_dropped() {
-    let fake = fake().await;
-    let broker = Broker::for_fake(&fake, |c| c).await;
-    let client = BrokerClient::new(&broker.url).unwrap();
+    let (_fake, broker, client) = scene().await;
     let mut watch = client.watch(ACCOUNT);
     let copy = watch.clone();
     guard(watch.token()).await.unwrap();
@@ -170,9 +158,7 @@ async fn the_watch_stream_stops_when_the_last_handle_is_dropped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_on_an_unknown_account_reports_the_error() {
-    let fake = fake().await;
-    let broker = Broker::for_fake(&fake, |c| c).await;
-    let client = BrokerClient::new(&broker.url).unwrap();
+    let (_fake, _broker, client) = scene().await;
     let mut watch = client.watch("no-such-account");
     let error = guard(watch.token()).await.unwrap_err();
     assert!(matches!(error, Error::UnknownAccount { .. }), "{error:?}");
