@@ -16,12 +16,8 @@ use std::{
 
 use fake_bace::{FakeAccount, FakeBace, FakeOptions, Grant};
 use testkit::{Account, BrokerConfig};
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-};
 
 const BIN: &str = env!("CARGO_BIN_EXE_bace-token-broker");
-const READINESS_SERVICE: &str = "bace.tokenbroker.v1.TokenBrokerService";
 /// Budget for a server to become ready.
 const READY_WITHIN: Duration = Duration::from_secs(30);
 /// Budget for a server to exit after SIGTERM, or after a bad config.
@@ -152,7 +148,7 @@ impl Server {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 panic!("server exited with {status} before ready:\n{}", self.logs());
             }
-            if self.is_ready().await {
+            if testkit::is_ready(&self.addr).await {
                 return;
             }
             assert!(
@@ -162,26 +158,6 @@ impl Server {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-    }
-
-    async fn is_ready(&self) -> bool {
-        let Ok(endpoint) = tonic::transport::Endpoint::from_shared(self.addr.clone()) else {
-            return false;
-        };
-        let Ok(channel) = endpoint
-            .connect_timeout(Duration::from_secs(1))
-            .timeout(Duration::from_secs(2))
-            .connect()
-            .await
-        else {
-            return false;
-        };
-        HealthClient::new(channel)
-            .check(HealthCheckRequest {
-                service: READINESS_SERVICE.into(),
-            })
-            .await
-            .is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32)
     }
 
     /// Runs a client command against this server.

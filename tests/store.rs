@@ -13,8 +13,9 @@ use std::{
 };
 
 use bace_token_broker::{
-    AccountName, Acquired, Backoff, BackoffKind, Fingerprint, Invalidation, LeaseKept, READ_BATCH,
-    Store, StoreErrorKind, StoreEvent, Stored, Token, Unreadable, Written, config::RedisConfig,
+    AccountName, Acquired, Backoff, BackoffKind, Fingerprint, Invalidation, Lease, LeaseKept,
+    READ_BATCH, Store, StoreErrorKind, StoreEvent, Stored, Token, Unreadable, Written,
+    config::RedisConfig,
 };
 use secrecy::SecretString;
 use testkit::{Account, BrokerConfig, RedisServer, RedisStore, guard};
@@ -23,9 +24,10 @@ use tokio::time::Instant;
 const KEY_1: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 const KEY_2: &str = "HxscGxoZGBcWFRQTEhEQDw4NDAsKCQgHBgUEAwIBAAA=";
 
-/// Settings of one replica's store.
+/// Settings of one replica's store; its key files go to a temporary folder of its own.
 struct Setup<'a> {
     url: String,
+    dir: tempfile::TempDir,
     /// Key ids of the key file, `k1` and `k2` (fixed keys, so replicas share them).
     keys: &'a str,
     timeout: Duration,
@@ -40,6 +42,7 @@ impl<'a> Setup<'a> {
     fn new(redis: &RedisServer) -> Self {
         Self {
             url: redis.url(),
+            dir: tempfile::tempdir().unwrap(),
             keys: "k1",
             // Generous: a loaded machine may take a while for a first connect (TLS included);
             // the tests of timeouts and leases set their own.
@@ -54,8 +57,8 @@ impl<'a> Setup<'a> {
 
     /// The `store.redis` section as the broker validates it, from a config file written with
     /// the test kit's builder.
-    fn config(&self, dir: &Path) -> RedisConfig {
-        let key_file = dir.join(format!("keys-{}", rand_suffix()));
+    fn config(&self) -> RedisConfig {
+        let key_file = self.dir.path().join(format!("keys-{}", rand_suffix()));
         let lines: Vec<String> = self
             .keys
             .split(',')
@@ -89,8 +92,31 @@ impl<'a> Setup<'a> {
             .redis
     }
 
-    fn store(&self, dir: &Path) -> Store {
-        Store::new(&self.config(dir)).unwrap()
+    /// Leases of 1.5 s, renewed every half second, for the tests that outlive them.
+    fn short_leases(redis: &RedisServer) -> Self {
+        Self {
+            lease: Duration::from_millis(1500),
+            timeout: Duration::from_millis(500),
+            ..Self::new(redis)
+        }
+    }
+
+    /// Short timeouts (and leases) for the tests of a paused server.
+    fn short_timeouts(redis: &RedisServer) -> Self {
+        Self {
+            timeout: Duration::from_millis(200),
+            lease: Duration::from_secs(1),
+            ..Self::new(redis)
+        }
+    }
+
+    fn store(&self) -> Store {
+        Store::new(&self.config()).unwrap()
+    }
+
+    /// Two replicas sharing the Redis and the keys.
+    fn replicas(&self) -> (Store, Store) {
+        (self.store(), self.store())
     }
 }
 
@@ -113,6 +139,54 @@ fn token(account: &str, access: &str, refresh: Option<&str>) -> Token {
     )
 }
 
+/// Writes an access token (no refresh token) of `account` with `version`.
+async fn put(store: &Store, account: &str, access: &str, version: u64) -> Written {
+    guard(store.write(&token(account, access, None), version))
+        .await
+        .unwrap()
+}
+
+/// What `store` holds for `name`.
+async fn read(store: &Store, name: &str) -> Stored {
+    guard(store.read(&account(name))).await.unwrap()
+}
+
+/// The readable record of `name`.
+async fn get(store: &Store, name: &str) -> bace_token_broker::Record {
+    record(read(store, name).await)
+}
+
+/// Reads `a` until the store answers again (after a restart or a resume).
+async fn read_when_back(store: &Store, a: &AccountName) -> Stored {
+    guard(async {
+        loop {
+            if let Ok(stored) = store.read(a).await {
+                break stored;
+            }
+        }
+    })
+    .await
+}
+
+/// The store could not reach Redis: unreachable, or timed out while trying.
+fn assert_unreachable(error: &bace_token_broker::StoreError) {
+    assert!(
+        matches!(
+            error.kind(),
+            StoreErrorKind::Unreachable | StoreErrorKind::Timeout
+        ),
+        "{error}"
+    );
+}
+
+/// Takes the free lease of `a`.
+async fn take_lease(store: &Store, a: &AccountName) -> Lease {
+    match guard(store.acquire_lease(a)).await.unwrap() {
+        Acquired::Acquired(lease) => lease,
+        Acquired::Held { .. } => panic!("the lease of {a} is held"),
+    }
+}
+
 fn record(stored: Stored) -> bace_token_broker::Record {
     match stored {
         Stored::Token(record) => record,
@@ -125,14 +199,11 @@ fn record(stored: Stored) -> bace_token_broker::Record {
 #[tokio::test]
 async fn a_lease_has_one_holder_and_only_the_holder_releases_it() {
     let redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
     let setup = Setup::new(&redis);
-    let (one, two) = (setup.store(dir.path()), setup.store(dir.path()));
+    let (one, two) = setup.replicas();
     let a = account("fleet-a");
 
-    let Acquired::Acquired(lease) = guard(one.acquire_lease(&a)).await.unwrap() else {
-        panic!("the first replica gets the lease");
-    };
+    let lease = take_lease(&one, &a).await;
     match guard(two.acquire_lease(&a)).await.unwrap() {
         Acquired::Held { expires_in } => {
             assert!(expires_in.is_some_and(|d| d <= Duration::from_secs(6)));
@@ -148,9 +219,7 @@ async fn a_lease_has_one_holder_and_only_the_holder_releases_it() {
     // A holder whose lease expired and was taken over cannot release the new holder's lease.
     let key = "bace-broker:lease:fleet-a";
     redis.cmd::<()>(&["DEL", key]);
-    let Acquired::Acquired(theirs) = guard(two.acquire_lease(&a)).await.unwrap() else {
-        panic!("free after the delete");
-    };
+    let theirs = take_lease(&two, &a).await;
     assert!(
         !guard(one.release(lease)).await.unwrap(),
         "not the holder any more"
@@ -173,15 +242,10 @@ async fn a_lease_has_one_holder_and_only_the_holder_releases_it() {
 #[tokio::test]
 async fn an_expired_lease_lets_the_other_replica_in() {
     let redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let mut setup = Setup::new(&redis);
-    setup.lease = Duration::from_millis(1500);
-    setup.timeout = Duration::from_millis(500);
-    let (one, two) = (setup.store(dir.path()), setup.store(dir.path()));
+    let setup = Setup::short_leases(&redis);
+    let (one, two) = setup.replicas();
     let a = account("fleet-a");
-    let Acquired::Acquired(lease) = guard(one.acquire_lease(&a)).await.unwrap() else {
-        panic!("first");
-    };
+    let lease = take_lease(&one, &a).await;
     // Never renewed: Redis expires it, and the other replica gets it.
     let acquired = guard(async {
         loop {
@@ -205,17 +269,14 @@ async fn an_expired_lease_lets_the_other_replica_in() {
 #[tokio::test]
 async fn holding_renews_the_lease_and_reports_its_loss() {
     let redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
     let mut setup = Setup::new(&redis);
     // Renewals 2 s apart with 4 s to spare each: a loaded machine stalling this process
     // for a second does not lose the lease.
     setup.lease = Duration::from_secs(6);
     setup.timeout = Duration::from_secs(2);
-    let (one, two) = (setup.store(dir.path()), setup.store(dir.path()));
+    let (one, two) = setup.replicas();
     let a = account("fleet-a");
-    let Acquired::Acquired(mut lease) = guard(one.acquire_lease(&a)).await.unwrap() else {
-        panic!("first");
-    };
+    let mut lease = take_lease(&one, &a).await;
     // The work outlives the lease by half; the other replica keeps trying meanwhile.
     let started = Instant::now();
     let (attempts, kept) = guard(one.hold(&mut lease, async {
@@ -237,9 +298,7 @@ async fn holding_renews_the_lease_and_reports_its_loss() {
     // Taken away (deleted and taken by the other): the next renewal reports the loss, and the
     // work still runs to its end.
     redis.cmd::<()>(&["DEL", "bace-broker:lease:fleet-a"]);
-    let Acquired::Acquired(_theirs) = guard(two.acquire_lease(&a)).await.unwrap() else {
-        panic!("free after the delete");
-    };
+    let _theirs = take_lease(&two, &a).await;
     let (output, kept) = guard(one.hold(&mut lease, async {
         // The first renewal is due 2 s after the last confirmation.
         tokio::time::sleep(Duration::from_secs(4)).await;
@@ -256,15 +315,12 @@ async fn renewals_count_from_the_lease_s_last_confirmation_not_from_hold() {
     // the shared backoff) uses up part of the lease: the first renewal must not wait a whole
     // renewal period after `hold` starts, or it comes after the lease's end.
     let redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
     let mut setup = Setup::new(&redis);
     setup.lease = Duration::from_secs(6);
     setup.timeout = Duration::from_secs(2);
-    let (one, two) = (setup.store(dir.path()), setup.store(dir.path()));
+    let (one, two) = setup.replicas();
     let a = account("fleet-a");
-    let Acquired::Acquired(mut lease) = guard(one.acquire_lease(&a)).await.unwrap() else {
-        panic!("first");
-    };
+    let mut lease = take_lease(&one, &a).await;
     // 4.5 s of the 6 s pass before `hold`: a renewal 2 s after `hold` starts would be 0.5 s
     // too late; one due 2 s after the acquisition is made at once, with 1.5 s to spare.
     tokio::time::sleep(Duration::from_millis(4500)).await;
@@ -283,9 +339,8 @@ async fn renewals_count_from_the_lease_s_last_confirmation_not_from_hold() {
 #[tokio::test]
 async fn writes_are_fenced_by_version() {
     let redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
     let setup = Setup::new(&redis);
-    let (one, two) = (setup.store(dir.path()), setup.store(dir.path()));
+    let (one, two) = setup.replicas();
     let a = account("fleet-a");
     assert!(matches!(guard(one.read(&a)).await.unwrap(), Stored::Absent));
 
@@ -322,12 +377,11 @@ async fn writes_are_fenced_by_version() {
 #[tokio::test]
 async fn a_record_reads_back_whole_on_another_replica() {
     let redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
     let setup = Setup::new(&redis);
-    let (one, two) = (setup.store(dir.path()), setup.store(dir.path()));
+    let (one, two) = setup.replicas();
     let original = token("fleet-a", "access-RT", Some("refresh-RT")).from_refresh();
     guard(one.write(&original, 7)).await.unwrap();
-    let back = record(guard(two.read(&account("fleet-a"))).await.unwrap());
+    let back = get(&two, "fleet-a").await;
     assert_eq!(back.version, 7);
     assert!(!back.invalidated);
     let t = &back.token;
@@ -347,8 +401,7 @@ async fn a_record_reads_back_whole_on_another_replica() {
 #[tokio::test]
 async fn read_many_reads_in_batches_and_in_order() {
     let redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let store = Setup::new(&redis).store(dir.path());
+    let store = Setup::new(&redis).store();
     let n = READ_BATCH * 2 + 3;
     let accounts: Vec<AccountName> = (0..n).map(|i| account(&format!("acc-{i}"))).collect();
     for (i, a) in accounts.iter().enumerate().filter(|(i, _)| i % 3 != 0) {
@@ -373,14 +426,9 @@ async fn read_many_reads_in_batches_and_in_order() {
 #[tokio::test]
 async fn a_record_moved_to_another_account_or_version_is_rejected() {
     let redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let store = Setup::new(&redis).store(dir.path());
-    guard(store.write(&token("fleet-a", "access-A", None), 5))
-        .await
-        .unwrap();
-    guard(store.write(&token("fleet-b", "access-B", None), 9))
-        .await
-        .unwrap();
+    let store = Setup::new(&redis).store();
+    put(&store, "fleet-a", "access-A", 5).await;
+    put(&store, "fleet-b", "access-B", 9).await;
 
     // fleet-a's record copied over fleet-b's (a swap of records between accounts).
     redis.cmd::<()>(&[
@@ -389,7 +437,7 @@ async fn a_record_moved_to_another_account_or_version_is_rejected() {
         "bace-broker:token:fleet-b",
         "REPLACE",
     ]);
-    match guard(store.read(&account("fleet-b"))).await.unwrap() {
+    match read(&store, "fleet-b").await {
         Stored::Unreadable { version, reason } => {
             assert_eq!((version, reason), (Some(5), Unreadable::Tampered));
         }
@@ -398,16 +446,14 @@ async fn a_record_moved_to_another_account_or_version_is_rejected() {
     // fleet-a's record given another version.
     redis.cmd::<()>(&["HSET", "bace-broker:token:fleet-a", "v", "6"]);
     assert!(matches!(
-        guard(store.read(&account("fleet-a"))).await.unwrap(),
+        read(&store, "fleet-a").await,
         Stored::Unreadable {
             version: Some(6),
             reason: Unreadable::Tampered
         }
     ));
     // A flipped byte of the sealed record.
-    guard(store.write(&token("fleet-c", "access-C", None), 1))
-        .await
-        .unwrap();
+    put(&store, "fleet-c", "access-C", 1).await;
     let mut sealed: Vec<u8> = redis.cmd(&["HGET", "bace-broker:token:fleet-c", "r"]);
     let last = sealed.len() - 1;
     sealed[last] ^= 0x01;
@@ -419,16 +465,14 @@ async fn a_record_moved_to_another_account_or_version_is_rejected() {
         .query::<()>(&mut conn)
         .unwrap();
     assert!(matches!(
-        guard(store.read(&account("fleet-c"))).await.unwrap(),
+        read(&store, "fleet-c").await,
         Stored::Unreadable {
             reason: Unreadable::Tampered,
             ..
         }
     ));
     // A fingerprint that does not match the sealed token.
-    guard(store.write(&token("fleet-d", "access-D", None), 1))
-        .await
-        .unwrap();
+    put(&store, "fleet-d", "access-D", 1).await;
     redis.cmd::<()>(&[
         "HSET",
         "bace-broker:token:fleet-d",
@@ -436,7 +480,7 @@ async fn a_record_moved_to_another_account_or_version_is_rejected() {
         "0000000000000000",
     ]);
     assert!(matches!(
-        guard(store.read(&account("fleet-d"))).await.unwrap(),
+        read(&store, "fleet-d").await,
         Stored::Unreadable {
             reason: Unreadable::Tampered,
             ..
@@ -446,14 +490,12 @@ async fn a_record_moved_to_another_account_or_version_is_rejected() {
     // Garbage: no panic, not readable.
     redis.cmd::<()>(&["HSET", "bace-broker:token:fleet-e", "v", "x", "r", "\u{1}"]);
     assert!(matches!(
-        guard(store.read(&account("fleet-e"))).await.unwrap(),
+        read(&store, "fleet-e").await,
         Stored::Unreadable { version: None, .. }
     ));
     // A write supersedes an unreadable record by version.
     assert_eq!(
-        guard(store.write(&token("fleet-b", "access-B2", None), 6))
-            .await
-            .unwrap(),
+        put(&store, "fleet-b", "access-B2", 6).await,
         Written::Stored { version: 6 }
     );
 }
@@ -461,49 +503,43 @@ async fn a_record_moved_to_another_account_or_version_is_rejected() {
 #[tokio::test]
 async fn rotation_reads_old_records_and_writes_with_the_new_key() {
     let redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
     let mut setup = Setup::new(&redis);
     setup.keys = "k1";
-    let old = setup.store(dir.path());
-    guard(old.write(&token("fleet-a", "access-old", None), 1))
-        .await
-        .unwrap();
+    let old = setup.store();
+    put(&old, "fleet-a", "access-old", 1).await;
 
     // Rotation: a new first line; the old key stays for reading.
     setup.keys = "k2,k1";
-    let rotated = setup.store(dir.path());
+    let rotated = setup.store();
     assert_eq!(rotated.sealing_key_id(), "k2");
-    let r = record(guard(rotated.read(&account("fleet-a"))).await.unwrap());
+    let r = get(&rotated, "fleet-a").await;
     assert_eq!(r.token.expose_access(), "access-old");
-    guard(rotated.write(&token("fleet-a", "access-new", None), 2))
-        .await
-        .unwrap();
+    put(&rotated, "fleet-a", "access-new", 2).await;
     let sealed: Vec<u8> = redis.cmd(&["HGET", "bace-broker:token:fleet-a", "r"]);
     assert_eq!(&sealed[1..4], b"\x02k2", "new writes name the new key");
 
     // A replica still on the old key file: the new record is absent to it, counted and logged
     // (never a crash), with its version known.
-    match guard(old.read(&account("fleet-a"))).await.unwrap() {
+    match read(&old, "fleet-a").await {
         Stored::Unreadable { version, reason } => {
             assert_eq!((version, reason), (Some(2), Unreadable::UnknownKey));
         }
         other => panic!("expected an unknown key, got {other:?}"),
     }
-    guard(old.read(&account("fleet-a"))).await.unwrap();
+    read(&old, "fleet-a").await;
     assert_eq!(old.counts().unknown_key_records, 2);
 
     // The old key dropped once everything was re-written: the new record still reads.
     setup.keys = "k2";
-    let done = setup.store(dir.path());
-    let r = record(guard(done.read(&account("fleet-a"))).await.unwrap());
+    let done = setup.store();
+    let r = get(&done, "fleet-a").await;
     assert_eq!(r.token.expose_access(), "access-new");
 }
 
 #[tokio::test]
 async fn redis_holds_no_token_or_password_in_clear() {
     let redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let store = Setup::new(&redis).store(dir.path());
+    let store = Setup::new(&redis).store();
     let secrets = [
         "ACCESS-Zk3q9-SECRET",
         "REFRESH-Yp2w8-SECRET",
@@ -512,12 +548,7 @@ async fn redis_holds_no_token_or_password_in_clear() {
     ];
     let t = token("fleet-a", secrets[0], Some(secrets[1]));
     guard(store.write(&t, 1)).await.unwrap();
-    let Acquired::Acquired(_lease) = guard(store.acquire_lease(&account("fleet-a")))
-        .await
-        .unwrap()
-    else {
-        panic!("lease");
-    };
+    let _lease = take_lease(&store, &account("fleet-a")).await;
     guard(store.invalidate(
         &account("fleet-a"),
         t.fingerprint(),
@@ -555,24 +586,18 @@ async fn redis_holds_no_token_or_password_in_clear() {
 #[tokio::test]
 async fn the_key_prefix_separates_brokers_sharing_one_redis() {
     let redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
     let mut setup = Setup::new(&redis);
     setup.prefix = "team-1";
-    let one = setup.store(dir.path());
+    let one = setup.store();
     setup.prefix = "team-2";
-    let two = setup.store(dir.path());
-    guard(one.write(&token("fleet-a", "access-1", None), 1))
-        .await
-        .unwrap();
-    assert!(matches!(
-        guard(two.read(&account("fleet-a"))).await.unwrap(),
-        Stored::Absent
-    ));
+    let two = setup.store();
+    put(&one, "fleet-a", "access-1", 1).await;
+    assert!(matches!(read(&two, "fleet-a").await, Stored::Absent));
     // The same key file, but the prefix is bound into the record: copied across, it does not
     // read.
     redis.cmd::<()>(&["COPY", "team-1:token:fleet-a", "team-2:token:fleet-a"]);
     assert!(matches!(
-        guard(two.read(&account("fleet-a"))).await.unwrap(),
+        read(&two, "fleet-a").await,
         Stored::Unreadable {
             reason: Unreadable::Tampered,
             ..
@@ -585,9 +610,8 @@ async fn the_key_prefix_separates_brokers_sharing_one_redis() {
 #[tokio::test]
 async fn invalidation_is_decided_once_for_every_replica() {
     let redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
     let setup = Setup::new(&redis);
-    let (one, two) = (setup.store(dir.path()), setup.store(dir.path()));
+    let (one, two) = setup.replicas();
     let a = account("fleet-a");
     let cooldown = Duration::from_secs(30);
     let t1 = token("fleet-a", "access-1", None);
@@ -643,9 +667,8 @@ async fn invalidation_is_decided_once_for_every_replica() {
 #[tokio::test]
 async fn backoffs_are_shared_and_expire() {
     let redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
     let setup = Setup::new(&redis);
-    let (one, two) = (setup.store(dir.path()), setup.store(dir.path()));
+    let (one, two) = setup.replicas();
     let a = account("fleet-a");
     assert_eq!(guard(two.backoffs(&a)).await.unwrap(), Default::default());
     let until = SystemTime::UNIX_EPOCH
@@ -687,11 +710,8 @@ async fn backoffs_are_shared_and_expire() {
 #[tokio::test]
 async fn a_paused_redis_is_a_timeout_not_an_absent_token() {
     let mut redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let mut setup = Setup::new(&redis);
-    setup.timeout = Duration::from_millis(200);
-    setup.lease = Duration::from_secs(1);
-    let store = setup.store(dir.path());
+    let setup = Setup::short_timeouts(&redis);
+    let store = setup.store();
     let a = account("fleet-a");
     // The short timeout is for the paused server; before, retry what a loaded machine delays.
     let t = token("fleet-a", "access-1", None);
@@ -708,19 +728,12 @@ async fn a_paused_redis_is_a_timeout_not_an_absent_token() {
     let error = guard(store.acquire_lease(&a)).await.unwrap_err();
     assert_eq!(error.kind(), StoreErrorKind::Timeout, "{error}");
     // A fresh replica connecting to the frozen server: the connect is bounded too.
-    let fresh = setup.store(dir.path());
+    let fresh = setup.store();
     assert_eq!(fresh.is_up(), None, "unknown before the first operation");
     let error = guard(fresh.read(&a)).await.unwrap_err();
     assert_eq!(error.kind(), StoreErrorKind::Timeout, "{error}");
     redis.resume();
-    let r = guard(async {
-        loop {
-            if let Ok(stored) = store.read(&a).await {
-                break stored;
-            }
-        }
-    })
-    .await;
+    let r = read_when_back(&store, &a).await;
     assert_eq!(record(r).version, 1);
     assert_eq!(store.is_up(), Some(true));
     assert!(store.counts().operations("read", "timeout") >= 1);
@@ -729,40 +742,22 @@ async fn a_paused_redis_is_a_timeout_not_an_absent_token() {
 #[tokio::test]
 async fn a_stopped_redis_is_unreachable_and_a_restarted_one_empty() {
     let mut redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let store = Setup::new(&redis).store(dir.path());
+    let store = Setup::new(&redis).store();
     let a = account("fleet-a");
-    guard(store.write(&token("fleet-a", "access-1", None), 1))
-        .await
-        .unwrap();
+    put(&store, "fleet-a", "access-1", 1).await;
     redis.stop();
     let error = guard(store.read(&a)).await.unwrap_err();
-    assert!(
-        matches!(
-            error.kind(),
-            StoreErrorKind::Unreachable | StoreErrorKind::Timeout
-        ),
-        "{error}"
-    );
+    assert_unreachable(&error);
     let error = guard(store.write(&token("fleet-a", "access-2", None), 2))
         .await
         .unwrap_err();
     assert!(error.kind() != StoreErrorKind::Refused, "{error}");
     redis.restart();
-    let stored = guard(async {
-        loop {
-            if let Ok(stored) = store.read(&a).await {
-                break stored;
-            }
-        }
-    })
-    .await;
+    let stored = read_when_back(&store, &a).await;
     assert!(matches!(stored, Stored::Absent), "restarted empty");
     // The scripts are loaded again after the restart emptied the script cache.
     assert_eq!(
-        guard(store.write(&token("fleet-a", "access-2", None), 2))
-            .await
-            .unwrap(),
+        put(&store, "fleet-a", "access-2", 2).await,
         Written::Stored { version: 2 }
     );
 }
@@ -778,19 +773,17 @@ async fn passwords_and_acl_users_from_files() {
         let mut setup = Setup::new(&redis);
         setup.username = username;
         setup.password_file = Some(pw.clone());
-        let config = setup.config(dir.path());
+        let config = setup.config();
         let shown = format!("{config:?}");
         assert!(!shown.contains("redis-PW-SECRET"), "{shown}");
         let store = Store::new(&config).unwrap();
         guard(store.ping()).await.unwrap();
-        guard(store.write(&token("fleet-a", "access-1", None), 1))
-            .await
-            .unwrap();
+        put(&store, "fleet-a", "access-1", 1).await;
         assert!(!format!("{store:?}").contains("redis-PW-SECRET"));
 
         // Without the password: refused, and the error shows no secret.
         setup.password_file = None;
-        let error = guard(setup.store(dir.path()).ping()).await.unwrap_err();
+        let error = guard(setup.store().ping()).await.unwrap_err();
         assert_eq!(error.kind(), StoreErrorKind::Refused, "{error}");
         assert!(!error.to_string().contains("redis-PW-SECRET"), "{error}");
     }
@@ -799,7 +792,7 @@ async fn passwords_and_acl_users_from_files() {
     std::fs::write(&wrong, "wrong-PW").unwrap();
     let mut setup = Setup::new(&redis);
     setup.password_file = Some(wrong);
-    let error = guard(setup.store(dir.path()).ping()).await.unwrap_err();
+    let error = guard(setup.store().ping()).await.unwrap_err();
     assert_eq!(error.kind(), StoreErrorKind::Refused, "{error}");
     assert!(!error.to_string().contains("wrong-PW"), "{error}");
 }
@@ -809,9 +802,8 @@ async fn passwords_and_acl_users_from_files() {
 #[tokio::test]
 async fn announcements_reach_subscribers_and_reconnects_are_reported() {
     let mut redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
     let setup = Setup::new(&redis);
-    let (one, two) = (setup.store(dir.path()), setup.store(dir.path()));
+    let (one, two) = setup.replicas();
     let mut events = two.subscribe().unwrap();
     assert_eq!(guard(events.next()).await, StoreEvent::Connected);
     assert_eq!(redis.subscribers("bace-broker:announce"), 1);
@@ -869,8 +861,7 @@ async fn announcements_reach_subscribers_and_reconnects_are_reported() {
 #[tokio::test]
 async fn a_subscription_started_while_redis_is_down_joins_when_it_appears() {
     let mut redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let store = Setup::new(&redis).store(dir.path());
+    let store = Setup::new(&redis).store();
     redis.stop();
     let mut events = store.subscribe().unwrap();
     assert!(matches!(
@@ -886,11 +877,8 @@ async fn a_subscription_started_while_redis_is_down_joins_when_it_appears() {
 #[tokio::test]
 async fn a_paused_redis_is_noticed_by_the_subscription() {
     let mut redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let mut setup = Setup::new(&redis);
-    setup.timeout = Duration::from_millis(200);
-    setup.lease = Duration::from_secs(1);
-    let store = setup.store(dir.path());
+    let setup = Setup::short_timeouts(&redis);
+    let store = setup.store();
     let mut events = store.subscribe().unwrap();
     // The short timeout is for the paused server; before, a loaded machine may miss it once.
     guard(async { while events.next().await != StoreEvent::Connected {} }).await;
@@ -927,14 +915,12 @@ async fn rediss_with_the_ca_file_and_not_without_it() {
     let config = |ca: Option<&Path>| {
         let mut setup = Setup::new(&redis);
         setup.ca_file = ca.map(Path::to_path_buf);
-        setup.config(dir.path())
+        setup.config()
     };
     let with_ca = config(Some(&ca_file));
     let store = Store::new(&with_ca).unwrap();
-    guard(store.write(&token("fleet-a", "access-TLS", None), 1))
-        .await
-        .unwrap();
-    let r = record(guard(store.read(&account("fleet-a"))).await.unwrap());
+    put(&store, "fleet-a", "access-TLS", 1).await;
+    let r = get(&store, "fleet-a").await;
     assert_eq!(r.token.expose_access(), "access-TLS");
     let mut events = store.subscribe().unwrap();
     assert_eq!(guard(events.next()).await, StoreEvent::Connected);
@@ -943,13 +929,7 @@ async fn rediss_with_the_ca_file_and_not_without_it() {
     let without = config(None);
     let store = Store::new(&without).unwrap();
     let error = guard(store.read(&account("fleet-a"))).await.unwrap_err();
-    assert!(
-        matches!(
-            error.kind(),
-            StoreErrorKind::Unreachable | StoreErrorKind::Timeout
-        ),
-        "{error}"
-    );
+    assert_unreachable(&error);
     // Another CA: refused the same way.
     let other = testkit::pki::Ca::new("other CA");
     let other_file = dir.path().join("other.pem");
@@ -983,15 +963,13 @@ async fn the_documented_acl_is_enough() {
     let mut setup = Setup::new(&redis);
     setup.username = Some("scoped");
     setup.password_file = Some(pw);
-    let store = setup.store(dir.path());
+    let store = setup.store();
     let a = account("fleet-a");
     let t = token("fleet-a", "access-1", Some("refresh-1"));
     let mut events = store.subscribe().unwrap();
     assert_eq!(guard(events.next()).await, StoreEvent::Connected);
     guard(store.ping()).await.unwrap();
-    let Acquired::Acquired(mut lease) = guard(store.acquire_lease(&a)).await.unwrap() else {
-        panic!("lease");
-    };
+    let mut lease = take_lease(&store, &a).await;
     assert!(guard(store.renew(&mut lease)).await.unwrap());
     assert_eq!(
         guard(store.write(&t, 1)).await.unwrap(),
@@ -1032,7 +1010,7 @@ async fn the_documented_acl_is_enough() {
     other.username = Some("scoped");
     other.password_file = setup.password_file.clone();
     other.prefix = "other-broker";
-    let error = guard(other.store(dir.path()).read(&a)).await.unwrap_err();
+    let error = guard(other.store().read(&a)).await.unwrap_err();
     assert_eq!(error.kind(), StoreErrorKind::Refused, "{error}");
     // ... and no command that reaches past the prefix or wipes the server (this Redis may be
     // shared with other applications).
@@ -1066,8 +1044,7 @@ async fn store_futures_are_send() {
     shared::<Store>();
     shared::<bace_token_broker::StoreError>();
     let redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let store = Setup::new(&redis).store(dir.path());
+    let store = Setup::new(&redis).store();
     let a = account("a");
     let t = token("a", "x", None);
     send(&store.read(&a));
@@ -1078,9 +1055,7 @@ async fn store_futures_are_send() {
     send(&store.invalidate(&a, t.fingerprint(), Duration::from_secs(1)));
     send(&store.backoffs(&a));
     send(&store.acquire_lease(&a));
-    let Acquired::Acquired(mut lease) = guard(store.acquire_lease(&a)).await.unwrap() else {
-        panic!("lease");
-    };
+    let mut lease = take_lease(&store, &a).await;
     send(&store.renew(&mut lease));
     send(&store.hold(&mut lease, async {}));
     send(&store.release(lease));
@@ -1093,9 +1068,8 @@ async fn store_futures_are_send() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_replicas_get_one_lease_and_one_write() {
     let redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
     let setup = Setup::new(&redis);
-    let replicas: Vec<Store> = (0..10).map(|_| setup.store(dir.path())).collect();
+    let replicas: Vec<Store> = (0..10).map(|_| setup.store()).collect();
     for s in &replicas {
         guard(s.ping()).await.unwrap();
     }
@@ -1147,8 +1121,7 @@ async fn a_record_with_an_unreadable_version_is_superseded_and_the_store_stays_u
     // Someone (or an older broker) left a record whose version is not a number: it can never
     // be read, so a write must replace it, and one odd record says nothing about Redis.
     let redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let store = Setup::new(&redis).store(dir.path());
+    let store = Setup::new(&redis).store();
     let a = account("fleet-a");
     let _: () = redis.cmd(&["HSET", "bace-broker:token:fleet-a", "v", "not-a-number"]);
     let fresh = token("fleet-a", "access-v1", Some("refresh-v1"));

@@ -1,6 +1,7 @@
 """What the client-library tests (test_client_*.py) share: the fake BACE and a broker wired to
 it with metrics on, the count of each RPC the broker handled (from its /metrics), revoking a
-token at the fake, and an account no other test has used.
+token at the fake, an account no other test has used, and httpx clients that count what they
+send.
 
 Fixtures are defined here and imported by the test modules (module scope: each module gets
 its own fake BACE and broker)."""
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import re
-import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -17,9 +17,11 @@ from typing import Any, Iterator
 from urllib.parse import quote
 from urllib.request import ProxyHandler, Request, build_opener
 
+import httpx
 import pytest
 import testkit
-import yaml
+
+from bace_token_broker import HttpxAuth
 
 READY_TIMEOUT_S = 60.0
 SHUTDOWN_TIMEOUT_S = 15.0
@@ -44,40 +46,13 @@ def credentials(name: str) -> dict[str, str]:
     }
 
 
-class BrokerProcess:
-    """`bace-token-broker serve --config FILE`, with its metrics listener."""
+class BrokerProcess(testkit.BrokerProcess):
+    """`bace-token-broker serve --config FILE`, ready, with its metrics listener."""
 
     def __init__(self, binary: Path, config: dict[str, Any], workdir: Path):
-        self.config = config
-        self.addr: str = config["listen"]
+        super().__init__(testkit.built(binary), config, workdir)
         self.metrics_addr: str = config.get("metrics_listen") or ""
-        path = workdir / "config.yaml"
-        path.write_text(yaml.safe_dump(config))
-        self.log_path = workdir / "broker.log"
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [str(binary), "serve", "--config", str(path)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=workdir,
-            )
-        try:
-            testkit.wait_serving(
-                self.proc,
-                config.get("health_listen") or self.addr,
-                self.log_text,
-                timeout=READY_TIMEOUT_S,
-            )
-        except BaseException as e:
-            self.proc.kill()
-            self.proc.wait()
-            if isinstance(e, testkit.BrokerNotReady):
-                pytest.fail(str(e))
-            raise
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        self.wait_ready(config.get("health_listen") or self.addr, READY_TIMEOUT_S)
 
     def handled(self, method: str) -> int:
         """RPCs of `method` the broker completed, whatever their code
@@ -94,9 +69,19 @@ class BrokerProcess:
     def counts(self) -> dict[str, int]:
         return {m: self.handled(m) for m in ("GetToken", "Invalidate")}
 
-    def stop_cleanly(self) -> None:
-        code = testkit.stop(self.proc, SHUTDOWN_TIMEOUT_S)
-        assert code == 0, f"broker exited with {code} after SIGTERM; log:\n{self.log_text()}"
+    def stop_cleanly(self, timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
+        super().stop_cleanly(timeout)
+
+
+def delta(broker: BrokerProcess, before: dict[str, int]) -> dict[str, int]:
+    """The RPCs the broker handled since its `counts()` were `before`."""
+    after = broker.counts()
+    return {k: after[k] - before[k] for k in before}
+
+
+def restricted_url(fake: testkit.FakeBaceProcess) -> str:
+    """A fake BACE endpoint that answers 401 to every token (a missing permission)."""
+    return fake.base_url + "/api/v2/restricted"
 
 
 def revoke(fake: testkit.FakeBaceProcess, access_token: str) -> None:
@@ -122,12 +107,6 @@ def broker_config(fake: testkit.FakeBaceProcess, **extra: Any) -> dict[str, Any]
     return config
 
 
-def _binary(path: Path) -> Path:
-    if not path.is_file():
-        pytest.fail(f"{path} not found; run `cargo build --workspace --bins` first")
-    return path
-
-
 @pytest.fixture(scope="module")
 def fake_bace(tmp_path_factory) -> Iterator[testkit.FakeBaceProcess]:
     """The Rust fake BACE with every account of ACCOUNTS and REJECTED."""
@@ -135,17 +114,7 @@ def fake_bace(tmp_path_factory) -> Iterator[testkit.FakeBaceProcess]:
         dict(credentials(name), login_lifetime_secs=FAKE_LOGIN_LIFETIME_S)
         for name in ACCOUNTS + [REJECTED]
     ]
-    try:
-        fake = testkit.FakeBaceProcess(
-            _binary(testkit.fake_bace_bin()), accounts, tmp_path_factory.mktemp("fake-bace")
-        )
-    except testkit.FakeBaceNotReady as e:
-        pytest.fail(str(e))
-    try:
-        yield fake
-    finally:
-        code = fake.stop()
-    assert code == 0, f"fake BACE exited with {code}; log:\n{fake.log_text()}"
+    yield from testkit.running_fake_bace(accounts, tmp_path_factory.mktemp("fake-bace"))
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +122,7 @@ def broker(fake_bace, tmp_path_factory) -> Iterator[BrokerProcess]:
     """A plaintext broker for the fake's accounts, with metrics and `upstream.verify_url` (the
     fake's physical-device endpoint)."""
     proc = BrokerProcess(
-        _binary(testkit.broker_bin()), broker_config(fake_bace), tmp_path_factory.mktemp("broker")
+        testkit.broker_bin(), broker_config(fake_bace), tmp_path_factory.mktemp("broker")
     )
     yield proc
     proc.stop_cleanly()
@@ -227,3 +196,55 @@ def redirects(fake_bace) -> Iterator[RedirectServer]:
     server = RedirectServer(fake_bace.api_url)
     yield server
     server.close()
+
+
+class Sent:
+    """An httpx request hook that counts the requests sent (from any thread)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, request: httpx.Request) -> None:
+        with self._lock:
+            self.count += 1
+
+
+class AsyncSent(Sent):
+    """`Sent` for httpx.AsyncClient, whose hooks are coroutines."""
+
+    async def __call__(self, request: httpx.Request) -> None:  # type: ignore[override]
+        super().__call__(request)
+
+
+def httpx_client(client: Any, account: str) -> tuple[httpx.Client, Sent]:
+    """An httpx.Client authorised for `account` by `client`, and the count of the requests it
+    sends."""
+    return _counting_httpx(httpx.Client, client, account, max_connections=100)
+
+
+def async_httpx_client(client: Any, account: str) -> tuple[httpx.AsyncClient, Sent]:
+    """The httpx.AsyncClient of `httpx_client`."""
+    # httpx's async pool slows down with many connections and waiters (1,000 requests take
+    # ~30 s through 100 connections on a loaded 2-core machine, ~9 s through 10).
+    return _counting_httpx(httpx.AsyncClient, client, account, max_connections=10)
+
+
+def _counting_httpx(
+    client_type: Any,
+    client: Any,
+    account: str,
+    *,
+    max_connections: int,
+) -> tuple[Any, Sent]:
+    """`client_type` (`httpx.Client` or `httpx.AsyncClient`) authorised by `HttpxAuth`, and
+    the count of the requests it sends (retries included)."""
+    sent = AsyncSent() if client_type is httpx.AsyncClient else Sent()
+    http = client_type(
+        auth=HttpxAuth(client, account),
+        event_hooks={"request": [sent]},
+        limits=httpx.Limits(max_connections=max_connections),
+        timeout=httpx.Timeout(60.0, pool=None),
+        trust_env=False,
+    )
+    return http, sent

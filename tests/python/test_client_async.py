@@ -22,11 +22,14 @@ from client_harness import (  # noqa: F401  (fixtures)
     REJECTED,
     BrokerProcess,
     ManualClock,
+    async_httpx_client,
     broker,
     broker_config,
+    delta,
     fake_bace,
     fresh_account,
     redirects,
+    restricted_url,
     revoke,
 )
 
@@ -44,35 +47,6 @@ from bace_token_broker._core import expires_at
 
 TASKS = 1000
 TIMEOUT = 10.0
-
-
-class Sent:
-    """An httpx request hook that counts the requests sent."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    async def __call__(self, request: httpx.Request) -> None:
-        self.count += 1
-
-
-def async_http(client, account: str) -> tuple[httpx.AsyncClient, Sent]:
-    sent = Sent()
-    http = httpx.AsyncClient(
-        auth=HttpxAuth(client, account),
-        event_hooks={"request": [sent]},
-        # httpx's async pool slows down with many connections and waiters (1,000 requests take
-        # ~30 s through 100 connections on a loaded 2-core machine, ~9 s through 10).
-        limits=httpx.Limits(max_connections=10),
-        timeout=httpx.Timeout(60.0, pool=None),
-        trust_env=False,
-    )
-    return http, sent
-
-
-def delta(broker, before: dict[str, int]) -> dict[str, int]:
-    after = broker.counts()
-    return {k: after[k] - before[k] for k in before}
 
 
 async def counts(broker) -> dict[str, int]:
@@ -118,7 +92,7 @@ async def test_1000_tasks_make_one_get_token_then_none_until_the_margin(
 ):
     clock = ManualClock(time.time())
     client = AsyncBrokerClient(broker.addr, timeout=TIMEOUT, margin=60, clock=clock)
-    http, sent = async_http(client, fresh_account)
+    http, sent = async_httpx_client(client, fresh_account)
     before = await counts(broker)
     async with http:
         results = await asyncio.gather(*(get(http, fake_bace.api_url) for _ in range(TASKS)))
@@ -222,7 +196,7 @@ async def test_revoked_token_one_invalidate_one_retry_success(
         old = client.token(fresh_account)
     await asyncio.to_thread(revoke, fake_bace, old.access_token)
     before, logins = await counts(broker), fake_bace.calls
-    http, sent = async_http(client, fresh_account)
+    http, sent = async_httpx_client(client, fresh_account)
     async with http:
         assert await get(http, fake_bace.api_url) == (200, [401])
     assert sent.count == 2
@@ -237,9 +211,9 @@ async def test_permission_401_is_returned_without_retry(broker, fake_bace, fresh
     client = AsyncBrokerClient(broker.addr, timeout=TIMEOUT)
     token = await client.token(fresh_account)
     before, logins = await counts(broker), fake_bace.calls
-    http, sent = async_http(client, fresh_account)
+    http, sent = async_httpx_client(client, fresh_account)
     async with http:
-        assert await get(http, fake_bace.base_url + "/api/v2/restricted") == (401, [])
+        assert await get(http, restricted_url(fake_bace)) == (401, [])
     assert sent.count == 1
     assert delta(broker, before) == {"GetToken": 0, "Invalidate": 1}
     assert fake_bace.calls == logins
@@ -258,7 +232,7 @@ async def test_a_streamed_body_is_not_replayed(broker, fake_bace, fresh_account)
         yield b'{"name": '
         yield b'"device"}'
 
-    http, sent = async_http(client, fresh_account)
+    http, sent = async_httpx_client(client, fresh_account)
     async with http:
         r = await http.post(fake_bace.api_url, content=body())
         assert (r.status_code, sent.count) == (401, 1)
@@ -278,7 +252,7 @@ async def test_a_401_after_a_redirect_to_another_origin_keeps_the_token(
     async with AsyncBrokerClient(broker.addr, timeout=TIMEOUT) as client:
         token = await client.token(fresh_account)
         before = await counts(broker)
-        http, _ = async_http(client, fresh_account)
+        http, _ = async_httpx_client(client, fresh_account)
         async with http:
             r = await http.get(redirects.base_url + "/away", follow_redirects=True)
             assert (r.status_code, [h.status_code for h in r.history]) == (401, [302])
@@ -308,7 +282,7 @@ async def test_a_failed_invalidate_returns_the_401_with_a_warning(
         token = client.token(fresh_account)
     await asyncio.to_thread(gone.stop_cleanly)
     await asyncio.to_thread(revoke, fake_bace, token.access_token)
-    http, sent = async_http(client, fresh_account)
+    http, sent = async_httpx_client(client, fresh_account)
     with caplog.at_level(logging.WARNING, logger="bace_token_broker"):
         async with http:
             assert await get(http, fake_bace.api_url) == (401, [])
@@ -327,7 +301,7 @@ async def test_broker_unreachable_is_the_typed_error(fake_bace):
     with pytest.raises(BrokerUnavailable) as e:
         await client.token("fleet-a")
     assert e.value.retryable
-    http, sent = async_http(client, "fleet-a")
+    http, sent = async_httpx_client(client, "fleet-a")
     async with http:
         with pytest.raises(BrokerUnavailable):
             await http.get(fake_bace.api_url)

@@ -32,9 +32,12 @@ from client_harness import (  # noqa: F401  (fixtures)
     ManualClock,
     broker,
     broker_config,
+    delta,
     fake_bace,
     fresh_account,
+    httpx_client,
     redirects,
+    restricted_url,
     revoke,
 )
 
@@ -89,34 +92,6 @@ def requests_session(
     return session, adapter
 
 
-class Sent:
-    """An httpx request hook that counts the requests sent."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self._lock = threading.Lock()
-
-    def __call__(self, request: httpx.Request) -> None:
-        with self._lock:
-            self.count += 1
-
-
-def httpx_client(client: BrokerClient, account: str) -> tuple[httpx.Client, Sent]:
-    sent = Sent()
-    http = httpx.Client(
-        auth=HttpxAuth(client, account),
-        event_hooks={"request": [sent]},
-        limits=httpx.Limits(max_connections=100),
-        timeout=httpx.Timeout(60.0, pool=None),
-        trust_env=False,
-    )
-    return http, sent
-
-
-def restricted_url(fake) -> str:
-    return fake.base_url + "/api/v2/restricted"
-
-
 def burst(n: int, call: Callable[[], Any]) -> list[Any]:
     """`call()` in n threads started together; their results (exceptions as values)."""
     start = threading.Barrier(n)
@@ -130,11 +105,6 @@ def burst(n: int, call: Callable[[], Any]) -> list[Any]:
 
     with ThreadPoolExecutor(max_workers=n) as pool:
         return list(pool.map(lambda _: one(), range(n)))
-
-
-def delta(broker: BrokerProcess, before: dict[str, int]) -> dict[str, int]:
-    after = broker.counts()
-    return {k: after[k] - before[k] for k in before}
 
 
 # === the cache and one shared GetToken ===

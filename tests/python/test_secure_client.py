@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -29,7 +28,6 @@ from typing import Any
 import grpc
 import pytest
 import testkit
-import yaml
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -37,8 +35,6 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 SERVICE = testkit.READINESS_SERVICE
 RPC_TIMEOUT_S = 10.0
-READY_TIMEOUT_S = 60.0
-SHUTDOWN_TIMEOUT_S = 15.0
 
 ACCOUNTS = ("fleet-a", "fleet-b")
 WORKER = "spiffe://cluster.local/ns/ingest/sa/worker"  # allowed fleet-a only
@@ -137,77 +133,18 @@ def bearer(token: str) -> list[tuple[str, str]]:
 # === brokers ===
 
 
-class Broker:
-    """A `bace-token-broker serve --config FILE` subprocess."""
-
-    def __init__(self, binary: Path, config: dict[str, Any], workdir: Path):
-        self.config = config
-        self.config_path = workdir / "config.yaml"
-        self.config_path.write_text(yaml.safe_dump(config))
-        self.log_path = workdir / "broker.log"
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [str(binary), "serve", "--config", str(self.config_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=workdir,
-            )
-
-    @property
-    def addr(self) -> str:
-        return self.config["listen"]
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self, health_addr: str) -> None:
-        try:
-            testkit.wait_serving(self.proc, health_addr, self.log_text, timeout=READY_TIMEOUT_S)
-        except BaseException as e:
-            self.proc.kill()
-            self.proc.wait()
-            if isinstance(e, testkit.BrokerNotReady):
-                pytest.fail(str(e))
-            raise
-
-    def stop_cleanly(self) -> None:
-        """SIGTERM; the broker must exit 0 within SHUTDOWN_TIMEOUT_S."""
-        code = testkit.stop(self.proc, SHUTDOWN_TIMEOUT_S)
-        if code is None:
-            pytest.fail(
-                f"broker did not exit within {SHUTDOWN_TIMEOUT_S:.0f} s of SIGTERM; "
-                f"log:\n{self.log_text()}"
-            )
-        assert code == 0, f"broker exited with {code} after SIGTERM; log:\n{self.log_text()}"
-
-
 @pytest.fixture(scope="module")
 def binary() -> Path:
-    path = testkit.broker_bin()
-    if not path.is_file():
-        pytest.fail(f"broker binary not found at {path}; run `cargo build --workspace --bins`")
-    return path
+    return testkit.built(testkit.broker_bin())
 
 
 @pytest.fixture(scope="module")
 def fake_bace(tmp_path_factory):
     """The Rust fake BACE (`fake-bace`) with an account per entry of CREDENTIALS."""
-    path = testkit.fake_bace_bin()
-    if not path.is_file():
-        pytest.fail(f"fake BACE binary not found at {path}; run `cargo build --workspace --bins`")
     accounts = [
         dict(creds, login_lifetime_secs=FAKE_LOGIN_LIFETIME_S) for creds in CREDENTIALS.values()
     ]
-    try:
-        fake = testkit.FakeBaceProcess(path, accounts, tmp_path_factory.mktemp("fake-bace"))
-    except testkit.FakeBaceNotReady as e:
-        pytest.fail(str(e))
-    try:
-        yield fake
-    finally:
-        code = fake.stop()
-    assert code == 0, f"fake BACE exited with {code} after SIGTERM; log:\n{fake.log_text()}"
+    yield from testkit.running_fake_bace(accounts, tmp_path_factory.mktemp("fake-bace"))
 
 
 def issued_to(fake: testkit.FakeBaceProcess, access_token: str) -> str | None:
@@ -259,7 +196,7 @@ def broker_a(binary, fake_bace, pki, tmp_path_factory):
         "client_ca_file": str(pki["ca"]),
     }
     config["auth"] = {"allow": [{"caller": WORKER, "accounts": ["fleet-a"]}]}
-    broker = Broker(binary, config, tmp_path_factory.mktemp("broker-a"))
+    broker = testkit.BrokerProcess(binary, config, tmp_path_factory.mktemp("broker-a"))
     broker.wait_ready(config["health_listen"])
     yield broker
     broker.stop_cleanly()
@@ -281,7 +218,7 @@ def broker_b(binary, fake_bace, signing_key, tmp_path_factory):
         "kubernetes": {"issuer": ISSUER, "jwks_file": str(jwks), "audience": AUDIENCE},
         "allow": [{"caller": "system:serviceaccount:reports:exporter", "accounts": ["*"]}],
     }
-    broker = Broker(binary, config, workdir)
+    broker = testkit.BrokerProcess(binary, config, workdir)
     broker.wait_ready(config["listen"])
     yield broker
     broker.stop_cleanly()
@@ -290,7 +227,9 @@ def broker_b(binary, fake_bace, signing_key, tmp_path_factory):
 # === channels and calls ===
 
 
-def _mtls_channel(broker: Broker, pki: dict[str, Path], client: str | None) -> grpc.Channel:
+def _mtls_channel(
+    broker: testkit.BrokerProcess, pki: dict[str, Path], client: str | None
+) -> grpc.Channel:
     creds = grpc.ssl_channel_credentials(
         root_certificates=pki["ca"].read_bytes(),
         private_key=pki[f"{client}.key"].read_bytes() if client else None,

@@ -16,12 +16,14 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 from urllib.error import HTTPError
 from urllib.parse import quote
 from urllib.request import ProxyHandler, build_opener
 
 import grpc
+import pytest
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -121,6 +123,51 @@ def stop(proc: subprocess.Popen, timeout: float = 15.0) -> int | None:
         proc.kill()
         proc.wait()
         return None
+
+
+class BrokerProcess:
+    """`bace-token-broker serve --config FILE` in `workdir`: the config written there as
+    config.yaml, the output to broker.log."""
+
+    def __init__(self, binary: Path, config: dict[str, Any], workdir: Path):
+        self.config = config
+        self.addr: str = config["listen"]
+        self.config_path = workdir / "config.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = workdir / "broker.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [str(binary), "serve", "--config", str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=workdir,
+            )
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, health_addr: str, timeout: float = 60.0) -> None:
+        """Waits for readiness (SERVING) on `health_addr`; the test fails, and the process is
+        killed, if it exits first or `timeout` passes."""
+        try:
+            wait_serving(self.proc, health_addr, self.log_text, timeout=timeout)
+        except BaseException as e:
+            self.proc.kill()
+            self.proc.wait()
+            if isinstance(e, BrokerNotReady):
+                pytest.fail(str(e))
+            raise
+
+    def stop_cleanly(self, timeout: float = 15.0) -> None:
+        """SIGTERM; the broker must exit 0 within `timeout`."""
+        code = stop(self.proc, timeout)
+        if code is None:
+            pytest.fail(
+                f"broker did not exit within {timeout:.0f} s of SIGTERM; "
+                f"log:\n{self.log_text()}"
+            )
+        assert code == 0, f"broker exited with {code} after SIGTERM; log:\n{self.log_text()}"
 
 
 # === the fake BACE, as a process ===
@@ -242,6 +289,30 @@ class FakeBaceProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def built(path: Path) -> Path:
+    """`path`, a binary of this workspace; the test fails, saying how to build it, if it is
+    missing."""
+    if not path.is_file():
+        pytest.fail(f"{path} not found; run `cargo build --workspace --bins` first")
+    return path
+
+
+def running_fake_bace(
+    accounts: Iterable[dict[str, Any]], workdir: Path
+) -> Iterator[FakeBaceProcess]:
+    """The body of a fake BACE fixture (`yield from`): the fake with `accounts`, failing the
+    test if it does not start, and the fixture if it does not stop cleanly."""
+    try:
+        fake = FakeBaceProcess(built(fake_bace_bin()), accounts, workdir)
+    except FakeBaceNotReady as e:
+        pytest.fail(str(e))
+    try:
+        yield fake
+    finally:
+        code = fake.stop()
+    assert code == 0, f"fake BACE exited with {code} after SIGTERM; log:\n{fake.log_text()}"
 
 
 # === a throwaway PKI ===

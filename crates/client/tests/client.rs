@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use bace_token_broker_client::{BrokerClient, Error, InvalidateOutcome, Token};
-use common::{ACCOUNT, Broker, fake, guard};
+use common::{ACCOUNT, Broker, fake, guard, scene};
 use testkit::{
     fake_bace::{ErrorShape, Step},
     pki,
@@ -155,9 +155,7 @@ async fn a_401_from_another_origin_after_a_redirect_keeps_the_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn min_validity_beyond_the_cached_token_asks_the_broker() {
-    let fake = fake().await;
-    let broker = Broker::for_fake(&fake, |c| c).await;
-    let client = BrokerClient::new(&broker.url).unwrap();
+    let (_fake, broker, client) = scene().await;
 
     let first = client.token(ACCOUNT).await.unwrap(); // a 24 h login
     let hour = Duration::from_secs(3600);
@@ -191,9 +189,7 @@ async fn min_validity_beyond_the_cached_token_asks_the_broker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalidate_returns_the_outcome_and_the_new_token() {
-    let fake = fake().await;
-    let broker = Broker::for_fake(&fake, |c| c).await;
-    let client = BrokerClient::new(&broker.url).unwrap();
+    let (_fake, broker, client) = scene().await;
 
     let old = client.token(ACCOUNT).await.unwrap();
     let answer = client
@@ -271,9 +267,7 @@ async fn a_watch_follows_a_rotation_and_survives_a_broker_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_watch_stream_stops_when_the_last_handle_is_dropped() {
-    let fake = fake().await;
-    let broker = Broker::for_fake(&fake, |c| c).await;
-    let client = BrokerClient::new(&broker.url).unwrap();
+    let (fake, broker, client) = scene().await;
     let mut watch = client.watch(ACCOUNT);
     let mut copy = watch.clone();
     guard(watch.token()).await.unwrap();
@@ -294,9 +288,7 @@ async fn the_watch_stream_stops_when_the_last_handle_is_dropped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_on_an_unknown_account_reports_the_error() {
-    let fake = fake().await;
-    let broker = Broker::for_fake(&fake, |c| c).await;
-    let client = BrokerClient::new(&broker.url).unwrap();
+    let (_fake, _broker, client) = scene().await;
     let mut watch = client.watch("no-such-account");
     let error = guard(watch.token()).await.unwrap_err();
     assert!(matches!(error, Error::UnknownAccount { .. }), "{error:?}");

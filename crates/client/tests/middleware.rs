@@ -12,7 +12,9 @@ use std::sync::{
 
 use bace_token_broker_client::{BrokerAuthMiddleware, BrokerClient, Error};
 use bytes::Bytes;
-use common::{ACCOUNT, Broker, api, fake, free_addr, guard};
+use common::{
+    ACCOUNT, api, assert_all_ok, fake, free_addr, guard, scene, together, verifying_scene,
+};
 use http::Extensions;
 use reqwest::{Request, Response, StatusCode};
 use reqwest_middleware::{ClientBuilder, ClientWithMiddleware, Middleware, Next};
@@ -40,39 +42,29 @@ impl Middleware for Sends {
     }
 }
 
-fn http(client: &BrokerClient, sends: &Sends) -> ClientWithMiddleware {
-    ClientBuilder::new(reqwest::Client::new())
+/// An authorised HTTP client, and the count of what it sends (retries included).
+fn http(client: &BrokerClient) -> (ClientWithMiddleware, Sends) {
+    let sends = Sends::default();
+    let http = ClientBuilder::new(reqwest::Client::new())
         .with(BrokerAuthMiddleware::new(client.clone(), ACCOUNT))
         .with(sends.clone())
-        .build()
+        .build();
+    (http, sends)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_concurrent_requests_make_one_get_token_then_none_until_the_margin() {
-    let fake = fake().await;
-    let broker = Broker::for_fake(&fake, |c| c).await;
-    let client = BrokerClient::new(&broker.url).unwrap();
-    let sends = Sends::default();
-    let http = http(&client, &sends);
+    let (fake, broker, client) = scene().await;
+    let (http, sends) = http(&client);
     let url = api(&fake, "physical-device");
 
-    // All 1,000 start together (a barrier), so they overlap the one GetToken in flight.
-    let start = Arc::new(tokio::sync::Barrier::new(1000));
-    let mut calls = tokio::task::JoinSet::new();
-    for _ in 0..1000 {
-        let (http, url, start) = (http.clone(), url.clone(), start.clone());
-        calls.spawn(async move {
-            let request = http.get(url);
-            start.wait().await;
-            request.send().await.map(|r| r.status())
-        });
-    }
-    let statuses = guard(calls.join_all()).await;
-    assert!(
-        statuses
-            .iter()
-            .all(|s| *s.as_ref().unwrap() == StatusCode::OK)
-    );
+    // All 1,000 start together, so they overlap the one GetToken in flight.
+    let statuses = together(1000, || {
+        let request = http.get(&url);
+        async move { request.send().await.map(|r| r.status()) }
+    })
+    .await;
+    assert_all_ok(&statuses);
     assert_eq!(broker.get_token_calls().await, 1);
     assert_eq!(sends.get(), 1000);
 
@@ -109,11 +101,8 @@ fn http_plain(client: &BrokerClient) -> ClientWithMiddleware {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_token_is_invalidated_once_and_the_request_retried_once() {
-    let fake = fake().await;
-    let broker = Broker::for_fake(&fake, |c| c).await;
-    let client = BrokerClient::new(&broker.url).unwrap();
-    let sends = Sends::default();
-    let http = http(&client, &sends);
+    let (fake, broker, client) = scene().await;
+    let (http, sends) = http(&client);
     let url = api(&fake, "physical-device");
 
     assert_eq!(
@@ -139,11 +128,8 @@ async fn a_revoked_token_is_invalidated_once_and_the_request_retried_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_verify_url_a_permission_401_is_returned_without_a_retry() {
-    let fake = fake().await;
-    let broker = Broker::for_fake(&fake, |c| c.verify_url(api(&fake, "physical-device"))).await;
-    let client = BrokerClient::new(&broker.url).unwrap();
-    let sends = Sends::default();
-    let http = http(&client, &sends);
+    let (fake, broker, client) = verifying_scene().await;
+    let (http, sends) = http(&client);
 
     let response = guard(http.get(api(&fake, "restricted")).send())
         .await
@@ -171,11 +157,8 @@ async fn with_verify_url_a_permission_401_is_returned_without_a_retry() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_verify_url_a_permission_401_is_retried_once_never_looped() {
-    let fake = fake().await;
-    let broker = Broker::for_fake(&fake, |c| c).await;
-    let client = BrokerClient::new(&broker.url).unwrap();
-    let sends = Sends::default();
-    let http = http(&client, &sends);
+    let (fake, broker, client) = scene().await;
+    let (http, sends) = http(&client);
 
     let response = guard(http.get(api(&fake, "restricted")).send())
         .await
@@ -191,11 +174,8 @@ async fn without_verify_url_a_permission_401_is_retried_once_never_looped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streamed_body_is_not_retried_but_the_token_is_reported() {
-    let fake = fake().await;
-    let broker = Broker::for_fake(&fake, |c| c).await;
-    let client = BrokerClient::new(&broker.url).unwrap();
-    let sends = Sends::default();
-    let http = http(&client, &sends);
+    let (fake, broker, client) = scene().await;
+    let (http, sends) = http(&client);
     let url = api(&fake, "physical-device");
 
     let old = client.token(ACCOUNT).await.unwrap();
@@ -224,8 +204,7 @@ async fn a_streamed_body_is_not_retried_but_the_token_is_reported() {
 async fn an_unreachable_broker_is_a_typed_error() {
     let fake = fake().await;
     let client = BrokerClient::new(format!("http://{}", free_addr())).unwrap();
-    let sends = Sends::default();
-    let http = http(&client, &sends);
+    let (http, sends) = http(&client);
 
     let error = guard(http.get(api(&fake, "physical-device")).send())
         .await
@@ -250,11 +229,8 @@ async fn an_unreachable_broker_is_a_typed_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_invalidate_fails_the_401_is_returned_without_a_retry() {
-    let fake = fake().await;
-    let mut broker = Broker::for_fake(&fake, |c| c).await;
-    let client = BrokerClient::new(&broker.url).unwrap();
-    let sends = Sends::default();
-    let http = http(&client, &sends);
+    let (fake, mut broker, client) = scene().await;
+    let (http, sends) = http(&client);
     let url = api(&fake, "physical-device");
 
     let old = client.token(ACCOUNT).await.unwrap();

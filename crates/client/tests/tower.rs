@@ -10,7 +10,9 @@ use std::sync::{
 
 use bace_token_broker_client::{BrokerAuthError, BrokerAuthLayer, BrokerClient, Error};
 use bytes::Bytes;
-use common::{ACCOUNT, Broker, api, fake, free_addr, guard};
+use common::{
+    ACCOUNT, api, assert_all_ok, fake, free_addr, guard, scene, together, verifying_scene,
+};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::Frame;
@@ -56,28 +58,17 @@ fn get(url: &str) -> Request<Full<Bytes>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_concurrent_requests_make_one_get_token() {
-    let fake = fake().await;
-    let broker = Broker::for_fake(&fake, |c| c).await;
-    let client = BrokerClient::new(&broker.url).unwrap();
+    let (fake, broker, client) = scene().await;
     let (svc, sends) = service::<Full<Bytes>>(&client);
     let url = api(&fake, "physical-device");
 
-    // All 1,000 start together (a barrier), so they overlap the one GetToken in flight.
-    let start = Arc::new(tokio::sync::Barrier::new(1000));
-    let mut calls = tokio::task::JoinSet::new();
-    for _ in 0..1000 {
-        let (svc, request, start) = (svc.clone(), get(&url), start.clone());
-        calls.spawn(async move {
-            start.wait().await;
-            svc.oneshot(request).await.map(|r| r.status())
-        });
-    }
-    let statuses = guard(calls.join_all()).await;
-    assert!(
-        statuses
-            .iter()
-            .all(|s| *s.as_ref().unwrap() == StatusCode::OK)
-    );
+    // All 1,000 start together, so they overlap the one GetToken in flight.
+    let statuses = together(1000, || {
+        let call = svc.clone().oneshot(get(&url));
+        async move { call.await.map(|r| r.status()) }
+    })
+    .await;
+    assert_all_ok(&statuses);
     assert_eq!(broker.get_token_calls().await, 1);
     assert_eq!(sends.load(Ordering::SeqCst), 1000);
     let status = svc.clone().oneshot(get(&url)).await.unwrap().status();
@@ -87,9 +78,7 @@ async fn a_thousand_concurrent_requests_make_one_get_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_token_is_invalidated_once_and_the_request_retried_once() {
-    let fake = fake().await;
-    let broker = Broker::for_fake(&fake, |c| c).await;
-    let client = BrokerClient::new(&broker.url).unwrap();
+    let (fake, broker, client) = scene().await;
     let (svc, sends) = service::<Full<Bytes>>(&client);
     let url = api(&fake, "physical-device");
 
@@ -111,9 +100,7 @@ async fn a_revoked_token_is_invalidated_once_and_the_request_retried_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_verify_url_a_permission_401_is_returned_without_a_retry() {
-    let fake = fake().await;
-    let broker = Broker::for_fake(&fake, |c| c.verify_url(api(&fake, "physical-device"))).await;
-    let client = BrokerClient::new(&broker.url).unwrap();
+    let (fake, broker, client) = verifying_scene().await;
     let (svc, sends) = service::<Full<Bytes>>(&client);
 
     let response = guard(svc.oneshot(get(&api(&fake, "restricted"))))
@@ -129,9 +116,7 @@ async fn with_verify_url_a_permission_401_is_returned_without_a_retry() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streamed_body_is_not_retried_but_the_token_is_reported() {
-    let fake = fake().await;
-    let broker = Broker::for_fake(&fake, |c| c).await;
-    let client = BrokerClient::new(&broker.url).unwrap();
+    let (fake, broker, client) = scene().await;
     let (svc, sends) = service::<BoxBody<Bytes, std::io::Error>>(&client);
     let url = api(&fake, "physical-device");
 

@@ -23,6 +23,29 @@ pub async fn guard<F: std::future::Future>(f: F) -> F::Output {
         .expect("hang guard")
 }
 
+/// Whether the broker behind `url` (`http://host:port` of its gRPC or health port) is ready:
+/// its health service says `SERVING` for [`READINESS_SERVICE`]. Not listening yet, or any other
+/// failure to ask, is "not ready" (for polling a broker process that is starting).
+pub async fn is_ready(url: &str) -> bool {
+    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(url.to_owned()) else {
+        return false;
+    };
+    let Ok(channel) = endpoint
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(Duration::from_secs(2))
+        .connect()
+        .await
+    else {
+        return false;
+    };
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: READINESS_SERVICE.into(),
+        })
+        .await
+        .is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32)
+}
+
 /// The fake BACE user of a test account.
 pub fn user(account: &str) -> String {
     format!("{account}@example.com")

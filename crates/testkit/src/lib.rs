@@ -1,7 +1,7 @@
 //! Test equipment of bace-token-broker, kept out of the product (dev-dependency only):
 //!
 //! - `harness`: a real broker server on loopback in front of the fake BACE, real tonic clients,
-//!   and the hang guard;
+//!   the readiness check of a broker process (`is_ready`), and the hang guard;
 //! - `config`: [`BrokerConfig`], the typed builder that writes every test's broker YAML;
 //! - `pki`: test certificates (rcgen) and Kubernetes-style service-account tokens;
 //! - `upstream`: in-process upstreams ([`InstantUpstream`], [`ScriptedUpstream`]);

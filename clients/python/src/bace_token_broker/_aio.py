@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import time
-from typing import Any, Awaitable, Callable, Hashable, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Hashable, TypeVar
 
 import grpc
 import grpc.aio
 
 from . import _core, errors
-from ._core import InvalidateOutcome, InvalidateResult, Seconds
+from ._base import ClientBase, WatchBase, typed_errors
+from ._core import InvalidateResult, Seconds
 from ._pb import token_broker_pb2 as pb
 from ._pb import token_broker_pb2_grpc as pb_grpc
 
@@ -50,7 +49,7 @@ class _Flights:
         return -1 if flight is None else flight[1][0]
 
 
-class AsyncBrokerClient:
+class AsyncBrokerClient(ClientBase["AsyncTokenWatch"]):
     """An asyncio client of the BACE token broker, with the options and cache of
     `BrokerClient`; its methods are coroutines.
 
@@ -63,48 +62,15 @@ class AsyncBrokerClient:
     Args: as `BrokerClient` (`interceptors` are `grpc.aio` client interceptors).
     """
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        timeout: float = _core.DEFAULT_TIMEOUT,
-        ca_file: str | os.PathLike[str] | None = None,
-        cert_file: str | os.PathLike[str] | None = None,
-        key_file: str | os.PathLike[str] | None = None,
-        token_file: str | os.PathLike[str] | None = None,
-        margin: Seconds = _core.DEFAULT_MARGIN,
-        min_validity: Seconds = 0.0,
-        token_file_check_interval: Seconds = _core.DEFAULT_TOKEN_FILE_CHECK_INTERVAL,
-        interceptors: Sequence[Any] = (),
-        channel_options: Sequence[tuple[str, Any]] = (),
-        clock: Callable[[], float] = time.time,
-    ):
-        self._timeout = _core.seconds(timeout, "timeout", allow_zero=False)
-        self._min_validity = _core.seconds(min_validity, "min_validity")
-        self._target = _core.parse_target(
-            target,
-            ca_file=_fs(ca_file),
-            cert_file=_fs(cert_file),
-            key_file=_fs(key_file),
-        )
-        self._sa_token = (
-            None
-            if token_file is None
-            else _core.ServiceAccountToken(
-                token_file, _core.seconds(token_file_check_interval, "token_file_check_interval")
-            )
-        )
-        self._cache = _core.TokenCache(_core.seconds(margin, "margin"), clock)
-        # Read now, so bad files fail the constructor; the channel waits for a running loop.
-        self._credentials = (
-            _core.channel_credentials(ca_file, cert_file, key_file) if self._target.tls else None
-        )
-        self._interceptors = list(interceptors)
-        self._options = list(channel_options)
+    def _open(self) -> None:
+        # The channel waits for a running loop (`_get_stub`).
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.TokenBrokerServiceStub | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flights = _Flights()
+
+    def _new_watch(self, account: str, backoff: tuple[float, float]) -> AsyncTokenWatch:
+        return AsyncTokenWatch(self, account, *backoff)
 
     def _get_stub(self) -> pb_grpc.TokenBrokerServiceStub:
         loop = asyncio.get_running_loop()
@@ -132,11 +98,7 @@ class AsyncBrokerClient:
         cache, else from one GetToken call shared by concurrent tasks.
 
         Raises a `BrokerError` subclass (`UnknownAccount`, `BrokerUnavailable`, ...)."""
-        mv = (
-            self._min_validity
-            if min_validity is None
-            else _core.seconds(min_validity, "min_validity")
-        )
+        mv = self._wanted_validity(min_validity)
         hit = self._cache.fresh(account, mv)
         if hit is not None:
             return hit
@@ -165,42 +127,13 @@ class AsyncBrokerClient:
         answer = await self._call(
             "Invalidate", pb.InvalidateRequest(account=account, access_token=used)
         )
-        self._cache.replace(account, answer.token)
-        return InvalidateResult(InvalidateOutcome.from_wire(answer.outcome), answer.token)
-
-    def watch(
-        self,
-        account: str,
-        *,
-        backoff_initial: Seconds = _core.DEFAULT_WATCH_BACKOFF_INITIAL,
-        backoff_max: Seconds = _core.DEFAULT_WATCH_BACKOFF_MAX,
-    ) -> AsyncTokenWatch:
-        """An `AsyncTokenWatch`: the account's token kept current by a WatchToken stream in a
-        task of the running loop, reconnecting with backoff when the stream breaks. Every token
-        it receives also goes into this client's cache. `await watch.close()` when done."""
-        return AsyncTokenWatch(
-            self,
-            account,
-            _core.seconds(backoff_initial, "backoff_initial", allow_zero=False),
-            _core.seconds(backoff_max, "backoff_max", allow_zero=False),
-        )
-
-    def cached(self, account: str, *, min_validity: Seconds | None = None) -> pb.Token | None:
-        """The cached token if it is fresh enough, without any call."""
-        mv = (
-            self._min_validity
-            if min_validity is None
-            else _core.seconds(min_validity, "min_validity")
-        )
-        return self._cache.fresh(account, mv)
+        return self._invalidated(account, answer)
 
     async def _call(self, method: str, request: Any) -> Any:
         stub = self._get_stub()
-        metadata = self._sa_token.metadata() if self._sa_token is not None else None
-        try:
+        metadata = self._metadata()
+        with typed_errors():
             return await getattr(stub, method)(request, timeout=self._timeout, metadata=metadata)
-        except grpc.RpcError as e:
-            raise errors.from_rpc_error(e) from e
 
     async def close(self) -> None:
         """Closes the channel; calls in progress are cancelled."""
@@ -214,18 +147,8 @@ class AsyncBrokerClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def __repr__(self) -> str:
-        return (
-            f"AsyncBrokerClient(target={self._target.address!r}, tls={self._target.tls}, "
-            f"token_file={self._sa_token.path if self._sa_token else None!r})"
-        )
 
-
-def _fs(path: str | os.PathLike[str] | None) -> str | None:
-    return None if path is None else os.fspath(path)
-
-
-class AsyncTokenWatch:
+class AsyncTokenWatch(WatchBase):
     """An account's token kept up to date by the broker's WatchToken stream, in a task (see
     `AsyncBrokerClient.watch`); the asyncio twin of `TokenWatch`, with the same reconnection
     and stopping rules."""
@@ -233,21 +156,11 @@ class AsyncTokenWatch:
     def __init__(
         self, client: AsyncBrokerClient, account: str, backoff_initial: float, backoff_max: float
     ):
-        self.account = account
-        self._client = client
-        self._backoff = (backoff_initial, backoff_max)
-        self._token: pb.Token | None = None
-        self._error: errors.BrokerError | None = None
+        super().__init__(client, account, (backoff_initial, backoff_max))
+        self._client: AsyncBrokerClient = client
         self._changed = asyncio.Condition()
         self._closed = asyncio.Event()
-        self.reconnects = 0
-        """How many times the stream was opened again after it broke."""
         self._task = asyncio.ensure_future(self._run())
-
-    @property
-    def token(self) -> pb.Token | None:
-        """The latest token received (None before the first)."""
-        return self._token
 
     async def wait(self) -> pb.Token:
         """The current token, waiting for the first one if none came yet (bound it with
@@ -258,19 +171,10 @@ class AsyncTokenWatch:
         """Waits until the current token satisfies `predicate` and returns it. Raises the
         watch's `BrokerError` if it stopped on one, `RuntimeError` if it was closed."""
         async with self._changed:
-            await self._changed.wait_for(
-                lambda: (
-                    self._error is not None
-                    or self._closed.is_set()
-                    or (self._token is not None and predicate(self._token))
-                )
-            )
-            if self._closed.is_set():
-                raise RuntimeError("the watch is closed")
-            if self._token is not None and predicate(self._token):
-                return self._token
-            assert self._error is not None
-            raise self._error
+            await self._changed.wait_for(lambda: self._settled(predicate))
+            token = self._answer(predicate)
+            assert token is not None
+            return token
 
     async def _run(self) -> None:
         initial, maximum = self._backoff
@@ -281,26 +185,21 @@ class AsyncTokenWatch:
                 self.reconnects += 1
             first = False
             try:
-                stub = self._client._get_stub()
-                sa = self._client._sa_token
-                call = stub.WatchToken(
+                call = self._client._get_stub().WatchToken(
                     pb.WatchTokenRequest(account=self.account),
-                    metadata=sa.metadata() if sa is not None else None,
+                    metadata=self._client._metadata(),
                     wait_for_ready=True,
                 )
                 async for message in call:
                     backoff = initial
                     await self._publish(token=message.token)
-            except grpc.RpcError as e:
-                error = errors.from_rpc_error(e)
-                if error.code in _FINAL_WATCH_CODES:
-                    await self._stop(error)
-                    return
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - never let the task die silently
-                await self._stop(errors.BrokerError(grpc.StatusCode.UNKNOWN, type(e).__name__))
-                return
+                error = self._stopping_error(e)
+                if error is not None:
+                    await self._stop(error)
+                    return
             try:
                 await asyncio.wait_for(self._closed.wait(), backoff)
                 return
@@ -334,18 +233,3 @@ class AsyncTokenWatch:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-    def __repr__(self) -> str:
-        token = None if self._token is None else _core.describe_token(self._token)
-        return f"AsyncTokenWatch(account={self.account!r}, token={token})"
-
-
-_FINAL_WATCH_CODES = frozenset(
-    {
-        grpc.StatusCode.NOT_FOUND,
-        grpc.StatusCode.PERMISSION_DENIED,
-        grpc.StatusCode.UNAUTHENTICATED,
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.UNIMPLEMENTED,
-    }
-)

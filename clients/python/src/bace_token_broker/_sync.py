@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import threading
-import time
 from concurrent.futures import Future
-from typing import Any, Callable, Hashable, Sequence, TypeVar
+from typing import Any, Callable, Hashable, TypeVar
 
 import grpc
 
-from . import _core, errors
-from ._core import InvalidateOutcome, InvalidateResult, Seconds
+from . import _core
+from ._base import ClientBase, WatchBase, typed_errors
+from ._core import InvalidateResult, Seconds
 from ._pb import token_broker_pb2 as pb
 from ._pb import token_broker_pb2_grpc as pb_grpc
 
@@ -76,7 +75,7 @@ class _Flights:
             )
 
 
-class BrokerClient:
+class BrokerClient(ClientBase["TokenWatch"]):
     """A blocking client of the BACE token broker, safe to share between threads.
 
     `token(account)` answers from a local cache while the cached token has more than `margin`
@@ -102,57 +101,28 @@ class BrokerClient:
     `bace_token_broker.errors` (all `BrokerError`s).
     """
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        timeout: float = _core.DEFAULT_TIMEOUT,
-        ca_file: str | os.PathLike[str] | None = None,
-        cert_file: str | os.PathLike[str] | None = None,
-        key_file: str | os.PathLike[str] | None = None,
-        token_file: str | os.PathLike[str] | None = None,
-        margin: Seconds = _core.DEFAULT_MARGIN,
-        min_validity: Seconds = 0.0,
-        token_file_check_interval: Seconds = _core.DEFAULT_TOKEN_FILE_CHECK_INTERVAL,
-        interceptors: Sequence[Any] = (),
-        channel_options: Sequence[tuple[str, Any]] = (),
-        clock: Callable[[], float] = time.time,
-    ):
-        self._timeout = _core.seconds(timeout, "timeout", allow_zero=False)
-        self._min_validity = _core.seconds(min_validity, "min_validity")
-        self._target = _core.parse_target(
-            target, ca_file=_fs(ca_file), cert_file=_fs(cert_file), key_file=_fs(key_file)
-        )
-        self._sa_token = (
-            None
-            if token_file is None
-            else _core.ServiceAccountToken(
-                token_file, _core.seconds(token_file_check_interval, "token_file_check_interval")
+    def _open(self) -> None:
+        if self._credentials is not None:
+            channel = grpc.secure_channel(
+                self._target.address, self._credentials, options=self._options
             )
-        )
-        self._cache = _core.TokenCache(_core.seconds(margin, "margin"), clock)
-        options = list(channel_options)
-        if self._target.tls:
-            creds = _core.channel_credentials(ca_file, cert_file, key_file)
-            channel = grpc.secure_channel(self._target.address, creds, options=options)
         else:
-            channel = grpc.insecure_channel(self._target.address, options=options)
+            channel = grpc.insecure_channel(self._target.address, options=self._options)
         self._channel = channel
-        if interceptors:
-            channel = grpc.intercept_channel(channel, *interceptors)
+        if self._interceptors:
+            channel = grpc.intercept_channel(channel, *self._interceptors)
         self._stub = pb_grpc.TokenBrokerServiceStub(channel)
         self._flights = _Flights()
+
+    def _new_watch(self, account: str, backoff: tuple[float, float]) -> TokenWatch:
+        return TokenWatch(self, account, *backoff)
 
     def token(self, account: str, *, min_validity: Seconds | None = None) -> pb.Token:
         """A token for `account` with more than the margin plus `min_validity` left: from the
         cache, else from one GetToken call shared by concurrent callers.
 
         Raises a `BrokerError` subclass (`UnknownAccount`, `BrokerUnavailable`, ...)."""
-        mv = (
-            self._min_validity
-            if min_validity is None
-            else _core.seconds(min_validity, "min_validity")
-        )
+        mv = self._wanted_validity(min_validity)
         hit = self._cache.fresh(account, mv)
         if hit is not None:
             return hit
@@ -183,41 +153,11 @@ class BrokerClient:
         answer = self._call(
             self._stub.Invalidate, pb.InvalidateRequest(account=account, access_token=used)
         )
-        self._cache.replace(account, answer.token)
-        return InvalidateResult(InvalidateOutcome.from_wire(answer.outcome), answer.token)
-
-    def watch(
-        self,
-        account: str,
-        *,
-        backoff_initial: Seconds = _core.DEFAULT_WATCH_BACKOFF_INITIAL,
-        backoff_max: Seconds = _core.DEFAULT_WATCH_BACKOFF_MAX,
-    ) -> TokenWatch:
-        """A `TokenWatch`: the account's token kept current by a WatchToken stream in a
-        background thread, reconnecting with backoff when the stream breaks. Every token it
-        receives also goes into this client's cache. Close it (or use `with`) when done."""
-        return TokenWatch(
-            self,
-            account,
-            _core.seconds(backoff_initial, "backoff_initial", allow_zero=False),
-            _core.seconds(backoff_max, "backoff_max", allow_zero=False),
-        )
-
-    def cached(self, account: str, *, min_validity: Seconds | None = None) -> pb.Token | None:
-        """The cached token if it is fresh enough, without any call."""
-        mv = (
-            self._min_validity
-            if min_validity is None
-            else _core.seconds(min_validity, "min_validity")
-        )
-        return self._cache.fresh(account, mv)
+        return self._invalidated(account, answer)
 
     def _call(self, method: Any, request: Any) -> Any:
-        metadata = self._sa_token.metadata() if self._sa_token is not None else None
-        try:
-            return method(request, timeout=self._timeout, metadata=metadata)
-        except grpc.RpcError as e:
-            raise errors.from_rpc_error(e) from e
+        with typed_errors():
+            return method(request, timeout=self._timeout, metadata=self._metadata())
 
     def close(self) -> None:
         """Closes the channel; calls in progress are cancelled."""
@@ -229,18 +169,8 @@ class BrokerClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __repr__(self) -> str:
-        return (
-            f"BrokerClient(target={self._target.address!r}, tls={self._target.tls}, "
-            f"token_file={self._sa_token.path if self._sa_token else None!r})"
-        )
 
-
-def _fs(path: str | os.PathLike[str] | None) -> str | None:
-    return None if path is None else os.fspath(path)
-
-
-class TokenWatch:
+class TokenWatch(WatchBase):
     """An account's token kept up to date by the broker's WatchToken stream (see
     `BrokerClient.watch`).
 
@@ -256,26 +186,15 @@ class TokenWatch:
     def __init__(
         self, client: BrokerClient, account: str, backoff_initial: float, backoff_max: float
     ):
-        self.account = account
-        self._client = client
-        self._backoff = (backoff_initial, backoff_max)
+        super().__init__(client, account, (backoff_initial, backoff_max))
+        self._client: BrokerClient = client
         self._cond = threading.Condition()
-        self._token: pb.Token | None = None
-        self._error: errors.BrokerError | None = None
         self._closed = threading.Event()
         self._call: Any = None
-        self.reconnects = 0
-        """How many times the stream was opened again after it broke."""
         self._thread = threading.Thread(
             target=self._run, name=f"bace-token-watch-{account}", daemon=True
         )
         self._thread.start()
-
-    @property
-    def token(self) -> pb.Token | None:
-        """The latest token received (None before the first). It may have expired if the
-        broker has been unreachable for long; `client.token()` checks that for you."""
-        return self._token
 
     def wait(self, timeout: float | None = None) -> pb.Token:
         """The current token, waiting for the first one if none came yet."""
@@ -288,21 +207,10 @@ class TokenWatch:
         `TimeoutError` after `timeout` seconds, the watch's `BrokerError` if it stopped on
         one, `RuntimeError` if it was closed."""
         with self._cond:
-            done = self._cond.wait_for(
-                lambda: (
-                    self._error is not None
-                    or self._closed.is_set()
-                    or (self._token is not None and predicate(self._token))
-                ),
-                timeout,
-            )
-            if self._closed.is_set():
-                raise RuntimeError("the watch is closed")
-            if self._token is not None and predicate(self._token):
-                return self._token
-            if self._error is not None:
-                raise self._error
-            assert not done
+            self._cond.wait_for(lambda: self._settled(predicate), timeout)
+            token = self._answer(predicate)
+            if token is not None:
+                return token
             raise TimeoutError(f"no matching token for {self.account!r} within {timeout} s")
 
     def _run(self) -> None:
@@ -314,14 +222,9 @@ class TokenWatch:
                 self.reconnects += 1
             first = False
             try:
-                metadata = (
-                    self._client._sa_token.metadata()
-                    if self._client._sa_token is not None
-                    else None
-                )
                 call = self._client._stub.WatchToken(
                     pb.WatchTokenRequest(account=self.account),
-                    metadata=metadata,
+                    metadata=self._client._metadata(),
                     wait_for_ready=True,
                 )
                 self._call = call
@@ -330,20 +233,15 @@ class TokenWatch:
                 for message in call:
                     backoff = initial
                     self._publish(message.token)
-            except grpc.RpcError as e:
-                if self._closed.is_set():
+            except Exception as e:  # noqa: BLE001 - never let the thread die silently
+                if isinstance(e, grpc.RpcError) and self._closed.is_set():
                     return
-                error = errors.from_rpc_error(e)
-                if error.code in _FINAL_WATCH_CODES:
+                error = self._stopping_error(e)
+                if error is not None:
                     with self._cond:
                         self._error = error
                         self._cond.notify_all()
                     return
-            except Exception as e:  # noqa: BLE001 - never let the thread die silently
-                with self._cond:
-                    self._error = errors.BrokerError(grpc.StatusCode.UNKNOWN, type(e).__name__)
-                    self._cond.notify_all()
-                return
             if self._closed.wait(backoff):
                 return
             backoff = min(backoff * 2, maximum)
@@ -370,18 +268,3 @@ class TokenWatch:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def __repr__(self) -> str:
-        token = None if self._token is None else _core.describe_token(self._token)
-        return f"TokenWatch(account={self.account!r}, token={token})"
-
-
-_FINAL_WATCH_CODES = frozenset(
-    {
-        grpc.StatusCode.NOT_FOUND,
-        grpc.StatusCode.PERMISSION_DENIED,
-        grpc.StatusCode.UNAUTHENTICATED,
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.UNIMPLEMENTED,
-    }
-)

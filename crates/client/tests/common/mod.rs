@@ -1,26 +1,27 @@
 //! Test equipment: the real broker binary as a child process in front of the in-process fake
-//! BACE, its call counts read from `/metrics`, and a free-port helper.
+//! BACE, its call counts read from `/metrics`, the usual scene of the three with a client, calls
+//! released together, and a free-port helper.
 //!
 //! Every wait on the child process is a bounded poll (readiness on the health service, counts on
 //! `/metrics`); nothing sleeps to synchronise.
 #![allow(dead_code, unreachable_pub)]
 
 use std::{
+    future::Future,
     net::{SocketAddr, TcpListener},
     path::PathBuf,
     process::{Child, Command, Stdio},
+    sync::Arc,
     time::Duration,
 };
 
+use bace_token_broker_client::BrokerClient;
+
 use fake_bace::FakeBace;
 use testkit::BrokerConfig;
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-};
 
 /// The account every test uses.
 pub const ACCOUNT: &str = "fleet-a";
-const READINESS_SERVICE: &str = "bace.tokenbroker.v1.TokenBrokerService";
 /// Budget for waits on the child process (a hang guard, not a timing assertion).
 pub const WITHIN: Duration = Duration::from_secs(60);
 
@@ -145,7 +146,7 @@ impl Broker {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("the broker exited with {status}:\n{}", self.logs());
             }
-            if self.is_ready().await {
+            if testkit::is_ready(&self.health_url).await {
                 return;
             }
             assert!(
@@ -155,24 +156,6 @@ impl Broker {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-    }
-
-    async fn is_ready(&self) -> bool {
-        let Ok(channel) = tonic::transport::Endpoint::from_shared(self.health_url.clone())
-            .unwrap()
-            .connect_timeout(Duration::from_secs(1))
-            .timeout(Duration::from_secs(2))
-            .connect()
-            .await
-        else {
-            return false;
-        };
-        HealthClient::new(channel)
-            .check(HealthCheckRequest {
-                service: READINESS_SERVICE.into(),
-            })
-            .await
-            .is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32)
     }
 
     /// The broker's log so far.
@@ -261,4 +244,52 @@ impl Drop for Broker {
 /// `restricted`: 401 for every token).
 pub fn api(fake: &FakeBace, path: &str) -> String {
     format!("{}/api/v2/{path}", fake.base_url())
+}
+
+/// The usual scene: the fake BACE, the broker binary in front of it with the test kit's
+/// defaults, and a client of the broker.
+pub async fn scene() -> (FakeBace, Broker, BrokerClient) {
+    tuned_scene(|_, c| c).await
+}
+
+/// The scene with the broker's `upstream.verify_url` set to the fake's [`api`]
+/// `physical-device` (a 401 there means the token is bad; elsewhere, a missing permission).
+pub async fn verifying_scene() -> (FakeBace, Broker, BrokerClient) {
+    tuned_scene(|fake, c| c.verify_url(api(fake, "physical-device"))).await
+}
+
+/// The scene with the broker's config adjusted by `tune`, given the fake.
+pub async fn tuned_scene(
+    tune: impl FnOnce(&FakeBace, BrokerConfig) -> BrokerConfig,
+) -> (FakeBace, Broker, BrokerClient) {
+    let fake = fake().await;
+    let broker = Broker::for_fake(&fake, |c| tune(&fake, c)).await;
+    let client = BrokerClient::new(&broker.url).unwrap();
+    (fake, broker, client)
+}
+
+/// Runs `n` calls made by `call` in their own tasks, released together (a barrier) so that they
+/// overlap; their outputs, once all are done (bounded by the hang guard).
+pub async fn together<F, T>(n: usize, call: impl Fn() -> F) -> Vec<T>
+where
+    F: Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let start = Arc::new(tokio::sync::Barrier::new(n));
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let (call, start) = (call(), start.clone());
+        calls.spawn(async move {
+            start.wait().await;
+            call.await
+        });
+    }
+    guard(calls.join_all()).await
+}
+
+/// Every call of [`together`] got an answer, and every answer was 200.
+pub fn assert_all_ok<E: std::fmt::Debug>(statuses: &[Result<http::StatusCode, E>]) {
+    for status in statuses {
+        assert_eq!(*status.as_ref().unwrap(), http::StatusCode::OK);
+    }
 }
