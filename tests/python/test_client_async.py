@@ -157,10 +157,17 @@ async def test_the_broker_is_asked_for_the_margin_plus_min_validity(broker, fres
         assert expires_at(token) - time.time() > margin + 60
         assert await client.token(fresh_account, min_validity=60) is token
         assert delta(broker, before)["GetToken"] == 1
+    # A bar past what the broker can promise (14 d): OUT_OF_RANGE, then `min_validity` alone,
+    # whose answer serves the call and is not cached.
     async with AsyncBrokerClient(broker.addr, timeout=TIMEOUT, margin=14 * 24 * 3600) as far:
+        before = await counts(broker)
+        assert (await far.token(fresh_account)).access_token
+        assert far.cached(fresh_account) is None
+        assert delta(broker, before)["GetToken"] == 2
         with pytest.raises(InvalidRequest) as e:
-            await far.token(fresh_account)
+            await far.token(fresh_account, min_validity=30 * 24 * 3600)
         assert e.value.code == grpc.StatusCode.OUT_OF_RANGE
+        assert delta(broker, before)["GetToken"] == 4
 
 
 @pytest.mark.asyncio

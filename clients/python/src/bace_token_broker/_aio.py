@@ -110,8 +110,15 @@ class AsyncBrokerClient(ClientBase["AsyncTokenWatch"]):
         if hit is not None:
             return hit
         generation = self._cache.generation(account)
-        request = _core.get_token_request(account, self._cache.margin, min_validity)
-        token = (await self._call("GetToken", request)).token
+        margin = self._cache.margin
+        try:
+            request = _core.get_token_request(account, margin, min_validity)
+            token = (await self._call("GetToken", request)).token
+        except Exception as error:
+            if not _core.margin_out_of_range(error, margin):
+                raise
+            request = _core.get_token_request(account, 0, min_validity)
+            return (await self._call("GetToken", request)).token
         self._cache.store(account, token, generation)
         return token
 

@@ -141,12 +141,23 @@ def get_token_request(account: str, margin: float, min_validity: float) -> pb.Ge
     """The GetToken request behind `token(account, min_validity=...)`: it asks the broker for
     `margin + min_validity`, the bar the client's cache applies, so the answer is a token the
     cache keeps (the broker would serve anything past its own 10 s expiry margin). If the broker
-    cannot promise that much (its `refresh.refreshed_lifetime`), it answers OUT_OF_RANGE
-    (`InvalidRequest`): lower `margin` or `min_validity`."""
+    cannot promise that much (its `refresh.refreshed_lifetime`), it answers OUT_OF_RANGE, and
+    the client asks once more for `min_validity` alone (`margin_out_of_range`), as the Rust
+    client does: that answer serves the call, and the cache does not keep it."""
     request = pb.GetTokenRequest(account=account)
     if margin + min_validity > 0:
         request.min_validity.CopyFrom(duration(margin + min_validity))
     return request
+
+
+def margin_out_of_range(error: BaseException, margin: float) -> bool:
+    """Whether a GetToken failed only because the client's margin made its bar longer than the
+    broker can promise: OUT_OF_RANGE with a margin added (then ask for `min_validity` alone)."""
+    return (
+        margin > 0
+        and isinstance(error, errors.InvalidRequest)
+        and error.code == grpc.StatusCode.OUT_OF_RANGE
+    )
 
 
 def access_token_of(token: str | pb.Token) -> str:

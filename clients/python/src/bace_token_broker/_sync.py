@@ -134,8 +134,15 @@ class BrokerClient(ClientBase["TokenWatch"]):
 
     def _fetch(self, account: str, min_validity: float) -> pb.Token:
         generation = self._cache.generation(account)
-        request = _core.get_token_request(account, self._cache.margin, min_validity)
-        token = self._call(self._stub.GetToken, request).token
+        margin = self._cache.margin
+        try:
+            request = _core.get_token_request(account, margin, min_validity)
+            token = self._call(self._stub.GetToken, request).token
+        except Exception as error:
+            if not _core.margin_out_of_range(error, margin):
+                raise
+            request = _core.get_token_request(account, 0, min_validity)
+            return self._call(self._stub.GetToken, request).token
         self._cache.store(account, token, generation)
         return token
 
