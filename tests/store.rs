@@ -101,6 +101,17 @@ impl<'a> Setup<'a> {
         }
     }
 
+    /// Leases of 6 s renewed every 2 s (the smallest lease the config allows for a 2 s
+    /// timeout), for the tests of renewals while work runs: 4 s to spare at each renewal, so a
+    /// loaded machine stalling the test for a second does not lose the lease.
+    fn renewed_leases(redis: &RedisServer) -> Self {
+        Self {
+            lease: Duration::from_secs(6),
+            timeout: Duration::from_secs(2),
+            ..Self::new(redis)
+        }
+    }
+
     /// Short timeouts (and leases) for the tests of a paused server.
     fn short_timeouts(redis: &RedisServer) -> Self {
         Self {
@@ -269,12 +280,7 @@ async fn an_expired_lease_lets_the_other_replica_in() {
 #[tokio::test]
 async fn holding_renews_the_lease_and_reports_its_loss() {
     let redis = RedisServer::start();
-    let mut setup = Setup::new(&redis);
-    // Renewals 2 s apart with 4 s to spare each: a loaded machine stalling this process
-    // for a second does not lose the lease.
-    setup.lease = Duration::from_secs(6);
-    setup.timeout = Duration::from_secs(2);
-    let (one, two) = setup.replicas();
+    let (one, two) = Setup::renewed_leases(&redis).replicas();
     let a = account("fleet-a");
     let mut lease = take_lease(&one, &a).await;
     // The work outlives the lease by half; the other replica keeps trying meanwhile.
@@ -315,10 +321,7 @@ async fn renewals_count_from_the_lease_s_last_confirmation_not_from_hold() {
     // the shared backoff) uses up part of the lease: the first renewal must not wait a whole
     // renewal period after `hold` starts, or it comes after the lease's end.
     let redis = RedisServer::start();
-    let mut setup = Setup::new(&redis);
-    setup.lease = Duration::from_secs(6);
-    setup.timeout = Duration::from_secs(2);
-    let (one, two) = setup.replicas();
+    let (one, two) = Setup::renewed_leases(&redis).replicas();
     let a = account("fleet-a");
     let mut lease = take_lease(&one, &a).await;
     // 4.5 s of the 6 s pass before `hold`: a renewal 2 s after `hold` starts would be 0.5 s
