@@ -234,33 +234,33 @@ impl TokenValidator {
         let Some(fetcher) = &self.fetcher else {
             return;
         };
-        let body = match fetcher.fetch().await {
-            Ok(body) => body,
-            Err(error) => {
-                warn!(url = %fetcher.url, %error, "JWKS fetch failed; keeping the keys in hand");
-                return;
-            }
-        };
         let now = Instant::now();
         let current = self.keys.load_full();
-        if current.document.as_deref() == Some(&body[..]) {
-            // The same document: the same keys. Keeping their generation keeps the cache of
-            // verified tokens, which a routine refresh (every `JWKS_MAX_AGE`) would otherwise
-            // empty, making every caller's next call a signature check.
-            debug!(url = %fetcher.url, "JWKS fetched, unchanged");
-            self.keys.store(Arc::new(current.refetched(now)));
-            return;
-        }
-        match parse_jwks(&body) {
-            Ok(keys) => {
-                let keys = KeySet::new(keys, &self.config, Some(now)).with_document(body);
+        // `None`: the same document as the keys in hand.
+        let fetched = fetcher.fetch().await.and_then(|body| {
+            if current.document.as_deref() == Some(&body[..]) {
+                return Ok(None);
+            }
+            let keys = parse_jwks(&body).map_err(FetchError::Document)?;
+            Ok(Some(
+                KeySet::new(keys, &self.config, Some(now)).with_document(body),
+            ))
+        });
+        match fetched {
+            Ok(None) => {
+                // The same keys. Keeping their generation keeps the cache of verified tokens,
+                // which a routine refresh (every `JWKS_MAX_AGE`) would otherwise empty,
+                // making every caller's next call a signature check.
+                debug!(url = %fetcher.url, "JWKS fetched, unchanged");
+                self.keys.store(Arc::new(current.refetched(now)));
+            }
+            Ok(Some(keys)) => {
                 info!(url = %fetcher.url, keys = keys.all.len(), "JWKS fetched");
                 self.keys.store(Arc::new(keys));
                 // Entries of the old keys would miss anyway (their generation); free them now.
                 self.cache.clear();
             }
-            Err(problem) => {
-                let error = FetchError::Document(problem);
+            Err(error) => {
                 warn!(url = %fetcher.url, %error, "JWKS fetch failed; keeping the keys in hand");
             }
         }

@@ -50,6 +50,11 @@ impl Lease {
     pub fn confirmed_at(&self) -> Instant {
         self.confirmed_at
     }
+
+    /// When it ends unless renewed: its last confirmation plus the lease duration.
+    fn ends_at(&self) -> Instant {
+        self.confirmed_at + self.duration
+    }
 }
 
 /// The result of [`Store::acquire_lease`].
@@ -175,20 +180,19 @@ impl Store {
                 let mut next = lease.confirmed_at + period;
                 loop {
                     sleep_until(next).await;
-                    let ends = |lease: &Lease| lease.confirmed_at + lease.duration;
                     match self.renew(lease).await {
                         Ok(true) => next = lease.confirmed_at + period,
                         Ok(false) => {
                             warn!(%account, "lease lost while fetching: another replica holds it or it expired");
                             return;
                         }
-                        Err(error) if Instant::now() >= ends(lease) => {
+                        Err(error) if Instant::now() >= lease.ends_at() => {
                             warn!(%account, %error, "lease lost while fetching: renewals failed for a whole lease");
                             return;
                         }
                         Err(error) => {
                             warn!(%account, %error, "lease renewal failed; retrying");
-                            let left = ends(lease).saturating_duration_since(Instant::now());
+                            let left = lease.ends_at().saturating_duration_since(Instant::now());
                             next = Instant::now() + (left / 2).min(period);
                         }
                     }
@@ -200,9 +204,7 @@ impl Store {
             }
         };
         match finished {
-            Some(output) if Instant::now() < lease.confirmed_at + lease.duration => {
-                (output, LeaseKept::Held)
-            }
+            Some(output) if Instant::now() < lease.ends_at() => (output, LeaseKept::Held),
             Some(output) => {
                 warn!(%account, "lease ended before the fetch did");
                 self.shared.metrics.count(Event::LeaseLost);
