@@ -82,7 +82,11 @@ impl Reloader {
         let (tx, mut changes) = mpsc::unbounded_channel::<PathBuf>();
         let mut watcher =
             match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                if let Ok(event) = event {
+                // Reading a file is an event too (inotify's open and close-without-write):
+                // a reload that reads the config would trigger the next one, forever.
+                if let Ok(event) = event
+                    && !matches!(event.kind, notify::EventKind::Access(_))
+                {
                     for path in event.paths {
                         let _ = tx.send(path);
                     }

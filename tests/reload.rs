@@ -228,3 +228,26 @@ async fn a_removed_account_stops_refreshing() {
     assert!(fake.calls(&user("drop"), Grant::Refresh) <= dropped_at + 1);
     broker.stop().await.unwrap();
 }
+
+/// A reload reads the config and secret files, and reading is an inotify event too: a
+/// watcher that took every event for a change reloaded again after each reload, forever.
+/// (This asserts an absence, so it waits: for five debounce periods after the reload.)
+#[tokio::test]
+async fn a_reload_does_not_trigger_the_next_one() {
+    let fake = fake(&["fleet-a"]).await;
+    let mut files = Files::new(fake.token_url());
+    files.write_secret("fleet-a", "pw-fleet-a-Zq9");
+    files.write_config(&files.config(&["fleet-a"]));
+    let broker = BrokerServer::start_config(Config::load(&files.config_path()).unwrap()).await;
+    broker
+        .wait_status(
+            READINESS_SERVICE,
+            tonic_health::pb::health_check_response::ServingStatus::Serving,
+        )
+        .await;
+    files.write_config(&files.config(&["fleet-a"]));
+    reloads(&broker, "unchanged", 1.0).await;
+    tokio::time::sleep(bace_token_broker::DEBOUNCE * 5).await;
+    let key = "bace_broker_config_reloads_total{outcome=\"unchanged\"}";
+    assert_eq!(broker.scrape().await[key], 1.0, "reloaded again by itself");
+}
