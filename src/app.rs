@@ -24,6 +24,7 @@ use crate::{
     grpc::TokenBrokerApi,
     proto::{self, token_broker_service_server::TokenBrokerServiceServer},
     reload::{ReloadCounts, Reloader},
+    store::Store,
     telemetry,
     tls::{self, TlsAcceptor},
     upstream::{HttpUpstream, Upstream},
@@ -97,7 +98,15 @@ pub async fn serve_with(
 ) -> anyhow::Result<()> {
     let listener = listeners.grpc;
     let addr: SocketAddr = listener.local_addr()?;
-    let (broker, refresher) = Broker::new(&config, upstream);
+    // The shared store, if configured: built here (a bad key file was refused when the config
+    // was read), connected lazily, so a replica starts while Redis is unreachable.
+    let store = config
+        .store
+        .as_ref()
+        .map(|s| Store::new(&s.redis))
+        .transpose()
+        .context("setting up the store (store.redis)")?;
+    let (broker, refresher) = Broker::with_store(&config, upstream, store);
     // The broker holds the accounts now; keep only the rest of the config (with 100,000
     // accounts, each copy of them costs tens of megabytes).
     let mut config = config;
@@ -173,6 +182,8 @@ pub async fn serve_with(
     )
     .map(|reloader| tokio::spawn(reloader.run(reloads_stop.clone())));
     let mut refresher = tokio::spawn(refresher.run());
+    // Adopts other replicas' tokens and reconciles; ends with the broker (no store: at once).
+    let store_sync = tokio::spawn(broker.clone().sync_with_store());
     let warm_up = tokio::spawn(warm_up(broker.clone(), health.clone()));
 
     let (drain_tx, drain_rx) = oneshot::channel::<()>();
@@ -199,13 +210,8 @@ pub async fn serve_with(
         ),
     };
     info!(%addr, tls = config.tls.is_some(), accounts = account_count, "broker listening");
-    if config.store.is_some() {
-        // Said at every start until the broker uses the store (see "Several replicas on one
-        // Redis" in the README): an operator must not believe the replicas coordinate.
-        warn!(
-            "store.redis is configured and checked, but this version does not use it yet: \
-             each replica logs in, refreshes and backs off on its own"
-        );
+    if let Some(store) = broker.store() {
+        info!(prefix = store.prefix(), lease = ?store.lease_duration(), "sharing tokens with the other replicas through Redis (store.redis)");
     }
 
     // Runs until a shutdown signal, or until the server or the refresher stops on its own
@@ -258,6 +264,7 @@ pub async fn serve_with(
         }
     }
     broker.shutdown().await;
+    let _ = store_sync.await;
     if !refresher_done {
         let _ = refresher.await;
     }
@@ -291,6 +298,7 @@ async fn warm_up(broker: Broker, health: HealthReporter) {
     let report = broker.warm_up().await;
     info!(
         ready = report.ready,
+        from_store = report.from_store,
         failed = report.failed,
         "warm-up done; ready"
     );

@@ -405,14 +405,32 @@ async fn invalidate(
 
 async fn status(conn: &Connection) -> Result<(), String> {
     let mut client = connect(conn).await?;
-    let accounts = client
+    let response = client
         .list_accounts(proto::ListAccountsRequest {})
         .await
         .map_err(status_error)?
-        .into_inner()
-        .accounts;
-    print!("{}", status_table(&accounts, std::time::SystemTime::now()));
+        .into_inner();
+    if let Some(store) = &response.store {
+        println!("{}", store_line(store));
+    }
+    print!(
+        "{}",
+        status_table(&response.accounts, std::time::SystemTime::now())
+    );
     Ok(())
+}
+
+/// One line about the shared store, above the accounts.
+fn store_line(store: &proto::StoreStatus) -> String {
+    let state = match proto::StoreState::try_from(store.state) {
+        Ok(proto::StoreState::Up) => "up",
+        Ok(proto::StoreState::Down) => {
+            "DOWN (serving what this replica holds, fetching on its own)"
+        }
+        Ok(proto::StoreState::Connecting) => "connecting",
+        _ => "unknown",
+    };
+    format!("store: redis, key prefix {:?}, {state}", store.key_prefix)
 }
 
 /// Renders account statuses as an aligned table; times relative to `now`.

@@ -26,7 +26,12 @@ impl<K> Default for Counts<K> {
 impl<K: Hash + Eq + Clone> Counts<K> {
     /// Adds one to `key`'s count.
     pub(crate) fn inc(&self, key: K) {
-        *self.lock().entry(key).or_default() += 1;
+        self.add(key, 1);
+    }
+
+    /// Adds `n` to `key`'s count.
+    pub(crate) fn add(&self, key: K, n: u64) {
+        *self.lock().entry(key).or_default() += n;
     }
 
     /// Every key seen, with its count.

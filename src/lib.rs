@@ -83,8 +83,8 @@ pub use crate::{
     grpc::{CallCount, CallCounts, GetTokenReply, TokenBrokerApi, WatchResponses, code_name},
     reload::{DEBOUNCE, ReloadCounts, Reloader},
     store::{
-        Acquired, Announcement, Backoff, BackoffKind, Backoffs, Invalidation, Lease, LeaseKept,
-        MAX_VERSION, READ_BATCH, RECORD_LINGER, Record, Store, StoreCounts, StoreError,
+        Acquired, Announcement, Backoff, BackoffKind, Backoffs, Head, Invalidation, Lease,
+        LeaseKept, MAX_VERSION, READ_BATCH, RECORD_LINGER, Record, Store, StoreCounts, StoreError,
         StoreErrorKind, StoreEvent, Stored, Subscription, Unreadable, Written,
     },
     telemetry::Sources as TelemetrySources,

@@ -26,6 +26,7 @@ use crate::{
     counts::HistogramSnapshot,
     grpc::{CallCount, CallCounts, Rpc, RpcHandling},
     reload::ReloadCounts,
+    store::Store,
     token::AccountName,
     upstream::{Call, Grant},
 };
@@ -412,8 +413,103 @@ impl Collector for Sources {
                 })
             }),
         )?;
+        if let Some(store) = self.broker.store() {
+            self.store(e, store)?;
+        }
         grpc_server(e, &self.calls.handling())
     }
+}
+
+impl Sources {
+    /// The shared store's families (only with a `store` configured).
+    fn store(&self, e: &mut DescriptorEncoder, store: &Store) -> Result<(), fmt::Error> {
+        let counts = store.counts();
+        gauges(
+            e,
+            "bace_broker_store_up",
+            "1 while the shared store (Redis) answers; 0 while it does not, or before the first answer.",
+            [(NoLabels {}, i64::from(store.is_up() == Some(true)))],
+        )?;
+        counters(
+            e,
+            "bace_broker_store_operations",
+            "Operations on the shared store by operation and outcome (ok, or the error class).",
+            Empty::Describe,
+            counts
+                .operations
+                .iter()
+                .map(|(op, outcome, n)| (StoreOpLabels { op, outcome }, *n)),
+        )?;
+        counters(
+            e,
+            "bace_broker_store_leases",
+            "Fetch leases by result: acquired, contended (another replica held it), lost (it ended before the fetch did).",
+            Empty::Describe,
+            [
+                ("acquired", counts.leases_acquired),
+                ("contended", counts.leases_contended),
+                ("lost", counts.leases_lost),
+            ]
+            .map(|(result, n)| (ResultLabels { result }, n)),
+        )?;
+        counters(
+            e,
+            "bace_broker_store_version_conflicts",
+            "Token writes refused because the store held the same or a newer version.",
+            Empty::Describe,
+            [(NoLabels {}, counts.version_conflicts)],
+        )?;
+        counters(
+            e,
+            "bace_broker_store_unreadable_records",
+            "Stored records this replica could not read, by reason (unknown_key, tampered).",
+            Empty::Describe,
+            [
+                ("unknown_key", counts.unknown_key_records),
+                ("tampered", counts.tampered_records),
+            ]
+            .map(|(reason, n)| (ReasonLabels { reason }, n)),
+        )?;
+        counters(
+            e,
+            "bace_broker_store_reconcile_corrections",
+            "Accounts a reconcile corrected, by kind (adopted: took the store's newer token; written_back: wrote this replica's token).",
+            Empty::Describe,
+            self.broker
+                .store_reconciles()
+                .into_iter()
+                .map(|(result, n)| (ResultLabels { result }, n)),
+        )?;
+        counters(
+            e,
+            "bace_broker_store_announcements",
+            "Announcements of new tokens received from the store's channel.",
+            Empty::Describe,
+            [(NoLabels {}, counts.announcements_received)],
+        )?;
+        counters(
+            e,
+            "bace_broker_store_subscriptions",
+            "Subscriptions to the announcement channel (the first, and each after a loss).",
+            Empty::Describe,
+            [(NoLabels {}, counts.subscriptions)],
+        )?;
+        histograms(
+            e,
+            "bace_broker_store_propagation_seconds",
+            "From another replica storing a new token to this replica serving it (wall clocks of both).",
+            [(NoLabels {}, self.broker.store_propagation())],
+        )
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct NoLabels {}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct StoreOpLabels {
+    op: &'static str,
+    outcome: &'static str,
 }
 
 /// The gRPC server's families, named, labelled and described as grpc-ecosystem's Prometheus

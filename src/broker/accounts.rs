@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use tokio::{task::JoinSet, time::Duration};
+use tracing::{info, warn};
 
 use super::{Broker, slot::Slot};
 use crate::{config::Config, token::AccountName};
@@ -35,22 +36,44 @@ pub struct WarmUp {
     pub ready: usize,
     /// Accounts whose first fetch failed (they keep retrying in the background).
     pub failed: usize,
+    /// Of the ready accounts, those whose token came from the store (no upstream call).
+    pub from_store: usize,
 }
 
 impl Broker {
     /// Obtains a token for every account, `warmup_concurrency` at a time, and returns once
-    /// each has succeeded or failed (failed accounts retry in the background).
+    /// each has succeeded or failed (failed accounts retry in the background). With a store,
+    /// the tokens it holds come first: only the other accounts log in.
     pub async fn warm_up(&self) -> WarmUp {
-        let names: Vec<AccountName> = self
+        let slots: Vec<Arc<Slot>> = self
             .inner
             .accounts
             .iter()
-            .map(|e| e.key().clone())
+            .map(|e| Arc::clone(e.value()))
             .collect();
+        let mut from_store = 0;
+        if let Some(store) = &self.inner.store {
+            match self.inner.warm_from_store(store, &slots).await {
+                Ok(adopted) => {
+                    info!(
+                        adopted,
+                        accounts = slots.len(),
+                        "tokens read from the store"
+                    );
+                    from_store = adopted;
+                }
+                Err(error) => {
+                    warn!(%error, "cannot read tokens from the store; logging in as a single replica would")
+                }
+            }
+        }
+        let names: Vec<AccountName> = slots.iter().map(|s| s.account.name.clone()).collect();
+        drop(slots);
         let limit = self.inner.policy.warmup_concurrency.max(1);
         let mut report = WarmUp {
             ready: 0,
             failed: 0,
+            from_store,
         };
         let mut tally = |ok: bool| {
             if ok {

@@ -22,7 +22,7 @@ use tokio::{
 };
 use tracing::{Instrument, info, info_span, warn};
 
-use super::{BrokerError, Inner, schedule, slot::Slot, slot::SlotState};
+use super::{BrokerError, Inner, schedule, shared::SharedFetch, slot::Slot, slot::SlotState};
 use crate::{
     config::AccountConfig,
     token::{Fingerprint, Token},
@@ -130,6 +130,17 @@ pub(super) enum Fetched {
         /// The token whose refresh BACE declined during this fetch.
         refresh_declined: Option<Fingerprint>,
     },
+    /// Another replica's token, read from the store (no upstream call).
+    Adopted(Arc<Token>),
+    /// A backoff another replica set (the shared failure state): no upstream call before
+    /// `until`.
+    BackingOff {
+        error: BrokerError,
+        until: Instant,
+        /// The failures (or rejections) behind it, so the next backoff grows from there.
+        attempts: u32,
+        rejected: bool,
+    },
 }
 
 impl Fetched {
@@ -138,6 +149,24 @@ impl Fetched {
         match self {
             Fetched::Verified(_) => Call::Verify.as_str(),
             Fetched::Granted { grant, .. } => grant.as_str(),
+            Fetched::Adopted(_) => "store",
+            Fetched::BackingOff { .. } => "shared backoff",
+        }
+    }
+
+    /// A fetch that failed before any grant (a password grant's failure, for the backoff).
+    pub(super) fn failed(error: UpstreamError) -> Self {
+        Fetched::granted(Grant::Password, Err(error))
+    }
+
+    /// The token it produced, if any.
+    pub(super) fn token(&self) -> Option<Arc<Token>> {
+        match self {
+            Fetched::Verified(token) | Fetched::Adopted(token) => Some(token.clone()),
+            Fetched::Granted {
+                result: Ok(token), ..
+            } => Some(token.clone()),
+            _ => None,
         }
     }
 
@@ -161,7 +190,7 @@ impl Inner {
         trigger: Trigger,
     ) -> Flight {
         let (tx, rx) = watch::channel(None);
-        state.generation += 1;
+        state.generation = state.generation.wrapping_add(1);
         let generation = state.generation;
         let flight = Flight {
             result: rx,
@@ -184,10 +213,27 @@ impl Inner {
                     armed: true,
                 };
                 let deadline = Instant::now() + inner.policy.upstream_timeout;
+                let fetch = async {
+                    match &inner.store {
+                        Some(store) => {
+                            inner
+                                .fetch_shared(store, &slot, generation, kind, trigger, deadline)
+                                .await
+                        }
+                        None => SharedFetch {
+                            fetched: inner
+                                .fetch(&slot, generation, kind, trigger, deadline)
+                                .await,
+                            version: None,
+                            lease: None,
+                            saw_backoff: false,
+                        },
+                    }
+                };
                 let outcome = tokio::select! {
                     biased;
                     _ = inner.stop.cancelled() => None,
-                    outcome = inner.fetch(&slot, generation, kind, trigger, deadline) => Some(outcome),
+                    outcome = fetch => Some(outcome),
                 };
                 guard.armed = false;
                 let Some(outcome) = outcome else {
@@ -195,8 +241,16 @@ impl Inner {
                     return;
                 };
                 let joined = joined.load(Ordering::Relaxed);
-                let landed = slot.complete(generation, outcome, &inner, joined);
-                let _ = tx.send(Some(landed));
+                let landed =
+                    slot.complete(generation, outcome.fetched, outcome.version, &inner, joined);
+                let _ = tx.send(Some(landed.clone()));
+                // The lease is released once the outcome is shared (after the waiters got
+                // theirs): the next holder finds the token, or the backoff.
+                if let (Some(store), Some(lease)) = (&inner.store, outcome.lease) {
+                    inner
+                        .settle_shared(store, &slot, &landed, lease, outcome.saw_backoff)
+                        .await;
+                }
             }
             .instrument(span),
         );
@@ -208,10 +262,10 @@ impl Inner {
     /// [`Trigger`]). A refresh ahead of expiry that fails transiently is not followed by a
     /// login: the token is still good, and the retry comes after a backoff. All requests
     /// together stay within `deadline`.
-    async fn fetch(
+    pub(super) async fn fetch(
         &self,
         slot: &Slot,
-        generation: u64,
+        generation: u32,
         kind: FetchKind,
         trigger: Trigger,
         deadline: Instant,
@@ -394,7 +448,7 @@ fn halfway(deadline: Instant) -> Instant {
 struct FlightGuard<'a> {
     inner: &'a Arc<Inner>,
     slot: &'a Arc<Slot>,
-    generation: u64,
+    generation: u32,
     armed: bool,
 }
 

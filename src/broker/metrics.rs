@@ -9,7 +9,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::{
-    counts::{Counts, DurationHistogram, HistogramSnapshot},
+    counts::{Counts, DurationHistogram, HistogramSnapshot, LatencyHistogram},
     token::AccountName,
     upstream::{Call, Grant},
 };
@@ -72,6 +72,10 @@ pub(crate) struct BrokerMetrics {
     /// eight more bytes would push every slot's allocation into the next jemalloc size class
     /// (256 → 320 bytes), and joins only happen while a fetch runs.
     joined: Counts<AccountName>,
+    /// Reconcile corrections with the store, by kind (`adopted`, `written_back`).
+    reconciled: Counts<&'static str>,
+    /// How long a new token took from the replica that stored it to this one.
+    propagation: LatencyHistogram,
 }
 
 /// One series of upstream requests.
@@ -134,6 +138,28 @@ impl BrokerMetrics {
     /// Callers that joined a fetch in flight, by account.
     pub(crate) fn joins(&self) -> Vec<(AccountName, u64)> {
         self.joined.snapshot()
+    }
+
+    /// Counts `n` reconcile corrections of `kind`.
+    pub(crate) fn reconciled(&self, kind: &'static str, n: u64) {
+        if n > 0 {
+            self.reconciled.add(kind, n);
+        }
+    }
+
+    /// Reconcile corrections by kind.
+    pub(crate) fn reconciles(&self) -> Vec<(&'static str, u64)> {
+        self.reconciled.snapshot()
+    }
+
+    /// Records the propagation delay of a token another replica stored.
+    pub(crate) fn propagated(&self, delay: std::time::Duration) {
+        self.propagation.observe(delay);
+    }
+
+    /// The propagation delay histogram.
+    pub(crate) fn propagation(&self) -> HistogramSnapshot {
+        self.propagation.snapshot()
     }
 
     /// The request duration histogram of each grant.

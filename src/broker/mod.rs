@@ -9,6 +9,8 @@
 //! - `accounts`: the account table: warm-up and applying a reloaded config;
 //! - `slot`: one account's state, and the [`TokenCell`](slot::TokenCell) where its token lives;
 //! - `flight`: one fetch, shared by every caller that waits for it;
+//! - `shared`: several replicas as one broker, through the shared [`Store`] (Redis): leases
+//!   around fetches, adopting other replicas' tokens, reconcile, shared invalidation;
 //! - `refresher`: the one background task that refreshes and retries when due;
 //! - `schedule`: when to refresh and how long to back off (pure functions);
 //! - `watch`: [`TokenWatch`], a stream of an account's tokens;
@@ -40,6 +42,7 @@ mod flight;
 mod metrics;
 mod refresher;
 mod schedule;
+mod shared;
 mod slot;
 mod status;
 mod watch;
@@ -48,7 +51,7 @@ use std::sync::Arc;
 
 use dashmap::DashMap;
 use tokio::{
-    sync::mpsc,
+    sync::{broadcast, mpsc},
     time::{Duration, Instant},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -65,14 +68,19 @@ use self::{
     flight::{FetchKind, Flight, Landed, Trigger},
     metrics::BrokerMetrics,
     refresher::Plan,
+    shared::SharedVerdict,
     slot::Slot,
 };
 use crate::{
     config::{Config, RefreshConfig},
     counts::HistogramSnapshot,
+    store::Store,
     token::{AccountName, AccountNameError, Fingerprint, Token},
     upstream::{Grant, Upstream},
 };
+
+/// Adoptions a waiting fetch may miss before it reads the store instead.
+const ADOPTED_BACKLOG: usize = 1024;
 
 /// What a broker operation can fail with. `Display` is short and safe to show callers.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -219,6 +227,11 @@ struct Inner {
     stop: CancellationToken,
     /// Cancelled when shutdown begins: watch streams end so the server can drain.
     draining: CancellationToken,
+    /// The store replicas share, if configured (see `shared`).
+    store: Option<Store>,
+    /// Tokens adopted from the store, by account and version: wakes fetches that wait for
+    /// another replica's.
+    adopted: broadcast::Sender<(AccountName, u64)>,
 }
 
 impl Broker {
@@ -226,6 +239,16 @@ impl Broker {
     /// fresh. Nothing is spawned here: run the refresher (e.g. `tokio::spawn(refresher.run())`)
     /// and [`Broker::warm_up`] when ready.
     pub fn new(config: &Config, upstream: Arc<dyn Upstream>) -> (Self, Refresher) {
+        Self::with_store(config, upstream, None)
+    }
+
+    /// [`Broker::new`] for one replica of several sharing `store` (see [`Store`]); run
+    /// [`Broker::sync_with_store`] beside the refresher.
+    pub fn with_store(
+        config: &Config,
+        upstream: Arc<dyn Upstream>,
+        store: Option<Store>,
+    ) -> (Self, Refresher) {
         let (schedule, due) = mpsc::unbounded_channel();
         let accounts = config
             .accounts
@@ -243,6 +266,8 @@ impl Broker {
                 tasks: TaskTracker::new(),
                 stop: stop.clone(),
                 draining: stop.child_token(),
+                store,
+                adopted: broadcast::channel(ADOPTED_BACKLOG).0,
             }),
         };
         let refresher = Refresher::new(broker.clone(), due, stop);
@@ -338,7 +363,20 @@ impl Broker {
     ) -> Result<Invalidated, BrokerError> {
         let slot = self.inner.slot(account)?;
         let reported = (!access_token.is_empty()).then(|| Fingerprint::of(access_token));
-        let outcome = match self.inner.invalidate(&slot, reported)? {
+        let decided = match &self.inner.store {
+            Some(store) => match self.inner.invalidate_shared(store, &slot, reported).await {
+                SharedVerdict::Keep(outcome) => {
+                    return Ok(Invalidated {
+                        outcome,
+                        token: self.obtain_named(account, Duration::ZERO).await?,
+                    });
+                }
+                SharedVerdict::Replace => true,
+                SharedVerdict::Local => false,
+            },
+            None => false,
+        };
+        let outcome = match self.inner.invalidate(&slot, reported, decided)? {
             Invalidation::Replace(flight) => match flight.wait().await {
                 Landed::Done(result) => {
                     return Ok(Invalidated {
@@ -391,6 +429,21 @@ impl Broker {
     /// Callers that joined a fetch already in flight, by account (single flight at work).
     pub fn singleflight_joins(&self) -> Vec<(AccountName, u64)> {
         self.inner.metrics.joins()
+    }
+
+    /// The store this replica shares with the others, if configured.
+    pub fn store(&self) -> Option<&Store> {
+        self.inner.store.as_ref()
+    }
+
+    /// Reconcile corrections with the store, by kind (`adopted`, `written_back`).
+    pub fn store_reconciles(&self) -> Vec<(&'static str, u64)> {
+        self.inner.metrics.reconciles()
+    }
+
+    /// How long new tokens took from the replica that stored them to this one.
+    pub(crate) fn store_propagation(&self) -> HistogramSnapshot {
+        self.inner.metrics.propagation()
     }
 
     /// How long token endpoint requests took, by grant.
@@ -492,11 +545,13 @@ impl Inner {
         )))
     }
 
-    /// Decides what an invalidation of `reported` (`None`: the current token) does.
+    /// Decides what an invalidation of `reported` (`None`: the current token) does. `decided`:
+    /// the store already decided to replace it (for every replica): no local cooldown.
     fn invalidate(
         self: &Arc<Self>,
         slot: &Arc<Slot>,
         reported: Option<Fingerprint>,
+        decided: bool,
     ) -> Result<Invalidation, BrokerError> {
         let now = Instant::now();
         let mut state = slot.lock();
@@ -526,9 +581,10 @@ impl Inner {
         if let Some(flight) = running {
             return Ok(Invalidation::Replace(self.join(slot, &flight)));
         }
-        if state
-            .last_forced_at
-            .is_some_and(|at| now < at + self.policy.invalidate_cooldown)
+        if !decided
+            && state
+                .last_forced_at
+                .is_some_and(|at| now < at + self.policy.invalidate_cooldown)
         {
             debug!(account = %slot.account.name, "invalidation within cooldown; keeping the current token");
             return Ok(Invalidation::Keep(InvalidateOutcome::Cooldown));

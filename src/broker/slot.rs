@@ -119,9 +119,14 @@ pub(super) struct Slot {
 pub(super) struct SlotState {
     /// The fetch in progress, if any.
     pub(super) flight: Option<Flight>,
-    /// Bumped for every new flight; a flight whose generation is stale (an invalidation
-    /// replaced it) does not install its token.
-    pub(super) generation: u64,
+    /// Bumped (wrapping) for every new flight; a flight whose generation is stale (an
+    /// invalidation replaced it) does not install its token. 32 bits, so that `version` fits
+    /// in the slot's 256-byte allocation class.
+    pub(super) generation: u32,
+    /// The store version of the current token (or, without one, the last version this replica
+    /// knows the store holds): a token written to the store gets a higher one. 0: none known;
+    /// always 0 without a store.
+    pub(super) version: u64,
     /// The run of failed fetches since the last success, if any. Boxed: with 100,000
     /// accounts, most of them fine, each slot carries only this pointer.
     pub(super) failing: Option<Box<Failing>>,
@@ -198,8 +203,9 @@ impl Slot {
     /// what waiters get.
     pub(super) fn complete(
         self: &Arc<Self>,
-        generation: u64,
+        generation: u32,
         fetched: Fetched,
+        version: Option<u64>,
         inner: &Inner,
         joined: u64,
     ) -> Landed {
@@ -218,14 +224,45 @@ impl Slot {
         state.flight = None;
         let (grant, result) = match fetched {
             Fetched::Verified(token) => {
-                // BACE accepts the reported token: nothing about the account changed.
+                // BACE accepts the reported token: nothing about the account changed (with a
+                // store, it was written again under a new version).
                 debug!(fingerprint = %token.fingerprint(), waiters = joined + 1, "reported token verified");
+                if let Some(version) = version {
+                    state.version = state.version.max(version);
+                }
                 // Its plan still waits in the refresher, unless it came due while this fetch
                 // ran (and was skipped for it): then plan it again.
                 if let Some(next) = state.next_due.filter(|at| *at <= now) {
                     self.plan(&mut state, inner, next);
                 }
                 return Landed::Verified(token);
+            }
+            Fetched::Adopted(token) => {
+                info!(
+                    fingerprint = %token.fingerprint(),
+                    version,
+                    waiters = joined + 1,
+                    "token from another replica (store)"
+                );
+                self.install(&mut state, inner, token.clone(), version.unwrap_or(0));
+                return Landed::Done(Ok(token));
+            }
+            Fetched::BackingOff {
+                error,
+                until,
+                attempts,
+                rejected,
+            } => {
+                let failing = state.failing();
+                if rejected {
+                    failing.rejections = failing.rejections.max(attempts);
+                } else {
+                    failing.failures = failing.failures.max(attempts);
+                }
+                failing.retry_at = Some(until);
+                failing.last_error = Some(error.clone());
+                self.plan(&mut state, inner, until);
+                return Landed::Done(Err(error));
             }
             Fetched::Granted {
                 grant,
@@ -241,24 +278,15 @@ impl Slot {
         let grant_name = grant.as_str();
         match result {
             Ok(token) => {
-                let delay = schedule::refresh_delay(
-                    token.lifetime(),
-                    r.lifetime_fraction,
-                    r.expiry_margin,
-                    jitter(),
-                );
                 info!(
                     grant = grant_name,
                     fingerprint = %token.fingerprint(),
                     expires_in = %humantime::format_duration(token.lifetime()),
-                    refresh_in = %humantime::format_duration(Duration::from_secs(delay.as_secs())),
+                    version,
                     waiters = joined + 1,
                     "token obtained"
                 );
-                self.token.publish(Some(token.clone()));
-                state.last_success_at = Some(SystemTime::now());
-                state.failing = None;
-                self.plan(&mut state, inner, token.obtained_at() + delay);
+                self.install(&mut state, inner, token.clone(), version.unwrap_or(0));
                 Landed::Done(Ok(token))
             }
             Err(error) => {
@@ -317,6 +345,30 @@ impl Slot {
                 Landed::Done(Err(broker_error))
             }
         }
+    }
+
+    /// Installs a token that came in (fetched, or adopted from the store as `version`): serves
+    /// it, ends the failure record, plans its refresh.
+    pub(super) fn install(
+        self: &Arc<Self>,
+        state: &mut SlotState,
+        inner: &Inner,
+        token: Arc<Token>,
+        version: u64,
+    ) {
+        let r = &inner.policy.refresh;
+        let delay = schedule::refresh_delay(
+            token.lifetime(),
+            r.lifetime_fraction,
+            r.expiry_margin,
+            jitter(),
+        );
+        debug!(refresh_in = %humantime::format_duration(Duration::from_secs(delay.as_secs())), "refresh planned");
+        state.version = state.version.max(version);
+        self.token.publish(Some(token.clone()));
+        state.last_success_at = Some(SystemTime::now());
+        state.failing = None;
+        self.plan(state, inner, token.obtained_at() + delay);
     }
 
     /// Records and sends the instant the slot is next due.

@@ -224,7 +224,18 @@ impl TokenBrokerApi {
             .filter(|s| visible(s.account.as_str()))
             .map(status_to_proto)
             .collect();
-        Ok(Response::new(proto::ListAccountsResponse { accounts }))
+        let store = self.broker.store().map(|store| proto::StoreStatus {
+            state: match store.is_up() {
+                None => proto::StoreState::Connecting,
+                Some(true) => proto::StoreState::Up,
+                Some(false) => proto::StoreState::Down,
+            } as i32,
+            key_prefix: store.prefix().to_owned(),
+        });
+        Ok(Response::new(proto::ListAccountsResponse {
+            accounts,
+            store,
+        }))
     }
 }
 

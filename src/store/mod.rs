@@ -93,7 +93,9 @@ pub use self::{
     events::{Announcement, StoreEvent, Subscription},
     lease::{Acquired, Lease, LeaseKept},
     metrics::StoreCounts,
-    redis::{Backoff, BackoffKind, Backoffs, Invalidation, READ_BATCH, RECORD_LINGER, Written},
+    redis::{
+        Backoff, BackoffKind, Backoffs, Head, Invalidation, READ_BATCH, RECORD_LINGER, Written,
+    },
 };
 use crate::token::Token;
 

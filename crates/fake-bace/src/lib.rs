@@ -517,6 +517,15 @@ impl FakeBace {
             .map(|t| t.username.clone())
     }
 
+    /// The refresh token bound to `access_token`, if the fake issued it.
+    pub fn refresh_token_of(&self, access_token: &str) -> Option<String> {
+        self.inner
+            .lock()
+            .tokens
+            .get(access_token)
+            .map(|t| t.refresh_token.clone())
+    }
+
     /// When `access_token` expires (or expired), if the fake issued it.
     pub fn expires_at(&self, access_token: &str) -> Option<SystemTime> {
         self.inner

@@ -149,35 +149,7 @@ impl BrokerServer {
 
     /// Scrapes `/metrics`: every sample line as `name{labels}` → value.
     pub async fn scrape(&self) -> std::collections::HashMap<String, f64> {
-        let response = reqwest::get(format!("http://{}/metrics", self.metrics_addr))
-            .await
-            .expect("scrape");
-        assert_eq!(
-            response.headers()["content-type"],
-            "text/plain; version=0.0.4; charset=utf-8"
-        );
-        let text = response.text().await.unwrap();
-        // Well-formed exposition: each metric family described once, each series once.
-        let mut families = std::collections::HashSet::new();
-        for l in text.lines().filter(|l| l.starts_with("# TYPE ")) {
-            assert!(families.insert(l.to_owned()), "described twice: {l}");
-        }
-        for l in text.lines().filter(|l| l.starts_with("# HELP ")) {
-            assert!(l.ends_with('.'), "help without a full stop: {l}");
-        }
-        let mut samples = std::collections::HashMap::new();
-        for l in text
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.is_empty())
-        {
-            let (name, value) = l.rsplit_once(' ').expect("sample line");
-            let value: f64 = value.parse().expect("sample value");
-            assert!(
-                samples.insert(name.to_owned(), value).is_none(),
-                "series twice: {name}"
-            );
-        }
-        samples
+        scrape(self.metrics_addr).await
     }
 
     /// A new client on its own connection.
@@ -275,6 +247,39 @@ pub async fn get_min(
         })
         .await
         .map(|r| r.into_inner().token.expect("token set on OK"))
+}
+
+/// Scrapes the `/metrics` of `metrics_addr`: every sample line as `name{labels}` → value.
+pub async fn scrape(metrics_addr: SocketAddr) -> std::collections::HashMap<String, f64> {
+    let response = reqwest::get(format!("http://{metrics_addr}/metrics"))
+        .await
+        .expect("scrape");
+    assert_eq!(
+        response.headers()["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    let text = response.text().await.unwrap();
+    // Well-formed exposition: each metric family described once, each series once.
+    let mut families = std::collections::HashSet::new();
+    for l in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+        assert!(families.insert(l.to_owned()), "described twice: {l}");
+    }
+    for l in text.lines().filter(|l| l.starts_with("# HELP ")) {
+        assert!(l.ends_with('.'), "help without a full stop: {l}");
+    }
+    let mut samples = std::collections::HashMap::new();
+    for l in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (name, value) = l.rsplit_once(' ').expect("sample line");
+        let value: f64 = value.parse().expect("sample value");
+        assert!(
+            samples.insert(name.to_owned(), value).is_none(),
+            "series twice: {name}"
+        );
+    }
+    samples
 }
 
 /// A lazily connected channel to `addr`.

@@ -5,6 +5,7 @@
 //! - `config`: [`BrokerConfig`], the typed builder that writes every test's broker YAML;
 //! - `pki`: test certificates (rcgen) and Kubernetes-style service-account tokens;
 //! - `upstream`: in-process upstreams ([`InstantUpstream`], [`ScriptedUpstream`]);
+//! - `replica`: [`Replica`], a broker process (several make a cluster on one Redis);
 //! - `redis_server`: [`RedisServer`], a private `redis-server` per test (stop, restart, pause,
 //!   killing subscribers, dumping every key).
 //!
@@ -16,6 +17,7 @@ pub mod config;
 mod harness;
 pub mod pki;
 mod redis_server;
+mod replica;
 pub mod upstream;
 
 pub use fake_bace;
@@ -24,6 +26,7 @@ pub use self::{
     config::{Account, BrokerConfig, Jwks, Kubernetes, RedisStore},
     harness::*,
     redis_server::{RedisServer, RedisTls},
+    replica::{REPLICA_READY_WITHIN, Replica, free_port},
     upstream::{Answer, InstantUpstream, ScriptedUpstream},
 };
 

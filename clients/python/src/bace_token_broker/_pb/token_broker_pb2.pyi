@@ -19,6 +19,13 @@ class InvalidateOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INVALIDATE_OUTCOME_TOKEN_VALID: _ClassVar[InvalidateOutcome]
     INVALIDATE_OUTCOME_COOLDOWN: _ClassVar[InvalidateOutcome]
 
+class StoreState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STORE_STATE_UNSPECIFIED: _ClassVar[StoreState]
+    STORE_STATE_CONNECTING: _ClassVar[StoreState]
+    STORE_STATE_UP: _ClassVar[StoreState]
+    STORE_STATE_DOWN: _ClassVar[StoreState]
+
 class AccountState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     ACCOUNT_STATE_UNSPECIFIED: _ClassVar[AccountState]
@@ -32,6 +39,10 @@ INVALIDATE_OUTCOME_INVALIDATED: InvalidateOutcome
 INVALIDATE_OUTCOME_ALREADY_REPLACED: InvalidateOutcome
 INVALIDATE_OUTCOME_TOKEN_VALID: InvalidateOutcome
 INVALIDATE_OUTCOME_COOLDOWN: InvalidateOutcome
+STORE_STATE_UNSPECIFIED: StoreState
+STORE_STATE_CONNECTING: StoreState
+STORE_STATE_UP: StoreState
+STORE_STATE_DOWN: StoreState
 ACCOUNT_STATE_UNSPECIFIED: AccountState
 ACCOUNT_STATE_READY: AccountState
 ACCOUNT_STATE_REFRESHING: AccountState
@@ -102,10 +113,20 @@ class ListAccountsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ListAccountsResponse(_message.Message):
-    __slots__ = ("accounts",)
+    __slots__ = ("accounts", "store")
     ACCOUNTS_FIELD_NUMBER: _ClassVar[int]
+    STORE_FIELD_NUMBER: _ClassVar[int]
     accounts: _containers.RepeatedCompositeFieldContainer[AccountStatus]
-    def __init__(self, accounts: _Optional[_Iterable[_Union[AccountStatus, _Mapping]]] = ...) -> None: ...
+    store: StoreStatus
+    def __init__(self, accounts: _Optional[_Iterable[_Union[AccountStatus, _Mapping]]] = ..., store: _Optional[_Union[StoreStatus, _Mapping]] = ...) -> None: ...
+
+class StoreStatus(_message.Message):
+    __slots__ = ("state", "key_prefix")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    KEY_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    state: StoreState
+    key_prefix: str
+    def __init__(self, state: _Optional[_Union[StoreState, str]] = ..., key_prefix: _Optional[str] = ...) -> None: ...
 
 class AccountStatus(_message.Message):
     __slots__ = ("account", "state", "expires_at", "next_refresh_at", "survives_outage_for", "consecutive_failures", "last_error", "last_success_at")

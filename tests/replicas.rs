@@ -1,0 +1,606 @@
+//! Several replicas as one broker: three broker processes (the real binary), one private
+//! redis-server and the fake BACE on loopback. Each test counts what BACE saw.
+//!
+//! No test waits for a fixed time: they wait for a condition (a token served, a call counted)
+//! under the hang guard, and bound counts, never durations.
+
+use std::{collections::HashSet, path::Path, time::Duration};
+
+use bace_token_broker::proto;
+use testkit::{
+    BrokerConfig, RedisServer, RedisStore, Replica, fake_account,
+    fake_bace::{FakeBace, Grant},
+    guard, user,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_bace-token-broker");
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    redis: RedisServer,
+    fake: FakeBace,
+    config: BrokerConfig,
+    replicas: Vec<Replica>,
+}
+
+/// The store section every replica shares: short timeout and lease, so a lost holder is
+/// replaced within seconds.
+fn store_of(redis: &RedisServer, keys: &Path) -> RedisStore {
+    RedisStore::new(redis.url(), keys)
+        .timeout(Duration::from_millis(500))
+        .lease(Duration::from_millis(1500))
+}
+
+impl Cluster {
+    /// The fake with `accounts`, a Redis, and the config of the replicas (not started).
+    async fn new(accounts: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let redis = RedisServer::start();
+        let fake = testkit::fake(accounts).await;
+        let keys = dir.path().join("keys");
+        RedisStore::write_key_file(&keys, &["k1"]);
+        let config = BrokerConfig::for_fake(&fake, accounts)
+            .store(store_of(&redis, &keys))
+            .invalidate_cooldown(Duration::from_millis(200));
+        Self {
+            dir,
+            redis,
+            fake,
+            config,
+            replicas: Vec::new(),
+        }
+    }
+
+    /// Starts `n` more replicas with the current config (at once), and waits until all are
+    /// ready.
+    async fn start(&mut self, n: usize) {
+        let first = self.replicas.len();
+        for i in first..first + n {
+            let name = format!("r{}", i + 1);
+            let replica = Replica::start(Path::new(BIN), self.dir.path(), &name, &self.config);
+            self.replicas.push(replica);
+        }
+        for replica in &mut self.replicas[first..] {
+            replica.wait_ready().await;
+        }
+    }
+
+    fn logins(&self, account: &str) -> u64 {
+        self.fake.calls(&user(account), Grant::Password)
+    }
+
+    fn refreshes(&self, account: &str) -> u64 {
+        self.fake.calls(&user(account), Grant::Refresh)
+    }
+
+    /// Every replica's log, for failure messages.
+    fn logs(&self) -> String {
+        self.replicas
+            .iter()
+            .map(|r| format!("===== {} =====\n{}", r.name, r.logs()))
+            .collect()
+    }
+
+    /// The token each replica serves for `account`.
+    async fn tokens(&self, account: &str) -> Vec<String> {
+        let mut tokens = Vec::new();
+        for r in &self.replicas {
+            let token = r
+                .get(account)
+                .await
+                .unwrap_or_else(|e| panic!("{} GetToken {account}: {e}\n{}", r.name, self.logs()));
+            tokens.push(token.access_token);
+        }
+        tokens
+    }
+
+    /// Waits until every replica serves `want` for `account` (under the hang guard).
+    async fn converge_on(&self, account: &str, want: &str) {
+        let converged = tokio::time::timeout(testkit::HANG_GUARD, async {
+            loop {
+                if self.tokens(account).await.iter().all(|t| t == want) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        if converged.is_err() {
+            panic!(
+                "replicas serve {:?}, not all {want:?}\n{}",
+                self.tokens(account).await,
+                self.logs()
+            );
+        }
+    }
+
+    /// Waits until the replicas serve one token for `account`; returns it.
+    async fn converged(&self, account: &str) -> String {
+        let converged = tokio::time::timeout(testkit::HANG_GUARD, async {
+            loop {
+                let tokens = self.tokens(account).await;
+                if tokens.iter().all(|t| *t == tokens[0]) {
+                    return tokens[0].clone();
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        converged.unwrap_or_else(|_| panic!("replicas never agreed\n{}", self.logs()))
+    }
+}
+
+async fn invalidate(replica: &Replica, account: &str, token: &str) -> proto::InvalidateResponse {
+    replica
+        .client()
+        .await
+        .invalidate(proto::InvalidateRequest {
+            account: account.into(),
+            access_token: token.into(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{} Invalidate: {e}\n{}", replica.name, replica.logs()))
+        .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_replicas_starting_together_log_in_once_per_account_and_serve_one_token() {
+    let accounts = ["acme", "globex", "initech", "umbrella"];
+    let mut c = Cluster::new(&accounts).await;
+    c.start(3).await;
+
+    // 300 callers over the three replicas and four accounts, all at once.
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..300 {
+        let replica = &c.replicas[i % 3];
+        let client = replica.client().await;
+        let account = accounts[i % accounts.len()];
+        calls.spawn(async move { (account, testkit::get(client, account).await) });
+    }
+    let mut served: std::collections::HashMap<&str, HashSet<String>> = Default::default();
+    while let Some(done) = guard(calls.join_next()).await {
+        let (account, token) = done.unwrap();
+        let token = token.unwrap_or_else(|e| panic!("GetToken: {e}"));
+        served
+            .entry(account)
+            .or_default()
+            .insert(token.access_token);
+    }
+    for account in accounts {
+        assert_eq!(
+            c.logins(account),
+            1,
+            "{account}: one login for the cluster\n{}",
+            c.logs()
+        );
+        assert_eq!(
+            served[account].len(),
+            1,
+            "{account}: one token on every replica"
+        );
+    }
+    // Two of the three replicas took their tokens from the store.
+    let mut from_store = 0.0;
+    for r in &c.replicas {
+        let m = r.scrape().await;
+        assert_eq!(m["bace_broker_store_up"], 1.0, "{}", r.name);
+        from_store += m
+            .get("bace_broker_store_leases_total{result=\"contended\"}")
+            .copied()
+            .unwrap_or(0.0);
+    }
+    assert!(
+        from_store >= 1.0,
+        "no replica ever waited for another's lease"
+    );
+
+    // ListAccounts says the store is in use and up.
+    let list = c.replicas[0]
+        .client()
+        .await
+        .list_accounts(proto::ListAccountsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let store = list.store.expect("store status");
+    assert_eq!(store.state, proto::StoreState::Up as i32);
+    assert_eq!(store.key_prefix, "bace-broker");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refreshes_over_several_cycles_are_one_replicas_worth() {
+    let accounts = ["acme", "globex"];
+    let mut c = Cluster::new(&accounts).await;
+    for a in accounts {
+        let mut account = fake_account(a);
+        account.login_lifetime = Duration::from_secs(4);
+        account.refresh_lifetime = Duration::from_secs(4);
+        c.fake.add_account(account);
+    }
+    // Refresh at half of 4 s (±5 %), so a cycle is about 2 s.
+    c.config = c
+        .config
+        .clone()
+        .expiry_margin(Duration::from_millis(500))
+        .lifetime_fraction(0.5)
+        .refreshed_lifetime(Duration::from_secs(4));
+    c.start(3).await;
+    for a in accounts {
+        c.fake.wait_for_calls(&user(a), Grant::Refresh, 4).await;
+    }
+    // Four refreshes each took at least 1.9 s (the earliest jittered plan) of the same token's
+    // life: one replica would have made at most one per cycle. Three replicas refreshing on
+    // their own would have made about three per cycle. Count the logins and refreshes so far,
+    // then let the cluster run two more refreshes of each account and compare.
+    let before: Vec<(u64, u64)> = accounts
+        .iter()
+        .map(|a| (c.logins(a), c.refreshes(a)))
+        .collect();
+    for (a, (_, refreshes)) in accounts.iter().zip(&before) {
+        guard(
+            c.fake
+                .wait_for_calls(&user(a), Grant::Refresh, refreshes + 2),
+        )
+        .await;
+    }
+    let mut tokens = HashSet::new();
+    for (a, (logins, refreshes)) in accounts.iter().zip(&before) {
+        assert_eq!(
+            *logins,
+            1,
+            "{a}: refreshed, never logged in again\n{}",
+            c.logs()
+        );
+        assert_eq!(
+            c.logins(a),
+            1,
+            "{a}: refreshed, never logged in again\n{}",
+            c.logs()
+        );
+        // Two more refreshes came; a third could be starting, never six.
+        assert!(
+            c.refreshes(a) <= refreshes + 3,
+            "{a}: {} refreshes where one replica would have made {}\n{}",
+            c.refreshes(a),
+            refreshes + 2,
+            c.logs()
+        );
+        tokens.insert(c.converged(a).await);
+    }
+    assert_eq!(tokens.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_invalidation_on_one_replica_reaches_the_others_and_their_watchers() {
+    let mut c = Cluster::new(&["acme"]).await;
+    c.start(3).await;
+    let old = c.converged("acme").await;
+    let mut watchers = Vec::new();
+    for r in &c.replicas[1..] {
+        let mut stream = r
+            .client()
+            .await
+            .watch_token(proto::WatchTokenRequest {
+                account: "acme".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let first = guard(stream.message()).await.unwrap().unwrap();
+        assert_eq!(first.token.unwrap().access_token, old);
+        watchers.push(stream);
+    }
+
+    // Three replicas get the same report at once: one login for all of them.
+    let (a, b, d) = tokio::join!(
+        invalidate(&c.replicas[0], "acme", &old),
+        invalidate(&c.replicas[1], "acme", &old),
+        invalidate(&c.replicas[2], "acme", &old),
+    );
+    assert_eq!(
+        c.logins("acme"),
+        2,
+        "one login for three reports\n{}",
+        c.logs()
+    );
+    let new = a.token.unwrap().access_token;
+    assert_ne!(new, old);
+    for answer in [&b, &d] {
+        assert_eq!(answer.token.as_ref().unwrap().access_token, new);
+        assert_eq!(answer.outcome, proto::InvalidateOutcome::Invalidated as i32);
+    }
+    c.converge_on("acme", &new).await;
+    for stream in &mut watchers {
+        let next = guard(stream.message()).await.unwrap().unwrap();
+        assert_eq!(
+            next.token.unwrap().access_token,
+            new,
+            "watcher sees the new token"
+        );
+    }
+    // A late report of the old token is answered with the new one, without a login.
+    let late = invalidate(&c.replicas[2], "acme", &old).await;
+    assert_eq!(
+        late.outcome,
+        proto::InvalidateOutcome::AlreadyReplaced as i32
+    );
+    assert_eq!(late.token.unwrap().access_token, new);
+    assert_eq!(c.logins("acme"), 2);
+    let m = c.replicas[1].scrape().await;
+    assert!(
+        m.get("bace_broker_store_propagation_seconds_count")
+            .copied()
+            .unwrap_or(0.0)
+            >= 1.0,
+        "propagation measured"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_restarted_one_by_one_or_all_at_once_make_no_upstream_call() {
+    let accounts = ["acme", "globex", "initech"];
+    let mut c = Cluster::new(&accounts).await;
+    c.start(3).await;
+    let tokens: Vec<String> = {
+        let mut t = Vec::new();
+        for a in accounts {
+            t.push(c.converged(a).await);
+        }
+        t
+    };
+    let calls = c.fake.total_calls();
+    assert_eq!(calls, 3);
+    // A rolling restart...
+    for i in 0..3 {
+        c.replicas[i].terminate();
+        c.replicas[i].restart();
+        c.replicas[i].wait_ready().await;
+    }
+    // ...and all at once.
+    for r in &mut c.replicas {
+        r.terminate();
+    }
+    for r in &mut c.replicas {
+        r.restart();
+    }
+    for r in &mut c.replicas {
+        r.wait_ready().await;
+    }
+    assert_eq!(
+        c.fake.total_calls(),
+        calls,
+        "no upstream call\n{}",
+        c.logs()
+    );
+    for (a, token) in accounts.iter().zip(&tokens) {
+        c.converge_on(a, token).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lease_holder_killed_mid_login_is_replaced_after_its_lease() {
+    let c = Cluster::new(&["acme"]).await;
+    c.fake.hold();
+    let mut holder = Replica::start(Path::new(BIN), c.dir.path(), "holder", &c.config);
+    // The holder's login reached BACE (and hangs there).
+    guard(c.fake.wait_for_calls(&user("acme"), Grant::Password, 1)).await;
+    let mut other = Replica::start(Path::new(BIN), c.dir.path(), "other", &c.config);
+    holder.kill();
+    c.fake.release();
+    other.wait_ready().await;
+    let token = other.get("acme").await.expect("a token after the lease");
+    assert!(c.fake.is_valid(&token.access_token));
+    assert_eq!(
+        c.logins("acme"),
+        2,
+        "the killed holder's login and one more\n{}",
+        other.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rejected_credentials_are_tried_no_more_often_than_by_one_replica() {
+    let mut c = Cluster::new(&["acme"]).await;
+    c.fake.set_password(&user("acme"), "another password");
+    c.config = c
+        .config
+        .clone()
+        .rejected_backoff(Duration::from_millis(1500));
+    c.start(3).await;
+    // Each replica's warm-up asked; the cluster made one attempt.
+    assert_eq!(c.logins("acme"), 1, "{}", c.logs());
+    // Callers keep asking on every replica while the backoff runs and grows: 1.5 s, 3 s.
+    let watch_until = c.fake.calls(&user("acme"), Grant::Password) + 2;
+    let callers = async {
+        loop {
+            for r in &c.replicas {
+                let e = r.get("acme").await.expect_err("rejected");
+                assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let acme = user("acme");
+    tokio::select! {
+        () = callers => unreachable!(),
+        () = guard(c.fake.wait_for_calls(&acme, Grant::Password, watch_until)) => {}
+    }
+    // Three attempts took 1.5 s and 3 s of backoff between them: three replicas on their own
+    // would have made three attempts per step. Give the cluster the time one more attempt of
+    // one replica needs, with callers still asking, and count.
+    let callers_for = async {
+        for _ in 0..40 {
+            for r in &c.replicas {
+                let _ = r.get("acme").await;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    callers_for.await;
+    let attempts = c.logins("acme");
+    assert!(
+        attempts <= 4,
+        "{attempts} attempts at rejected credentials; one replica makes at most 4 by now\n{}",
+        c.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_secret_is_readable_in_redis() {
+    let mut c = Cluster::new(&["acme", "globex"]).await;
+    c.start(2).await;
+    let mut secrets = vec![testkit::CLIENT_SECRET.to_owned()];
+    for a in ["acme", "globex"] {
+        secrets.push(testkit::password(a));
+        let token = c.converged(a).await;
+        secrets.push(token.clone());
+        secrets.push(c.fake.refresh_token_of(&token).expect("refresh token"));
+    }
+    let dump = c.redis.dump_all();
+    assert!(!dump.is_empty());
+    for (key, value) in &dump {
+        for secret in &secrets {
+            let hay = [key.as_bytes(), value.as_slice()].concat();
+            assert!(
+                !hay.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "a secret is readable under {key}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_down_is_not_an_outage_and_an_empty_redis_is_refilled() {
+    let mut c = Cluster::new(&["acme", "globex"]).await;
+    c.start(3).await;
+    let acme = c.converged("acme").await;
+    let globex = c.converged("globex").await;
+    c.redis.stop();
+    // Every replica keeps serving what it holds (answered from memory: the hot path never
+    // touches Redis) and stays ready.
+    c.converge_on("acme", &acme).await;
+    for r in &c.replicas {
+        assert!(testkit::is_ready(&r.url()).await);
+    }
+    // A replica that learns the token is bad replaces it on its own meanwhile.
+    let answer = invalidate(&c.replicas[0], "acme", &acme).await;
+    let replaced = answer.token.unwrap().access_token;
+    assert_ne!(replaced, acme);
+    assert_eq!(c.logins("acme"), 2);
+    // The store is reported down.
+    let down = tokio::time::timeout(testkit::HANG_GUARD, async {
+        loop {
+            let m = c.replicas[1].scrape().await;
+            if m["bace_broker_store_up"] == 0.0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(down.is_ok(), "store reported down");
+
+    // Redis comes back empty: the replicas write back what they hold and converge, with no
+    // login (the replaced token is the newest: it wins).
+    c.redis.restart();
+    c.converge_on("acme", &replaced).await;
+    c.converge_on("globex", &globex).await;
+    assert_eq!(c.logins("acme"), 2, "{}", c.logs());
+    assert_eq!(c.logins("globex"), 1, "{}", c.logs());
+    let dump = c.redis.dump_all();
+    assert!(dump.iter().any(|(k, _)| k == "bace-broker:token:acme"));
+    assert!(dump.iter().any(|(k, _)| k == "bace-broker:token:globex"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_started_while_redis_is_down_works_alone_and_joins_when_it_appears() {
+    let mut c = Cluster::new(&["acme"]).await;
+    c.redis.stop();
+    c.start(1).await;
+    let own = c.replicas[0].get("acme").await.unwrap().access_token;
+    assert_eq!(c.logins("acme"), 1);
+    c.redis.restart();
+    // It writes its token back once Redis answers; a replica started then takes it from
+    // there.
+    guard(async {
+        while !c
+            .redis
+            .dump_all()
+            .iter()
+            .any(|(k, _)| k == "bace-broker:token:acme")
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    c.start(1).await;
+    c.converge_on("acme", &own).await;
+    assert_eq!(c.logins("acme"), 1, "{}", c.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lost_announcements_are_made_up_by_the_reconcile() {
+    let mut c = Cluster::new(&["acme"]).await;
+    c.start(3).await;
+    let old = c.converged("acme").await;
+    // Subscribers are cut off: the announcement of the next token is lost to them.
+    c.redis.kill_pubsub_clients();
+    let answer = invalidate(&c.replicas[0], "acme", &old).await;
+    let new = answer.token.unwrap().access_token;
+    c.converge_on("acme", &new).await;
+    assert_eq!(c.logins("acme"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn records_under_a_wrong_or_rotated_key_or_moved_are_never_served() {
+    let mut c = Cluster::new(&["acme", "globex"]).await;
+    c.start(1).await;
+    let acme = c.converged("acme").await;
+
+    // Rotated: a replica whose key file has a new first key and the old one after it reads
+    // the stored tokens (no login).
+    let rotated = c.dir.path().join("rotated");
+    let old_line = std::fs::read_to_string(c.dir.path().join("keys")).unwrap();
+    let new_line = bace_token_broker::config::generate_key_line("k2").unwrap();
+    std::fs::write(&rotated, format!("{new_line}\n{old_line}")).unwrap();
+    let rotated_config = c.config.clone().store(store_of(&c.redis, &rotated));
+    let mut r2 = Replica::start(Path::new(BIN), c.dir.path(), "rotated", &rotated_config);
+    r2.wait_ready().await;
+    assert_eq!(r2.get("acme").await.unwrap().access_token, acme);
+    assert_eq!(c.logins("acme"), 1);
+
+    // Moved: globex's record copied over acme's (same key, other account) is tampered.
+    c.redis.cmd::<()>(&[
+        "COPY",
+        "bace-broker:token:globex",
+        "bace-broker:token:acme",
+        "REPLACE",
+    ]);
+    let mut r4 = Replica::start(Path::new(BIN), c.dir.path(), "moved", &c.config);
+    r4.wait_ready().await;
+    let served = r4.get("acme").await.unwrap().access_token;
+    assert!(c.fake.is_valid(&served));
+    assert_eq!(
+        c.fake.issued_to(&served).as_deref(),
+        Some(user("acme").as_str())
+    );
+    let m = r4.scrape().await;
+    assert!(
+        m["bace_broker_store_unreadable_records_total{reason=\"tampered\"}"] >= 1.0,
+        "{}",
+        r4.logs()
+    );
+    // Wrong: a replica with none of the keys cannot read them: it logs in itself, counts
+    // the records, and serves its own token.
+    let wrong = c.dir.path().join("wrong");
+    RedisStore::write_key_file(&wrong, &["k9"]);
+    let wrong_config = c.config.clone().store(store_of(&c.redis, &wrong));
+    let mut r3 = Replica::start(Path::new(BIN), c.dir.path(), "wrong", &wrong_config);
+    r3.wait_ready().await;
+    let own = r3.get("acme").await.unwrap().access_token;
+    assert!(c.fake.is_valid(&own));
+    let m = r3.scrape().await;
+    assert!(m["bace_broker_store_unreadable_records_total{reason=\"unknown_key\"}"] >= 1.0);
+
+    drop((r2, r3, r4));
+}
