@@ -665,6 +665,21 @@ async fn invalidation_is_decided_once_for_every_replica() {
     );
     let ttl: i64 = redis.cmd(&["PTTL", "bace-broker:cooldown:fleet-a"]);
     assert!(ttl > 0 && ttl <= 30_000, "{ttl}");
+
+    // The invalidated token cannot come back under a new version (a refresh of it that ran
+    // meanwhile extends the same access token)...
+    let t2_extended = token("fleet-a", "access-2", Some("refresh-2"));
+    assert_eq!(
+        guard(one.write(&t2_extended, 3)).await.unwrap(),
+        Written::Conflict { stored: 2 }
+    );
+    assert!(record(guard(two.read(&a)).await.unwrap()).invalidated);
+    // ...unless BACE verified it after the report.
+    assert_eq!(
+        guard(one.write_verified(&t2_extended, 3)).await.unwrap(),
+        Written::Stored { version: 3 }
+    );
+    assert!(!record(guard(two.read(&a)).await.unwrap()).invalidated);
 }
 
 #[tokio::test]

@@ -127,7 +127,10 @@ impl Broker {
                 Some(_) => report.changed.push(name.clone()),
                 None => report.added.push(name.clone()),
             }
-            let slot = Slot::new(account.clone());
+            let slot = match &old {
+                Some(_) => Slot::with_fresh_credentials(account.clone()),
+                None => Slot::new(account.clone()),
+            };
             if let Some(old) = &old {
                 // Retired before the swap, so none of its plans runs with the old credentials
                 // (its watchers are woken after the swap: they move to the new slot). Its

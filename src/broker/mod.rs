@@ -371,6 +371,13 @@ impl Broker {
                         token: self.obtain_named(account, Duration::ZERO).await?,
                     });
                 }
+                SharedVerdict::Follow => {
+                    self.inner.follow(&slot, reported);
+                    return Ok(Invalidated {
+                        outcome: InvalidateOutcome::Invalidated,
+                        token: self.obtain_named(account, Duration::ZERO).await?,
+                    });
+                }
                 SharedVerdict::Replace => true,
                 SharedVerdict::Local => false,
             },

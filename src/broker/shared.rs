@@ -78,9 +78,12 @@ impl SharedFetch {
 
 /// What an invalidation does given the store's verdict.
 pub(super) enum SharedVerdict {
-    /// Replace the reported token (this replica logs in, or waits for the replica that does):
-    /// no local cooldown check, the store decided.
+    /// Replace the reported token (this replica logs in): no local cooldown check, the store
+    /// decided.
     Replace,
+    /// Another replica replaces it: drop it here too and wait for that replica's token, as a
+    /// caller would (honouring the shared backoff should its login fail).
+    Follow,
     /// Answer this outcome with the current token (after adopting the stored one, if newer).
     Keep(InvalidateOutcome),
     /// The store cannot decide (no record, or Redis down): the local rules apply.
@@ -102,11 +105,16 @@ impl Inner {
         // However long other holders take, a waiting caller hears back within this.
         let give_up = deadline + store.lease_duration();
         let mut adopted = self.adopted.subscribe();
+        let mut waited = false;
         loop {
-            let known = slot.lock().version;
+            let (known, fresh) = {
+                let state = slot.lock();
+                (state.version, state.fresh_credentials)
+            };
             let mut lease = match store.acquire_lease(name).await {
                 Ok(Acquired::Acquired(lease)) => lease,
                 Ok(Acquired::Held { expires_in }) => {
+                    waited = true;
                     let ends = Instant::now() + expires_in.unwrap_or(HOLDER_POLL);
                     if let Some((token, version)) = self
                         .await_holder(store, slot, known, ends.min(give_up), &mut adopted)
@@ -125,6 +133,7 @@ impl Inner {
                 }
                 Err(error) => {
                     debug!(%error, "store unavailable; fetching locally");
+                    let deadline = fresh_deadline(waited, deadline, self.policy.upstream_timeout);
                     let fetched = self.fetch(slot, generation, kind, trigger, deadline).await;
                     // Not written: a version above the known one, for the reconcile's
                     // write-back.
@@ -138,7 +147,7 @@ impl Inner {
             if let Ok(stored) = store.read(name).await {
                 base = base.max(stored.version().unwrap_or(0));
                 if let Stored::Token(record) = stored {
-                    if record.version > known && self.adoptable(&record) {
+                    if !fresh && record.version > known && self.adoptable(&record) {
                         release(store, lease).await;
                         return SharedFetch::local(
                             Fetched::Adopted(record.token),
@@ -156,9 +165,30 @@ impl Inner {
                     }
                 }
             }
-            let backoffs = store.backoffs(name).await.unwrap_or_default();
-            let saw_backoff = backoffs.transient.is_some() || backoffs.rejected.is_some();
+            let (backoffs, saw_backoff) = if fresh {
+                // Backoffs earned with the old credentials do not hold the new ones back.
+                (Default::default(), true)
+            } else {
+                let backoffs = store.backoffs(name).await.unwrap_or_default();
+                (
+                    backoffs,
+                    backoffs.transient.is_some() || backoffs.rejected.is_some(),
+                )
+            };
             let now_wall = SystemTime::now();
+            {
+                // Another replica's failures count here too, even after their backoff ended,
+                // so that the next backoff grows from them.
+                let mut state = slot.lock();
+                if let Some(b) = backoffs.rejected {
+                    let failing = state.failing();
+                    failing.rejections = failing.rejections.max(b.attempts);
+                }
+                if let Some(b) = backoffs.transient {
+                    let failing = state.failing();
+                    failing.failures = failing.failures.max(b.attempts);
+                }
+            }
             let rejected = backoffs.rejected.filter(|b| b.until > now_wall);
             let transient = backoffs
                 .transient
@@ -190,16 +220,26 @@ impl Inner {
                 };
                 return SharedFetch::local(fetched, None);
             }
-            let (fetched, _kept) = store
-                .hold(
-                    &mut lease,
-                    self.fetch(slot, generation, kind, trigger, deadline),
-                )
-                .await;
-            let (fetched, version) = match fetched.token() {
-                Some(token) => self.write(store, slot, token, base, fetched).await,
-                None => (fetched, None),
-            };
+            // A fetch that waited for another replica gets a budget of its own.
+            let deadline = fresh_deadline(waited, deadline, self.policy.upstream_timeout);
+            let (fetched, version) = store
+                .hold(&mut lease, async {
+                    let fetched = self.fetch(slot, generation, kind, trigger, deadline).await;
+                    if slot.lock().generation != generation {
+                        // An invalidation superseded this fetch: its token is not written
+                        // (it may be the reported one, extended by a refresh).
+                        return (fetched, None);
+                    }
+                    match fetched.token() {
+                        Some(token) => {
+                            self.write(store, slot, generation, token, base, fetched)
+                                .await
+                        }
+                        None => (fetched, None),
+                    }
+                })
+                .await
+                .0;
             return SharedFetch {
                 fetched,
                 version,
@@ -210,7 +250,9 @@ impl Inner {
     }
 
     /// Waits for the lease holder's token: an announcement this replica adopted, or a read of
-    /// the record every [`HOLDER_POLL`], until `until` (the holder's lease ends).
+    /// the record at growing intervals (up to [`HOLDER_POLL`]). `None` once the lease is free
+    /// (the holder released it without a new token, or vanished) or `until` passed: the
+    /// caller takes the lease itself.
     async fn await_holder(
         &self,
         store: &Store,
@@ -220,9 +262,11 @@ impl Inner {
         adopted: &mut broadcast::Receiver<(AccountName, u64)>,
     ) -> Option<(Arc<Token>, u64)> {
         let name = &slot.account.name;
+        let mut poll = Duration::from_millis(20);
         loop {
-            let poll = (Instant::now() + HOLDER_POLL).min(until);
-            let woken = timeout_at(poll, async {
+            let next = (Instant::now() + poll).min(until);
+            poll = (poll * 2).min(HOLDER_POLL);
+            let woken = timeout_at(next, async {
                 loop {
                     match adopted.recv().await {
                         Ok((account, _)) if account == *name => return,
@@ -251,7 +295,7 @@ impl Inner {
             {
                 return Some((record.token, record.version));
             }
-            if Instant::now() >= until {
+            if Instant::now() >= until || matches!(store.lease_left(name).await, Ok(None)) {
                 return None;
             }
         }
@@ -261,19 +305,36 @@ impl Inner {
     /// flight installs: the fetched token with its version, or, when another replica wrote a
     /// newer one meanwhile (a lost lease), that one (ours is dropped: the version is the
     /// fence). When Redis fails, the token keeps `base + 1` unwritten, for the reconcile.
+    ///
+    /// A token another replica invalidated meanwhile (this was a refresh of it) is not
+    /// written: this replica holds the lease, so it replaces it with a login, once.
     async fn write(
         &self,
         store: &Store,
-        slot: &Slot,
+        slot: &Arc<Slot>,
+        generation: u32,
         token: Arc<Token>,
         base: u64,
         fetched: Fetched,
     ) -> (Fetched, Option<u64>) {
         let name = &slot.account.name;
+        let (mut fetched, mut token) = (fetched, token);
         let mut version = base + 1;
-        for _ in 0..3 {
-            match store.write(&token, version).await {
+        let mut logged_in = matches!(&fetched, Fetched::Granted { grant, .. } if *grant == crate::upstream::Grant::Password);
+        for _ in 0..4 {
+            let written = if matches!(fetched, Fetched::Verified(_)) {
+                store.write_verified(&token, version).await
+            } else {
+                store.write(&token, version).await
+            };
+            match written {
                 Ok(Written::Stored { version }) => {
+                    // Known before the announcement comes back, so the sync task does not
+                    // take this replica's own token for another's.
+                    {
+                        let mut state = slot.lock();
+                        state.version = state.version.max(version);
+                    }
                     if let Err(error) = store.announce(name, version).await {
                         debug!(%error, "announcement failed; the others reconcile");
                     }
@@ -290,7 +351,32 @@ impl Inner {
                         );
                         return (Fetched::Adopted(record.token), Some(record.version));
                     }
-                    // Invalidated, unreadable, expired, or ours: supersede it.
+                    Ok(Stored::Token(record))
+                        if record.invalidated
+                            && record.token.fingerprint() == token.fingerprint()
+                            && !logged_in =>
+                    {
+                        info!(
+                            "the token was invalidated by another replica while it was refreshed; logging in"
+                        );
+                        logged_in = true;
+                        let deadline = Instant::now() + self.policy.upstream_timeout;
+                        fetched = self
+                            .fetch(
+                                slot,
+                                generation,
+                                FetchKind::Login,
+                                Trigger::Forced,
+                                deadline,
+                            )
+                            .await;
+                        match fetched.token() {
+                            Some(t) => token = t,
+                            None => return (fetched, None),
+                        }
+                        version = record.version + 1;
+                    }
+                    // Unreadable, expired, or older: supersede it.
                     Ok(other) => version = other.version().unwrap_or(stored).max(stored) + 1,
                     Err(_) => return (fetched, Some(stored + 1)),
                 },
@@ -369,6 +455,9 @@ impl Inner {
             return false;
         }
         let mut state = slot.lock();
+        if state.fresh_credentials {
+            return false;
+        }
         let newer = record.version > state.version
             || (same_version_too
                 && record.version == state.version
@@ -411,12 +500,16 @@ impl Inner {
         }
         Ok(adopted)
     }
+}
 
+impl Broker {
     /// Compares every account with the store: adopts newer stored tokens, writes back what
-    /// this replica holds where the store has less. Counts each correction. `false`: Redis did
-    /// not answer (try again soon).
-    pub(super) async fn reconcile(&self, store: &Store) -> bool {
-        let slots: Vec<Arc<Slot>> = self.accounts.iter().map(|e| e.value().clone()).collect();
+    /// this replica holds where the store has less, drops a token another replica invalidated
+    /// (and fetches its replacement). Counts each correction. `false`: Redis stopped answering
+    /// (try again soon).
+    async fn reconcile(&self, store: &Store) -> bool {
+        let inner = &self.inner;
+        let slots: Vec<Arc<Slot>> = inner.accounts.iter().map(|e| e.value().clone()).collect();
         let names: Vec<AccountName> = slots.iter().map(|s| s.account.name.clone()).collect();
         let heads = match store.heads(&names).await {
             Ok(heads) => heads,
@@ -427,46 +520,77 @@ impl Inner {
         };
         let (mut adopted, mut written) = (0u64, 0u64);
         for (slot, head) in slots.iter().zip(heads) {
+            if inner.stop.is_cancelled() {
+                return true;
+            }
             let (version, current) = {
                 let state = slot.lock();
                 (state.version, slot.token.current())
             };
-            let servable =
-                current.filter(|t| t.valid_for(Instant::now(), self.policy.refresh.expiry_margin));
+            let margin = inner.policy.refresh.expiry_margin;
+            let servable = current.filter(|t| t.valid_for(Instant::now(), margin));
             match (&head, servable) {
-                // The store holds the same token (or one this replica cannot serve yet was
-                // told about): nothing to do.
+                // The store holds this very token: nothing to do.
                 (Some(head), Some(token))
                     if head.version == version
-                        && head.fingerprint == token.fingerprint().to_hex() => {}
+                        && head.fingerprint == token.fingerprint().to_hex()
+                        && !head.invalidated => {}
+                // Another replica invalidated the token this one serves, and its replacement
+                // is not in yet (its login failed, or it stopped): stop serving it, fetch.
+                (Some(head), Some(token))
+                    if head.invalidated
+                        && head.version >= version
+                        && head.fingerprint == token.fingerprint().to_hex() =>
+                {
+                    {
+                        let mut state = slot.lock();
+                        if slot
+                            .token
+                            .current()
+                            .is_some_and(|t| Arc::ptr_eq(&t, &token))
+                        {
+                            info!(account = %slot.account.name, "token invalidated by another replica; fetching its replacement");
+                            state.replaced = Some(token.fingerprint());
+                            state.version = state.version.max(head.version);
+                            slot.token.publish(None);
+                        }
+                    }
+                    self.obtain_in_background(slot.account.name.clone());
+                }
                 // Newer, or the same version of another token: adopt the stored one.
                 (Some(head), _) if head.version >= version && !head.invalidated => {
                     if head.version == version && version == 0 {
                         continue;
                     }
-                    if let Ok(Stored::Token(record)) = store.read(&slot.account.name).await
-                        && self.adopt(slot, record, true)
-                    {
-                        adopted += 1;
+                    match store.read(&slot.account.name).await {
+                        Ok(Stored::Token(record)) => {
+                            adopted += u64::from(inner.adopt(slot, record, true));
+                        }
+                        Ok(_) => {}
+                        Err(_) => return false,
                     }
                 }
                 // The store has less than this replica holds (it restarted empty, or missed
                 // a write while down): write it back.
                 (head, Some(token)) if head.as_ref().is_none_or(|h| h.version < version) => {
-                    let stored = self.write_back(store, slot, &token, head.as_ref()).await;
-                    written += u64::from(stored);
+                    match inner.write_back(store, slot, &token, head.as_ref()).await {
+                        Ok(stored) => written += u64::from(stored),
+                        Err(_) => return false,
+                    }
                 }
                 _ => {}
             }
         }
-        self.metrics.reconciled("adopted", adopted);
-        self.metrics.reconciled("written_back", written);
+        inner.metrics.reconciled("adopted", adopted);
+        inner.metrics.reconciled("written_back", written);
         if adopted + written > 0 {
             info!(adopted, written_back = written, "reconciled with the store");
         }
         true
     }
+}
 
+impl Inner {
     /// Writes `token` back under the version this replica holds it at (at least one above the
     /// stored one), and announces it. On a conflict the next reconcile (or announcement)
     /// decides.
@@ -476,13 +600,13 @@ impl Inner {
         slot: &Arc<Slot>,
         token: &Arc<Token>,
         head: Option<&Head>,
-    ) -> bool {
+    ) -> Result<bool, crate::store::StoreError> {
         let version = {
             let state = slot.lock();
             state.version.max(head.map_or(0, |h| h.version) + 1).max(1)
         };
-        match store.write(token, version).await {
-            Ok(Written::Stored { version }) => {
+        match store.write(token, version).await? {
+            Written::Stored { version } => {
                 {
                     let mut state = slot.lock();
                     if slot.token.current().is_some_and(|t| Arc::ptr_eq(&t, token)) {
@@ -490,9 +614,16 @@ impl Inner {
                     }
                 }
                 let _ = store.announce(&slot.account.name, version).await;
-                true
+                Ok(true)
             }
-            _ => false,
+            // Another replica wrote back first (Redis came back empty): take its token, so
+            // that the replicas agree now rather than at the next reconcile.
+            Written::Conflict { .. } => {
+                if let Stored::Token(record) = store.read(&slot.account.name).await? {
+                    self.adopt(slot, record, true);
+                }
+                Ok(false)
+            }
         }
     }
 
@@ -510,9 +641,8 @@ impl Inner {
         let name = &slot.account.name;
         let cooldown = self.policy.invalidate_cooldown;
         match store.invalidate(name, reported, cooldown).await {
-            Ok(StoreVerdict::Invalidated { .. } | StoreVerdict::AlreadyInvalidated { .. }) => {
-                SharedVerdict::Replace
-            }
+            Ok(StoreVerdict::Invalidated { .. }) => SharedVerdict::Replace,
+            Ok(StoreVerdict::AlreadyInvalidated { .. }) => SharedVerdict::Follow,
             Ok(StoreVerdict::Replaced { version }) => {
                 let known = slot.lock().version;
                 if version > known
@@ -537,6 +667,18 @@ impl Inner {
                 debug!(%error, "invalidation decided locally: Redis does not answer");
                 SharedVerdict::Local
             }
+        }
+    }
+
+    /// Another replica replaces the reported token: stop serving it here (the next caller
+    /// waits for the replacement, through the lease).
+    pub(super) fn follow(&self, slot: &Slot, reported: Option<Fingerprint>) {
+        let mut state = slot.lock();
+        if let Some(token) = slot.token.current()
+            && reported.is_none_or(|fp| fp == token.fingerprint())
+        {
+            state.replaced = Some(token.fingerprint());
+            slot.token.publish(None);
         }
     }
 
@@ -581,7 +723,7 @@ impl Broker {
                     tokio::select! {
                         _ = self.inner.stop.cancelled() => return,
                         () = sleep(RECONCILE_INTERVAL) => {
-                            self.inner.reconcile(&store).await;
+                            self.reconcile(&store).await;
                         }
                     }
                 }
@@ -602,7 +744,7 @@ impl Broker {
                 _ = self.inner.stop.cancelled() => return,
                 event = subscription.next() => match event {
                     StoreEvent::Connected => {
-                        next_reconcile = reconciled_at(self.inner.reconcile(&store).await);
+                        next_reconcile = reconciled_at(self.reconcile(&store).await);
                     }
                     StoreEvent::Disconnected { .. } => {}
                     StoreEvent::Announced(a) => {
@@ -610,10 +752,20 @@ impl Broker {
                     }
                 },
                 () = tokio::time::sleep_until(next_reconcile) => {
-                    next_reconcile = reconciled_at(self.inner.reconcile(&store).await);
+                    next_reconcile = reconciled_at(self.reconcile(&store).await);
                 }
             }
         }
+    }
+}
+
+/// The budget of a fetch: the flight's, unless it waited for another replica first (then a
+/// budget of its own from now).
+fn fresh_deadline(waited: bool, deadline: Instant, timeout: Duration) -> Instant {
+    if waited {
+        Instant::now() + timeout
+    } else {
+        deadline
     }
 }
 

@@ -127,6 +127,10 @@ pub(super) struct SlotState {
     /// knows the store holds): a token written to the store gets a higher one. 0: none known;
     /// always 0 without a store.
     pub(super) version: u64,
+    /// Set when a reload changed the account's credentials or token URL: the tokens in the
+    /// store were obtained with the old ones, so the first fetch logs in (ignoring the stored
+    /// token and the shared backoffs) and nothing is adopted before it succeeded.
+    pub(super) fresh_credentials: bool,
     /// The run of failed fetches since the last success, if any. Boxed: with 100,000
     /// accounts, most of them fine, each slot carries only this pointer.
     pub(super) failing: Option<Box<Failing>>,
@@ -167,6 +171,14 @@ impl Slot {
             counters: AccountCounters::default(),
             state: Mutex::new(SlotState::default()),
         }
+    }
+
+    /// A slot for an account whose credentials or token URL a reload changed (see
+    /// [`SlotState::fresh_credentials`]).
+    pub(super) fn with_fresh_credentials(account: AccountConfig) -> Self {
+        let slot = Self::new(account);
+        slot.lock().fresh_credentials = true;
+        slot
     }
 
     /// Marks the slot as no longer the account's (a reload replaced or removed it). Its
@@ -277,6 +289,21 @@ impl Slot {
         };
         let grant_name = grant.as_str();
         match result {
+            // Another replica's newer token was adopted while this fetch ran (its version is
+            // the higher): keep serving that one.
+            Ok(_)
+                if version.is_some_and(|v| v < state.version)
+                    && let Some(current) =
+                        self.token.servable(now, inner.policy.refresh.expiry_margin) =>
+            {
+                debug!(
+                    version,
+                    stored = state.version,
+                    "a newer token came in meanwhile; keeping it"
+                );
+                state.failing = None;
+                Landed::Done(Ok(current))
+            }
             Ok(token) => {
                 info!(
                     grant = grant_name,
@@ -365,6 +392,7 @@ impl Slot {
         );
         debug!(refresh_in = %humantime::format_duration(Duration::from_secs(delay.as_secs())), "refresh planned");
         state.version = state.version.max(version);
+        state.fresh_credentials = false;
         self.token.publish(Some(token.clone()));
         state.last_success_at = Some(SystemTime::now());
         state.failing = None;

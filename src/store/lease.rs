@@ -122,6 +122,17 @@ impl Store {
         }
     }
 
+    /// How long `account`'s lease has left, whoever holds it (`None`: nobody holds it).
+    pub async fn lease_left(&self, account: &AccountName) -> Result<Option<Duration>, StoreError> {
+        let key = self.key("lease", account.as_str());
+        let ttl: i64 = self
+            .run("lease_check", |mut c| async move {
+                redis::cmd("PTTL").arg(key).query_async(&mut c).await
+            })
+            .await?;
+        Ok(u64::try_from(ttl).ok().map(Duration::from_millis))
+    }
+
     /// Extends `lease` by the lease duration if this replica still holds it: `Ok(false)` when
     /// it does not (expired, or another replica took it).
     pub async fn renew(&self, lease: &mut Lease) -> Result<bool, StoreError> {

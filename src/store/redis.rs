@@ -183,12 +183,18 @@ pub struct Backoffs {
 }
 
 /// Writes a token if the stored version is lower or absent (a record whose version is not a
-/// number counts as absent: it can never be read, so it must not block every write).
-/// KEYS[1] record; ARGV: version, fingerprint, sealed record, TTL ms.
+/// number counts as absent: it can never be read, so it must not block every write), and the
+/// stored token is not this very token invalidated (a refresh that ran while another replica
+/// invalidated it must not bring it back), unless ARGV[5] is '1' (BACE verified it).
+/// KEYS[1] record; ARGV: version, fingerprint, sealed record, TTL ms, verified.
 /// Returns {1, version} when written, {0, stored version} when refused.
 const WRITE: &str = r"
 local stored = tonumber(redis.call('HGET', KEYS[1], 'v') or '')
 if stored and stored >= tonumber(ARGV[1]) then
+  return {0, stored}
+end
+if stored and ARGV[5] ~= '1' and redis.call('HGET', KEYS[1], 'inv')
+    and redis.call('HGET', KEYS[1], 'fp') == ARGV[2] then
   return {0, stored}
 end
 redis.call('DEL', KEYS[1])
@@ -433,7 +439,25 @@ impl Store {
     /// (compare-and-set in one script: the version is the fence, so a replica that lost its
     /// lease can never overwrite a newer token). The record expires [`RECORD_LINGER`] after the
     /// token does. `version` must be in `1..=`[`MAX_VERSION`].
+    ///
+    /// A token that is the stored one, invalidated, is refused ([`Written::Conflict`]) whatever
+    /// the version: see [`Store::write_verified`].
     pub async fn write(&self, token: &Token, version: u64) -> Result<Written, StoreError> {
+        self.write_as(token, version, false).await
+    }
+
+    /// [`Store::write`] of a token BACE accepted after it was reported (and so invalidated):
+    /// the invalidated record may be replaced by the same token.
+    pub async fn write_verified(&self, token: &Token, version: u64) -> Result<Written, StoreError> {
+        self.write_as(token, version, true).await
+    }
+
+    async fn write_as(
+        &self,
+        token: &Token,
+        version: u64,
+        verified: bool,
+    ) -> Result<Written, StoreError> {
         if !(1..=MAX_VERSION).contains(&version) {
             return Err(StoreError::Protocol {
                 op: "write",
@@ -462,6 +486,7 @@ impl Store {
                     .arg(fingerprint)
                     .arg(sealed)
                     .arg(ttl)
+                    .arg(if verified { "1" } else { "0" })
                     .invoke_async(&mut c)
                     .await
             })

@@ -66,3 +66,17 @@ pub(crate) fn write_config(
     fs::write(&path, config.to_yaml()).with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
 }
+
+/// The store section of a broker on `redis`, with a fresh key file in the work directory.
+pub(crate) fn store_config(
+    opts: &Opts,
+    redis: &testkit::RedisServer,
+) -> anyhow::Result<testkit::RedisStore> {
+    let dir = opts.work.join("store");
+    fs::create_dir_all(&dir)?;
+    let keys = dir.join("keys");
+    testkit::RedisStore::write_key_file(&keys, &["bench"]);
+    Ok(testkit::RedisStore::new(redis.url(), keys)
+        .timeout(Duration::from_secs(2))
+        .lease(Duration::from_secs(10)))
+}

@@ -17,6 +17,12 @@ pub(crate) struct Opts {
     pub(crate) memory_accounts: usize,
     pub(crate) flight_callers: usize,
     pub(crate) flight_accounts: usize,
+    /// Section A with the Redis store on (a private redis-server).
+    pub(crate) store: bool,
+    /// Accounts of the warm-restart measurement (section R).
+    pub(crate) restart_accounts: usize,
+    /// Invalidations of the propagation measurement (section R).
+    pub(crate) propagations: usize,
 }
 
 impl Opts {
@@ -31,12 +37,15 @@ impl Opts {
             work: target.join("bench-work"),
             out: target.join("bench-summary.md"),
             cache_hit_log: None,
-            only: "cache,A,S,B,C".into(),
+            only: "cache,A,S,B,C,R".into(),
             rounds: 24,
             secs: 3,
             memory_accounts: 100_000,
             flight_callers: 10_000,
             flight_accounts: 1_000,
+            store: false,
+            restart_accounts: 10_000,
+            propagations: 200,
         };
         let mut it = args.iter();
         while let Some(arg) = it.next() {
@@ -50,6 +59,9 @@ impl Opts {
                 "--rounds" => opts.rounds = value()?.parse()?,
                 "--secs" => opts.secs = value()?.parse()?,
                 "--memory-accounts" => opts.memory_accounts = value()?.parse()?,
+                "--store" => opts.store = true,
+                "--restart-accounts" => opts.restart_accounts = value()?.parse()?,
+                "--propagations" => opts.propagations = value()?.parse()?,
                 other => bail!("unknown argument {other:?}"),
             }
         }

@@ -40,6 +40,9 @@ pub(crate) async fn run(opts: &Opts) -> anyhow::Result<String> {
         sections::single_flight::run(opts, &mut md).await?;
         sections::refresh_latency::run(opts, &mut md, get_token_rps).await?;
     }
+    if opts.wants("R") {
+        sections::replicas::run(opts, &mut md).await?;
+    }
     let _ = writeln!(
         md,
         "\nHarness time: {:.0} s. Raw logs (broker, h2load): `{}`.",

@@ -39,12 +39,24 @@ pub struct Replica {
     /// Its metrics address.
     pub metrics_addr: SocketAddr,
     child: Option<Child>,
+    rust_log: String,
 }
 
 impl Replica {
     /// Writes `config` (with fresh loopback ports) to `dir/NAME.yaml` and starts `bin serve`
     /// on it, logging (JSON) to `dir/NAME.log`. Does not wait for readiness.
     pub fn start(bin: &Path, dir: &Path, name: &str, config: &BrokerConfig) -> Self {
+        Self::start_logging(bin, dir, name, config, "info,bace_token_broker=debug")
+    }
+
+    /// [`Replica::start`] with its own `RUST_LOG` filter.
+    pub fn start_logging(
+        bin: &Path,
+        dir: &Path,
+        name: &str,
+        config: &BrokerConfig,
+        rust_log: &str,
+    ) -> Self {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let metrics_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let config = config
@@ -60,6 +72,7 @@ impl Replica {
             addr,
             metrics_addr,
             child: None,
+            rust_log: rust_log.to_owned(),
         };
         replica.spawn(false);
         replica
@@ -76,7 +89,7 @@ impl Replica {
         let child = Command::new(&self.bin)
             .args(["serve", "--config"])
             .arg(&self.config)
-            .env("RUST_LOG", "info,bace_token_broker=debug")
+            .env("RUST_LOG", &self.rust_log)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file"))
             .stderr(log)

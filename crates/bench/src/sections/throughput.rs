@@ -8,7 +8,7 @@ use anyhow::Context;
 use crate::{
     LOAD_CPU,
     broker::BrokerProc,
-    fixtures::{account_names, broker_config, start_fake, write_config},
+    fixtures::{account_names, broker_config, start_fake, store_config, write_config},
     h2load::{H2Args, Summary, h2load, others},
     opts::Opts,
     util::{strs, us},
@@ -21,7 +21,14 @@ pub(crate) async fn run(opts: &Opts, md: &mut String) -> anyhow::Result<(f64, f6
     println!("== A. gRPC throughput and latency (h2load)");
     let names = account_names(1000);
     let fake = start_fake(&names).await?;
-    let config = write_config(opts, "throughput", &broker_config(&fake, &names))?;
+    // With --store: the same broker, one replica on a private Redis (the hot path must not
+    // touch it).
+    let redis = opts.store.then(testkit::RedisServer::start);
+    let mut config = broker_config(&fake, &names);
+    if let Some(redis) = &redis {
+        config = config.store(store_config(opts, redis)?);
+    }
+    let config = write_config(opts, "throughput", &config)?;
     let broker = BrokerProc::spawn(opts, "throughput", &config)?;
     broker.wait_ready(Duration::from_secs(60)).await?;
     let bodies = Bodies::write(opts, &names[0])?;
@@ -107,8 +114,9 @@ pub(crate) async fn run(opts: &Opts, md: &mut String) -> anyhow::Result<(f64, f6
     let ratio = g.rps / h.rps;
     let _ = writeln!(
         md,
-        "## A. gRPC throughput and latency (h2load, {} interleaved rounds in ABBA order, median)\n",
-        opts.rounds
+        "## A. gRPC throughput and latency (h2load, {} interleaved rounds in ABBA order, median){}\n",
+        opts.rounds,
+        if opts.store { ", Redis store on" } else { "" }
     );
     let _ = writeln!(
         md,
