@@ -388,14 +388,23 @@ async fn an_invalidation_on_one_replica_reaches_the_others_and_their_watchers() 
     );
     assert_eq!(late.token.unwrap().access_token, new);
     assert_eq!(c.logins("acme"), 2);
-    let m = c.replicas[1].scrape().await;
-    assert!(
-        m.get("bace_broker_store_propagation_seconds_count")
-            .copied()
-            .unwrap_or(0.0)
-            >= 1.0,
-        "propagation measured"
-    );
+    // After the cooldown, a report on r1 alone: r2 and r3 learn of the new token from its
+    // announcement (and time it).
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let key = "bace_broker_store_propagation_seconds_count";
+    let mut timed = Vec::new();
+    for r in &c.replicas[1..] {
+        timed.push(r.scrape().await.get(key).copied().unwrap_or(0.0));
+    }
+    let third = invalidate(&c.replicas[0], "acme", &new).await;
+    assert_eq!(third.outcome, proto::InvalidateOutcome::Invalidated as i32);
+    let third = third.token.unwrap().access_token;
+    c.converge_on("acme", &third).await;
+    assert_eq!(c.logins("acme"), 3);
+    for (r, before) in c.replicas[1..].iter().zip(timed) {
+        let m = r.scrape().await;
+        assert_eq!(m[key], before + 1.0, "{}", r.name);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -520,6 +529,45 @@ async fn rejected_credentials_are_tried_no_more_often_than_by_one_replica() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn new_credentials_log_in_again_rather_than_adopt_the_old_token() {
+    let mut c = Cluster::new(&["acme"]).await;
+    c.start(2).await;
+    let old = c.converged("acme").await;
+    // The password changes at BACE and in the config of both replicas (a Secret update).
+    c.fake.set_password(&user("acme"), "the new password");
+    let keys = c.dir.path().join("keys");
+    let config = BrokerConfig::new()
+        .account(
+            testkit::Account::new(
+                "acme",
+                testkit::CLIENT_ID,
+                testkit::CLIENT_SECRET,
+                user("acme"),
+                "the new password",
+            )
+            .token_url(c.fake.token_url()),
+        )
+        .store(store_of(&c.redis, &keys))
+        .invalidate_cooldown(Duration::from_millis(200));
+    for r in &c.replicas {
+        r.rewrite_config(&config);
+    }
+    // A replica logs in with the new credentials (neither keeps the old token, nor takes it
+    // from the store), and they end on one token: the first replica's login, or each its own
+    // then one of them (a replica that reloads late may find the new token already stored).
+    let relogged = tokio::time::timeout(
+        testkit::HANG_GUARD,
+        c.fake.wait_for_calls(&user("acme"), Grant::Password, 2),
+    )
+    .await;
+    assert!(relogged.is_ok(), "no new logins\n{}", c.logs());
+    let new = c.converged("acme").await;
+    assert_ne!(new, old);
+    assert!(c.fake.is_valid(&new));
+    assert!(c.logins("acme") <= 3, "{}", c.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_secret_is_readable_in_redis() {
     let mut c = Cluster::new(&["acme", "globex"]).await;
     c.start(2).await;
@@ -634,7 +682,12 @@ async fn lost_announcements_are_made_up_by_the_reconcile() {
         std::time::SystemTime::now(),
     );
     let written = guard(store.write(&unannounced, version + 1)).await.unwrap();
-    assert_eq!(written, bace_token_broker::Written::Stored { version: version + 1 });
+    assert_eq!(
+        written,
+        bace_token_broker::Written::Stored {
+            version: version + 1
+        }
+    );
     assert_eq!(c.tokens("acme").await, [old.clone(), old]);
     // The subscribers lose their connection; they reconcile when they are back.
     c.redis.kill_pubsub_clients();
@@ -642,8 +695,7 @@ async fn lost_announcements_are_made_up_by_the_reconcile() {
     for r in &c.replicas {
         let m = r.scrape().await;
         assert_eq!(
-            m["bace_broker_store_reconcile_corrections_total{result=\"adopted\"}"],
-            1.0,
+            m["bace_broker_store_reconcile_corrections_total{result=\"adopted\"}"], 1.0,
             "{}",
             r.name
         );

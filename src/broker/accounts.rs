@@ -128,7 +128,7 @@ impl Broker {
                 None => report.added.push(name.clone()),
             }
             let slot = match &old {
-                Some(_) => Slot::with_fresh_credentials(account.clone()),
+                Some(old) => Slot::with_fresh_credentials(account.clone(), old.lock().version),
                 None => Slot::new(account.clone()),
             };
             if let Some(old) = &old {

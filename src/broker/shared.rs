@@ -147,7 +147,7 @@ impl Inner {
             if let Ok(stored) = store.read(name).await {
                 base = base.max(stored.version().unwrap_or(0));
                 if let Stored::Token(record) = stored {
-                    if !fresh && record.version > known && self.adoptable(&record) {
+                    if record.version > known && self.adoptable(&record) {
                         release(store, lease).await;
                         return SharedFetch::local(
                             Fetched::Adopted(record.token),
@@ -455,9 +455,6 @@ impl Inner {
             return false;
         }
         let mut state = slot.lock();
-        if state.fresh_credentials {
-            return false;
-        }
         let newer = record.version > state.version
             || (same_version_too
                 && record.version == state.version

@@ -127,9 +127,10 @@ pub(super) struct SlotState {
     /// knows the store holds): a token written to the store gets a higher one. 0: none known;
     /// always 0 without a store.
     pub(super) version: u64,
-    /// Set when a reload changed the account's credentials or token URL: the tokens in the
-    /// store were obtained with the old ones, so the first fetch logs in (ignoring the stored
-    /// token and the shared backoffs) and nothing is adopted before it succeeded.
+    /// Set when a reload changed the account's credentials or token URL, until a token comes
+    /// in: the backoffs shared in the store were earned with the old credentials and do not
+    /// hold the new ones back. (The stored token is not adopted either: the slot starts at
+    /// the old slot's version, and only a newer one, written since, is taken.)
     pub(super) fresh_credentials: bool,
     /// The run of failed fetches since the last success, if any. Boxed: with 100,000
     /// accounts, most of them fine, each slot carries only this pointer.
@@ -175,9 +176,13 @@ impl Slot {
 
     /// A slot for an account whose credentials or token URL a reload changed (see
     /// [`SlotState::fresh_credentials`]).
-    pub(super) fn with_fresh_credentials(account: AccountConfig) -> Self {
+    pub(super) fn with_fresh_credentials(account: AccountConfig, version: u64) -> Self {
         let slot = Self::new(account);
-        slot.lock().fresh_credentials = true;
+        {
+            let mut state = slot.lock();
+            state.fresh_credentials = true;
+            state.version = version;
+        }
         slot
     }
 

@@ -98,6 +98,19 @@ impl Replica {
         self.child = Some(child);
     }
 
+    /// Replaces its config file with `config` (its ports kept), atomically: the running
+    /// process reloads it.
+    pub fn rewrite_config(&self, config: &BrokerConfig) {
+        let yaml = config
+            .clone()
+            .listen(self.addr)
+            .metrics_listen(Some(self.metrics_addr))
+            .to_yaml();
+        let tmp = self.config.with_extension("tmp");
+        fs::write(&tmp, yaml).expect("write the config");
+        fs::rename(&tmp, &self.config).expect("replace the config");
+    }
+
     /// `http://ADDR` of its gRPC port.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
