@@ -60,6 +60,8 @@ async fn propagation(opts: &Opts, md: &mut String) -> anyhow::Result<()> {
     let before = commands(&redis);
     let (mut reached, mut answered) = (Vec::new(), Vec::new());
     for _ in 0..opts.propagations {
+        // Past the 1 ms invalidation cooldown of the last round (a round can be shorter).
+        tokio::time::sleep(Duration::from_millis(3)).await;
         let current = r1
             .get_token(proto::GetTokenRequest {
                 account: account.clone(),
@@ -71,23 +73,32 @@ async fn propagation(opts: &Opts, md: &mut String) -> anyhow::Result<()> {
             .context("token")?
             .access_token;
         let started = Instant::now();
-        let new = r1
+        let answer = r1
             .invalidate(proto::InvalidateRequest {
                 account: account.clone(),
                 access_token: current,
             })
             .await?
-            .into_inner()
-            .token
-            .context("token")?
-            .access_token;
+            .into_inner();
+        ensure!(
+            answer.outcome == proto::InvalidateOutcome::Invalidated as i32,
+            "round {}: Invalidate answered {:?}",
+            answered.len(),
+            answer.outcome
+        );
+        let new = answer.token.context("token")?.access_token;
         answered.push(started.elapsed());
         let mut last = Duration::ZERO;
         for stream in &mut streams {
             loop {
                 let message = tokio::time::timeout(Duration::from_secs(30), stream.message())
                     .await
-                    .context("a watcher never saw the new token")??
+                    .with_context(|| {
+                        format!(
+                            "round {}: a watcher never saw the new token",
+                            answered.len()
+                        )
+                    })??
                     .context("watch ended")?;
                 if message.token.is_some_and(|t| t.access_token == new) {
                     break;
