@@ -721,6 +721,33 @@ async fn backoffs_are_shared_and_expire() {
         .unwrap();
     let seen = guard(one.backoffs(&a)).await.unwrap();
     assert_eq!((seen.transient, seen.rejected), (None, Some(rejected)));
+
+    // A replica that failed fewer times, with a shorter backoff, does not shrink it.
+    let shorter = Backoff {
+        until: until - Duration::from_secs(200),
+        attempts: 1,
+    };
+    guard(two.set_backoff(&a, BackoffKind::Rejected, shorter, Duration::ZERO))
+        .await
+        .unwrap();
+    assert_eq!(
+        guard(one.backoffs(&a)).await.unwrap().rejected,
+        Some(rejected)
+    );
+    let ttl: i64 = redis.cmd(&["PTTL", "bace-broker:backoff:rejected:fleet-a"]);
+    assert!(ttl > 3_500_000, "kept for the longer time: {ttl}");
+    // A longer one, with more attempts, extends it.
+    let longer = Backoff {
+        until: until + Duration::from_secs(100),
+        attempts: 4,
+    };
+    guard(two.set_backoff(&a, BackoffKind::Rejected, longer, Duration::ZERO))
+        .await
+        .unwrap();
+    assert_eq!(
+        guard(one.backoffs(&a)).await.unwrap().rejected,
+        Some(longer)
+    );
 }
 
 // === Errors are not "absent" ===

@@ -39,9 +39,10 @@
 //! (once per key id or account), with its version when that is readable so that a new write
 //! can supersede it.
 //!
-//! # What the broker is expected to do with it (the wiring is not in this module)
+//! # What the broker does with it (the wiring is `broker::shared`)
 //!
-//! The seam is `broker::slot::TokenCell::publish` and the single flight (`broker::flight`):
+//! The seam is `broker::slot::TokenCell::publish` and the single flight (`broker::flight`);
+//! `broker::shared` implements this contract:
 //!
 //! 1. **Start**: `Store::new(&config.store.redis)` (connects lazily; never blocks the start),
 //!    then `store.subscribe()` and a task that loops on [`Subscription::next`]. Warm-up:

@@ -217,6 +217,24 @@ redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 return {'invalidated', v}
 ";
 
+/// Sets a backoff to the later `until` and the higher count of the stored one and this one,
+/// kept for the longer of the two times to live. KEYS[1] backoff; ARGV: until (Unix ms),
+/// attempts, TTL ms.
+const SET_BACKOFF: &str = r"
+local till, attempts, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local u, a = string.match(cur, '^(%d+) (%d+)$')
+  if u then
+    till = math.max(till, tonumber(u))
+    attempts = math.max(attempts, tonumber(a))
+    ttl = math.max(ttl, redis.call('PTTL', KEYS[1]))
+  end
+end
+redis.call('SET', KEYS[1], string.format('%d %d', till, attempts), 'PX', ttl)
+return 1
+";
+
 /// Extends a lease if the caller still holds it. KEYS[1] lease; ARGV: holder, ms.
 pub(super) const RENEW: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -562,6 +580,8 @@ impl Store {
 
     /// Sets `account`'s backoff of `kind`; Redis forgets it after `keep` (at least until
     /// `backoff.until`; longer keeps the attempt count for the next backoff to grow from).
+    /// Never shrinks what another replica set: the later `until` and the higher count win
+    /// (one script).
     pub async fn set_backoff(
         &self,
         account: &AccountName,
@@ -576,17 +596,17 @@ impl Store {
             .duration_since(SystemTime::now())
             .unwrap_or(Duration::ZERO);
         let ttl = millis(keep.max(left)).max(1);
-        let value = format!("{until} {}", backoff.attempts);
         self.run("backoff_write", |mut c| async move {
-            redis::cmd("SET")
-                .arg(key)
-                .arg(value)
-                .arg("PX")
+            Script::new(SET_BACKOFF)
+                .key(key)
+                .arg(until)
+                .arg(backoff.attempts)
                 .arg(ttl)
-                .query_async::<()>(&mut c)
+                .invoke_async::<i64>(&mut c)
                 .await
         })
         .await
+        .map(drop)
     }
 
     /// Forgets `account`'s backoff of `kind` (after a success).
