@@ -130,6 +130,20 @@ impl Cluster {
     }
 }
 
+/// `bace-token-broker status` against `replica`.
+fn status(replica: &Replica) -> String {
+    let out = std::process::Command::new(BIN)
+        .args(["status", "--addr", &replica.url()])
+        .output()
+        .expect("run status");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 async fn invalidate(replica: &Replica, account: &str, token: &str) -> proto::InvalidateResponse {
     replica
         .client()
@@ -597,6 +611,11 @@ async fn redis_down_is_not_an_outage_and_an_empty_redis_is_refilled() {
     c.start(3).await;
     let acme = c.converged("acme").await;
     let globex = c.converged("globex").await;
+    assert!(
+        status(&c.replicas[0]).starts_with("store: redis, key prefix \"bace-broker\", up\n"),
+        "{}",
+        status(&c.replicas[0])
+    );
     c.redis.stop();
     // Every replica keeps serving what it holds (answered from memory: the hot path never
     // touches Redis) and stays ready.
@@ -621,6 +640,7 @@ async fn redis_down_is_not_an_outage_and_an_empty_redis_is_refilled() {
     })
     .await;
     assert!(down.is_ok(), "store reported down");
+    assert!(status(&c.replicas[1]).contains(", DOWN ("));
 
     // Redis comes back empty: the replicas write back what they hold and converge, with no
     // login (the replaced token is the newest: it wins).
