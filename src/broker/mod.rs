@@ -371,7 +371,7 @@ impl Broker {
                         token: self.obtain_named(account, Duration::ZERO).await?,
                     });
                 }
-                SharedVerdict::Follow => {
+                SharedVerdict::Follow(reported) => {
                     self.inner.follow(&slot, reported);
                     return Ok(Invalidated {
                         outcome: InvalidateOutcome::Invalidated,

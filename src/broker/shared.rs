@@ -83,7 +83,7 @@ pub(super) enum SharedVerdict {
     Replace,
     /// Another replica replaces it: drop it here too and wait for that replica's token, as a
     /// caller would (honouring the shared backoff should its login fail).
-    Follow,
+    Follow(Fingerprint),
     /// Answer this outcome with the current token (after adopting the stored one, if newer).
     Keep(InvalidateOutcome),
     /// The store cannot decide (no record, or Redis down): the local rules apply.
@@ -102,14 +102,30 @@ impl Inner {
         deadline: Instant,
     ) -> SharedFetch {
         let name = &slot.account.name;
-        // However long other holders take, a waiting caller hears back within this.
-        let give_up = deadline + store.lease_duration();
+        // However long other holders take (a fetch, and a login after it), a waiting caller
+        // hears back within this.
+        let give_up = deadline + self.policy.upstream_timeout * 2 + store.lease_duration();
         let mut adopted = self.adopted.subscribe();
         let mut waited = false;
+        // The version this flight started from: a token newer than it, however it came in
+        // (an announcement the sync task adopted, a read), ends the flight.
+        let known = slot.lock().version;
         loop {
-            let (known, fresh) = {
+            let fresh = {
                 let state = slot.lock();
-                (state.version, state.fresh_credentials)
+                if state.generation != generation {
+                    // An invalidation superseded this flight while it waited: stop here (its
+                    // result is dropped), the new flight does the work.
+                    return SharedFetch::local(Fetched::failed(UpstreamError::Timeout), None);
+                }
+                if state.version > known
+                    && let Some(token) = slot
+                        .token
+                        .servable(Instant::now(), self.policy.refresh.expiry_margin)
+                {
+                    return SharedFetch::local(Fetched::Adopted(token), Some(state.version));
+                }
+                state.fresh_credentials
             };
             let mut lease = match store.acquire_lease(name).await {
                 Ok(Acquired::Acquired(lease)) => lease,
@@ -220,14 +236,21 @@ impl Inner {
                 };
                 return SharedFetch::local(fetched, None);
             }
+            if slot.lock().generation != generation || slot.is_retired() {
+                // Superseded while it read the store, or the account's credentials changed
+                // (a reload): no call with this flight's view.
+                release(store, lease).await;
+                return SharedFetch::local(Fetched::failed(UpstreamError::Timeout), None);
+            }
             // A fetch that waited for another replica gets a budget of its own.
             let deadline = fresh_deadline(waited, deadline, self.policy.upstream_timeout);
             let (fetched, version) = store
                 .hold(&mut lease, async {
                     let fetched = self.fetch(slot, generation, kind, trigger, deadline).await;
-                    if slot.lock().generation != generation {
+                    if slot.lock().generation != generation || slot.is_retired() {
                         // An invalidation superseded this fetch: its token is not written
-                        // (it may be the reported one, extended by a refresh).
+                        // (it may be the reported one, extended by a refresh). Or a reload
+                        // replaced the account: a token of the old credentials is not shared.
                         return (fetched, None);
                     }
                     match fetched.token() {
@@ -284,7 +307,9 @@ impl Inner {
                 // The announcement's token, adopted by the sync task.
                 let state = slot.lock();
                 if state.version > known
-                    && let Some(token) = slot.token.current()
+                    && let Some(token) = slot
+                        .token
+                        .servable(Instant::now(), self.policy.refresh.expiry_margin)
                 {
                     return Some((token, state.version));
                 }
@@ -330,10 +355,13 @@ impl Inner {
             match written {
                 Ok(Written::Stored { version }) => {
                     // Known before the announcement comes back, so the sync task does not
-                    // take this replica's own token for another's.
+                    // take this replica's own token for another's (unless the flight was
+                    // superseded meanwhile: then its token is not installed).
                     {
                         let mut state = slot.lock();
-                        state.version = state.version.max(version);
+                        if state.generation == generation {
+                            state.version = state.version.max(version);
+                        }
                     }
                     if let Err(error) = store.announce(name, version).await {
                         debug!(%error, "announcement failed; the others reconcile");
@@ -371,8 +399,8 @@ impl Inner {
                             )
                             .await;
                         match fetched.token() {
-                            Some(t) => token = t,
-                            None => return (fetched, None),
+                            Some(t) if slot.lock().generation == generation => token = t,
+                            _ => return (fetched, None),
                         }
                         version = record.version + 1;
                     }
@@ -401,6 +429,9 @@ impl Inner {
     ) {
         let name = &slot.account.name;
         match landed {
+            // A reload replaced the account meanwhile: what the old credentials earned is
+            // not shared.
+            _ if slot.is_retired() => {}
             Landed::Done(Err(error)) => {
                 let backoff = {
                     let state = slot.lock();
@@ -535,9 +566,7 @@ impl Broker {
                 // Another replica invalidated the token this one serves, and its replacement
                 // is not in yet (its login failed, or it stopped): stop serving it, fetch.
                 (Some(head), Some(token))
-                    if head.invalidated
-                        && head.version >= version
-                        && head.fingerprint == token.fingerprint().to_hex() =>
+                    if head.invalidated && head.fingerprint == token.fingerprint().to_hex() =>
                 {
                     {
                         let mut state = slot.lock();
@@ -639,7 +668,7 @@ impl Inner {
         let cooldown = self.policy.invalidate_cooldown;
         match store.invalidate(name, reported, cooldown).await {
             Ok(StoreVerdict::Invalidated { .. }) => SharedVerdict::Replace,
-            Ok(StoreVerdict::AlreadyInvalidated { .. }) => SharedVerdict::Follow,
+            Ok(StoreVerdict::AlreadyInvalidated { .. }) => SharedVerdict::Follow(reported),
             Ok(StoreVerdict::Replaced { version }) => {
                 let known = slot.lock().version;
                 if version > known
@@ -669,10 +698,10 @@ impl Inner {
 
     /// Another replica replaces the reported token: stop serving it here (the next caller
     /// waits for the replacement, through the lease).
-    pub(super) fn follow(&self, slot: &Slot, reported: Option<Fingerprint>) {
+    pub(super) fn follow(&self, slot: &Slot, reported: Fingerprint) {
         let mut state = slot.lock();
         if let Some(token) = slot.token.current()
-            && reported.is_none_or(|fp| fp == token.fingerprint())
+            && reported == token.fingerprint()
         {
             state.replaced = Some(token.fingerprint());
             slot.token.publish(None);

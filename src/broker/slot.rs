@@ -254,6 +254,15 @@ impl Slot {
                 }
                 return Landed::Verified(token);
             }
+            // A token newer than the adopted one came in meanwhile (the sync task): keep it.
+            Fetched::Adopted(_)
+                if version.is_some_and(|v| v < state.version)
+                    && let Some(current) =
+                        self.token.servable(now, inner.policy.refresh.expiry_margin) =>
+            {
+                state.failing = None;
+                return Landed::Done(Ok(current));
+            }
             Fetched::Adopted(token) => {
                 info!(
                     fingerprint = %token.fingerprint(),
