@@ -19,6 +19,8 @@ pub(crate) struct Opts {
     pub(crate) flight_accounts: usize,
     /// Section A with the Redis store on (a private redis-server).
     pub(crate) store: bool,
+    /// With `store`: Redis stopped once the broker is ready (measured while it is down).
+    pub(crate) store_down: bool,
     /// Accounts of the warm-restart measurement (section R).
     pub(crate) restart_accounts: usize,
     /// Invalidations of the propagation measurement (section R).
@@ -44,6 +46,7 @@ impl Opts {
             flight_callers: 10_000,
             flight_accounts: 1_000,
             store: false,
+            store_down: false,
             restart_accounts: 10_000,
             propagations: 200,
         };
@@ -60,6 +63,10 @@ impl Opts {
                 "--secs" => opts.secs = value()?.parse()?,
                 "--memory-accounts" => opts.memory_accounts = value()?.parse()?,
                 "--store" => opts.store = true,
+                "--store-down" => {
+                    opts.store = true;
+                    opts.store_down = true;
+                }
                 "--restart-accounts" => opts.restart_accounts = value()?.parse()?,
                 "--propagations" => opts.propagations = value()?.parse()?,
                 other => bail!("unknown argument {other:?}"),

@@ -23,7 +23,7 @@ pub(crate) async fn run(opts: &Opts, md: &mut String) -> anyhow::Result<(f64, f6
     let fake = start_fake(&names).await?;
     // With --store: the same broker, one replica on a private Redis (the hot path must not
     // touch it).
-    let redis = opts.store.then(testkit::RedisServer::start);
+    let mut redis = opts.store.then(testkit::RedisServer::start);
     let mut config = broker_config(&fake, &names);
     if let Some(redis) = &redis {
         config = config.store(store_config(opts, redis)?);
@@ -31,6 +31,12 @@ pub(crate) async fn run(opts: &Opts, md: &mut String) -> anyhow::Result<(f64, f6
     let config = write_config(opts, "throughput", &config)?;
     let broker = BrokerProc::spawn(opts, "throughput", &config)?;
     broker.wait_ready(Duration::from_secs(60)).await?;
+    if opts.store_down
+        && let Some(redis) = &mut redis
+    {
+        // Measured with Redis gone: the replica serves what it holds.
+        redis.stop();
+    }
     let bodies = Bodies::write(opts, &names[0])?;
     let expected = broker.check_unary(&names[0]).await?;
 
@@ -116,7 +122,11 @@ pub(crate) async fn run(opts: &Opts, md: &mut String) -> anyhow::Result<(f64, f6
         md,
         "## A. gRPC throughput and latency (h2load, {} interleaved rounds in ABBA order, median){}\n",
         opts.rounds,
-        if opts.store { ", Redis store on" } else { "" }
+        match (opts.store, opts.store_down) {
+            (true, true) => ", Redis store configured and stopped",
+            (true, false) => ", Redis store on",
+            _ => "",
+        }
     );
     let _ = writeln!(
         md,
