@@ -736,7 +736,7 @@ impl Inner {
 impl Broker {
     /// Keeps this replica in step with the store until the broker shuts down: adopts the
     /// tokens other replicas announce, reconciles after every (re)subscription and every
-    /// [`RECONCILE_INTERVAL`]. Returns at once without a store. Run it as a task of its own.
+    /// 30 s. Returns at once without a store. Run it as a task of its own.
     pub async fn sync_with_store(self) {
         let Some(store) = self.inner.store.clone() else {
             return;

@@ -260,7 +260,7 @@ impl TokenBrokerService for TokenBrokerApi {
     type WatchTokenStream = WatchResponses;
 
     /// A stream is handled when it ends: with its error, with OK when the broker drains, as
-    /// CANCELLED when its caller goes away first (see [`Handling`]); its handling time is its
+    /// CANCELLED when its caller goes away first (see `grpc::metrics::Handling`); its handling time is its
     /// lifetime. A refused watcher is handled at once, with the refusal's code.
     async fn watch_token(
         &self,
