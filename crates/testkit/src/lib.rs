@@ -24,7 +24,7 @@ pub use self::{
     config::{Account, BrokerConfig, Jwks, Kubernetes, RedisStore},
     harness::*,
     redis_server::{RedisServer, RedisTls},
-    upstream::{Answer, InstantUpstream, ScriptedUpstream},
+    upstream::{Answer, CallOutcome, CallRecord, InstantUpstream, ScriptedUpstream},
 };
 
 /// The OAuth2 client id of the harness's accounts.
