@@ -303,7 +303,10 @@ impl Broker {
             return Err(slot.out_of_range());
         }
         // A fetch an invalidation supersedes is abandoned for the one that replaced it; an
-        // invalidation storm cannot keep a caller here longer than a few fetches.
+        // invalidation storm cannot keep a caller here longer than a few fetches. A token that
+        // lands short of the caller's bar (a login someone else started for less, say) gets one
+        // more look: a refresh may extend it, and `acquire` refuses when none can.
+        let mut looked_again = false;
         for _ in 0..4 {
             let token = match self.inner.acquire(slot, needed)? {
                 Acquired::Ready(token) => return Ok(token),
@@ -313,11 +316,13 @@ impl Broker {
                     Landed::Superseded => continue,
                 },
             };
-            return if token.valid_for(Instant::now(), needed) {
-                Ok(token)
-            } else {
-                Err(slot.out_of_range())
-            };
+            if token.valid_for(Instant::now(), needed) {
+                return Ok(token);
+            }
+            if looked_again {
+                return Err(slot.out_of_range());
+            }
+            looked_again = true;
         }
         Err(BrokerError::Unavailable {
             account: slot.account.name.clone(),
