@@ -103,6 +103,8 @@ pub struct CallRecord {
     pub ended: Option<Instant>,
     /// What it answered.
     pub outcome: CallOutcome,
+    /// When the token it issued or extended stops being accepted (as of its answer).
+    pub expires: Option<Instant>,
 }
 
 /// What became of a request to [`ScriptedUpstream`].
@@ -124,6 +126,7 @@ struct InFlight<'a> {
     account: String,
     index: usize,
     outcome: CallOutcome,
+    expires: Option<Instant>,
 }
 
 impl Drop for InFlight<'_> {
@@ -132,6 +135,7 @@ impl Drop for InFlight<'_> {
         let record = &mut lock(&self.upstream.records)[self.index];
         record.ended = Some(Instant::now());
         record.outcome = outcome;
+        record.expires = self.expires;
         if let Some((now, _)) = lock(&self.upstream.in_flight).get_mut(&self.account) {
             *now -= 1;
         }
@@ -207,6 +211,7 @@ impl ScriptedUpstream {
                 started: now,
                 ended: None,
                 outcome: CallOutcome::Pending,
+                expires: None,
             });
             records.len() - 1
         };
@@ -219,6 +224,7 @@ impl ScriptedUpstream {
             account: account.into(),
             index,
             outcome: CallOutcome::Dropped,
+            expires: None,
         }
     }
 
@@ -240,10 +246,12 @@ impl ScriptedUpstream {
                 let access = access.expose_secret().to_owned();
                 let lifetime = lifetime.unwrap_or(DAY);
                 lock(&self.expiries).insert(access.clone(), now + lifetime);
+                guard.expires = Some(now + lifetime);
                 CallOutcome::Issued(access)
             }
             (Ok(Issued::Extended { .. }), Some(access)) => {
                 lock(&self.expiries).insert(access.to_owned(), now + REFRESH_EXTENDS);
+                guard.expires = Some(now + REFRESH_EXTENDS);
                 CallOutcome::Issued(access.to_owned())
             }
             (Ok(Issued::Extended { .. }), None) => CallOutcome::Issued(String::new()),
