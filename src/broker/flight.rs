@@ -20,6 +20,7 @@ use tokio::{
     sync::watch,
     time::{Instant, timeout_at},
 };
+use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
 use super::{BrokerError, Inner, schedule, slot::Slot, slot::SlotState};
@@ -70,6 +71,9 @@ pub(super) struct Flight {
     /// Callers that joined after the first one.
     joined: Arc<AtomicU64>,
     trigger: Trigger,
+    /// Cancelled when an invalidation replaces this fetch: its request is abandoned, so an
+    /// account never has two requests out at once.
+    superseded: CancellationToken,
 }
 
 impl Flight {
@@ -167,8 +171,13 @@ impl Inner {
             result: rx,
             joined: Arc::new(AtomicU64::new(0)),
             trigger,
+            superseded: CancellationToken::new(),
         };
-        state.flight = Some(flight.clone());
+        // Only an invalidation starts a fetch while another runs: that one is abandoned.
+        if let Some(replaced) = state.flight.replace(flight.clone()) {
+            replaced.superseded.cancel();
+        }
+        let superseded = flight.superseded.clone();
         let joined = flight.joined.clone();
         let inner = Arc::clone(self);
         let slot = Arc::clone(slot);
@@ -187,6 +196,11 @@ impl Inner {
                 let outcome = tokio::select! {
                     biased;
                     _ = inner.stop.cancelled() => None,
+                    _ = superseded.cancelled() => {
+                        guard.armed = false;
+                        let _ = tx.send(Some(Landed::Superseded));
+                        return;
+                    }
                     outcome = inner.fetch(&slot, generation, kind, trigger, deadline) => Some(outcome),
                 };
                 guard.armed = false;
