@@ -68,9 +68,14 @@ impl Trigger {
 #[derive(Clone)]
 pub(super) struct Flight {
     result: watch::Receiver<Option<Landed>>,
-    /// Callers that joined after the first one.
-    joined: Arc<AtomicU64>,
+    /// Callers that joined after the first one, and the fetch's cancellation (one allocation:
+    /// a flight lives in every slot's state).
+    shared: Arc<Shared>,
     trigger: Trigger,
+}
+
+struct Shared {
+    joined: AtomicU64,
     /// Cancelled when an invalidation replaces this fetch: its request is abandoned, so an
     /// account never has two requests out at once.
     superseded: CancellationToken,
@@ -83,7 +88,7 @@ impl Flight {
     }
 
     pub(super) fn join(&self) -> Self {
-        self.joined.fetch_add(1, Ordering::Relaxed);
+        self.shared.joined.fetch_add(1, Ordering::Relaxed);
         self.clone()
     }
 
@@ -169,16 +174,17 @@ impl Inner {
         let generation = state.generation;
         let flight = Flight {
             result: rx,
-            joined: Arc::new(AtomicU64::new(0)),
+            shared: Arc::new(Shared {
+                joined: AtomicU64::new(0),
+                superseded: CancellationToken::new(),
+            }),
             trigger,
-            superseded: CancellationToken::new(),
         };
         // Only an invalidation starts a fetch while another runs: that one is abandoned.
         if let Some(replaced) = state.flight.replace(flight.clone()) {
-            replaced.superseded.cancel();
+            replaced.shared.superseded.cancel();
         }
-        let superseded = flight.superseded.clone();
-        let joined = flight.joined.clone();
+        let shared = flight.shared.clone();
         let inner = Arc::clone(self);
         let slot = Arc::clone(slot);
         let span = info_span!("fetch", account = %slot.account.name);
@@ -196,7 +202,7 @@ impl Inner {
                 let outcome = tokio::select! {
                     biased;
                     _ = inner.stop.cancelled() => None,
-                    _ = superseded.cancelled() => {
+                    _ = shared.superseded.cancelled() => {
                         guard.armed = false;
                         let _ = tx.send(Some(Landed::Superseded));
                         return;
@@ -208,7 +214,7 @@ impl Inner {
                     let _ = tx.send(Some(Landed::Done(Err(BrokerError::ShuttingDown))));
                     return;
                 };
-                let joined = joined.load(Ordering::Relaxed);
+                let joined = shared.joined.load(Ordering::Relaxed);
                 let landed = slot.complete(generation, outcome, &inner, joined);
                 let _ = tx.send(Some(landed));
             }
