@@ -242,7 +242,12 @@ impl ScriptedUpstream {
         let now = Instant::now();
         guard.outcome = match (&answer, refreshed) {
             (Err(e), _) => CallOutcome::Failed(e.clone()),
-            (Ok(Issued::Token { access, lifetime, .. }), _) => {
+            (
+                Ok(Issued::Token {
+                    access, lifetime, ..
+                }),
+                _,
+            ) => {
                 let access = access.expose_secret().to_owned();
                 let lifetime = lifetime.unwrap_or(DAY);
                 lock(&self.expiries).insert(access.clone(), now + lifetime);
