@@ -161,26 +161,24 @@ enum Step {
         reply: Reply,
     },
     /// The lifetime of the account's next login tokens.
-    Lifetime {
-        account: usize,
-        secs: u64,
-    },
+    Lifetime { account: usize, secs: u64 },
     /// `callers` callers ask for the account's token at once.
     Get {
         account: usize,
         callers: usize,
         min_validity: Duration,
     },
+    /// An `Invalidate`, and `callers` callers asking for the token in the same instant.
     Invalidate {
         account: usize,
         report: Report,
+        callers: usize,
+        min_validity: Duration,
     },
     /// Time passes.
     Advance(Duration),
     /// A reload changes the account's password.
-    Reload {
-        account: usize,
-    },
+    Reload { account: usize },
 }
 
 fn steps() -> BoxedStrategy<Step> {
@@ -223,17 +221,21 @@ fn steps() -> BoxedStrategy<Step> {
             prop::sample::select(LIFETIMES.to_vec())
         )
             .prop_map(|(account, secs)| Step::Lifetime { account, secs }),
-        4 => (account.clone(), 1..=3usize, min_validity).prop_map(
+        4 => (account.clone(), 1..=3usize, min_validity.clone()).prop_map(
             |(account, callers, min_validity)| Step::Get {
                 account,
                 callers,
                 min_validity
             }
         ),
-        2 => (account.clone(), report).prop_map(|(account, report)| Step::Invalidate {
-            account,
-            report
-        }),
+        2 => (account.clone(), report, 0..=2usize, min_validity).prop_map(
+            |(account, report, callers, min_validity)| Step::Invalidate {
+                account,
+                report,
+                callers,
+                min_validity,
+            }
+        ),
         3 => advance.prop_map(Step::Advance),
         1 => account.prop_map(|account| Step::Reload { account }),
     ]
@@ -424,7 +426,12 @@ impl Sut {
                 callers,
                 min_validity,
             } => self.get(account, callers, min_validity),
-            Step::Invalidate { account, report } => self.invalidate(account, report),
+            Step::Invalidate {
+                account,
+                report,
+                callers,
+                min_validity,
+            } => self.invalidate(account, report, callers, min_validity),
             Step::Reload { account } => {
                 self.observe();
                 let model = &mut self.models[account];
@@ -571,7 +578,15 @@ impl Sut {
         }
     }
 
-    fn invalidate(&mut self, account: usize, report: Report) {
+    /// An `Invalidate`, and `callers` callers asking for the token (`min_validity`) in the
+    /// same instant, just after it: they wait for its login if it starts one.
+    fn invalidate(
+        &mut self,
+        account: usize,
+        report: Report,
+        callers: usize,
+        min_validity: Duration,
+    ) {
         let name = ACCOUNTS[account];
         self.observe();
         let now = self.now();
@@ -639,13 +654,58 @@ impl Sut {
             }
             _ => {}
         }
-        let broker = self.broker.clone();
-        let answer = self.rt.block_on(async move {
-            let answer = broker.invalidate(name, &reported).await;
-            (Instant::now(), answer, reported)
+        let (invalidation, handles) = {
+            let _guard = self.rt.enter();
+            let broker = self.broker.clone();
+            let invalidation = tokio::spawn(async move {
+                let answer = broker.invalidate(name, &reported).await;
+                (Instant::now(), answer, reported)
+            });
+            let handles: Vec<_> = (0..callers)
+                .map(|_| {
+                    let broker = self.broker.clone();
+                    tokio::spawn(async move {
+                        let got = broker.get_token(name, min_validity).await;
+                        (Instant::now(), got)
+                    })
+                })
+                .collect();
+            (invalidation, handles)
+        };
+        let (answer, results) = self.rt.block_on(async move {
+            let answer = invalidation.await.expect("invalidation panicked");
+            let mut results = Vec::new();
+            for h in handles {
+                results.push(h.await.expect("caller panicked"));
+            }
+            (answer, results)
         });
         let (at, answer, reported) = answer;
         self.observe();
+        // The callers waited for the invalidation's login (forced or joined): they get its
+        // error, or its token when that meets their bar.
+        let needed = MARGIN + min_validity;
+        for (at, got) in results {
+            if let Ok(token) = &got {
+                self.check_served(account, token, at, needed);
+            }
+            // (A bar no new token can meet is refused before any wait.)
+            if matches!(expect, Expect::Forced | Expect::Join) && needed < REFRESHED_LIFETIME {
+                match (&answer, &got) {
+                    (Err(e), got) => assert_eq!(
+                        got.as_ref().map(|t| t.expose_access()),
+                        Err(e),
+                        "a caller waiting for the invalidation's failed login got another answer"
+                    ),
+                    (Ok(answer), got) if answer.token.valid_for(at, needed) => assert_eq!(
+                        got.as_ref().map(|t| t.expose_access()).ok(),
+                        Some(answer.token.expose_access()),
+                        "a caller waiting for the invalidation's login got another answer"
+                    ),
+                    _ => {}
+                }
+            }
+        }
         match (&expect, answer) {
             (Expect::Rejected, Err(BrokerError::CredentialsRejected { .. })) => {}
             (Expect::Rejected, other) => {
@@ -1013,6 +1073,8 @@ fn an_invalidation_abandons_the_hanging_refresh_it_replaces() {
         Step::Invalidate {
             account: 0,
             report: Report::Current,
+            callers: 0,
+            min_validity: Duration::ZERO,
         },
         Step::Advance(S(40)),
     ]);
