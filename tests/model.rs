@@ -738,6 +738,31 @@ impl Sut {
         }
     }
 
+    /// Once the upstream answers normally again, every account serves a token within the
+    /// longest backoff (the rejected-credentials one: 8 × 30 s).
+    fn recovers(&mut self) {
+        self.bace.clear_script();
+        for name in ACCOUNTS {
+            self.bace.set_login_lifetime(name, S(86_400));
+        }
+        self.apply(&Step::Advance(REJECTED_BACKOFF * 8 + S(1)));
+        for account in 0..ACCOUNTS.len() {
+            self.get(account, 2, Duration::ZERO);
+            let served = self.models[account].served.last().cloned();
+            let broker = self.broker.clone();
+            let name = ACCOUNTS[account];
+            let got = self
+                .rt
+                .block_on(async move { broker.get_token(name, Duration::ZERO).await })
+                .map(|t| t.expose_access().to_owned());
+            assert_eq!(
+                got.ok(),
+                served,
+                "{name} serves no token once the upstream is back"
+            );
+        }
+    }
+
     /// Whether a request of `account`'s current slot is in flight.
     fn pending(&self, account: usize) -> bool {
         let password = password(ACCOUNTS[account], self.models[account].version);
@@ -943,8 +968,9 @@ impl StateMachineTest for BrokerMachine {
         sut
     }
 
-    fn teardown(sut: Sut, _: Start) {
+    fn teardown(mut sut: Sut, _: Start) {
         stats::case_done();
+        sut.recovers();
         let broker = sut.broker.clone();
         sut.rt.block_on(async move { broker.shutdown().await });
     }

@@ -155,6 +155,11 @@ impl ScriptedUpstream {
             .extend(answers);
     }
 
+    /// Forgets every scripted answer not used yet.
+    pub fn clear_script(&self) {
+        lock(&self.script).clear();
+    }
+
     /// While `Some`, every request answers so (scripts wait).
     pub fn outage(&self, answer: Option<Answer>) {
         *lock(&self.outage) = answer;
