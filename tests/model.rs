@@ -992,7 +992,7 @@ prop_state_machine! {
     #![proptest_config(proptest_config())]
 
     #[test]
-    fn the_broker_follows_the_model(sequential 1..60 => BrokerMachine);
+    fn the_broker_follows_the_model(sequential 1..100 => BrokerMachine);
 }
 
 /// Runs `steps` after a warm-up with 24 h login tokens, as a shrunk failure is replayed.
