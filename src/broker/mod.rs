@@ -303,29 +303,26 @@ impl Broker {
             return Err(slot.out_of_range());
         }
         // A fetch an invalidation supersedes is abandoned for the one that replaced it; an
-        // invalidation storm cannot keep a caller here longer than a few fetches. So is a token
-        // that lands short of the caller's bar (a login someone else started for less, say):
-        // `acquire` decides again whether a refresh may extend it or none can help.
-        let mut short = false;
+        // invalidation storm cannot keep a caller here longer than a few fetches. A token that
+        // lands short of the caller's bar (a login someone else started for less, say) gets one
+        // more look: a refresh may extend it, and `acquire` refuses when none can.
+        let mut looked_again = false;
         for _ in 0..4 {
             let token = match self.inner.acquire(slot, needed)? {
                 Acquired::Ready(token) => return Ok(token),
                 Acquired::Wait(flight) => match flight.wait().await {
                     Landed::Done(result) => result?,
                     Landed::Verified(token) => token,
-                    Landed::Superseded => {
-                        short = false;
-                        continue;
-                    }
+                    Landed::Superseded => continue,
                 },
             };
             if token.valid_for(Instant::now(), needed) {
                 return Ok(token);
             }
-            short = true;
-        }
-        if short {
-            return Err(slot.out_of_range());
+            if looked_again {
+                return Err(slot.out_of_range());
+            }
+            looked_again = true;
         }
         Err(BrokerError::Unavailable {
             account: slot.account.name.clone(),
