@@ -847,7 +847,7 @@ impl Sut {
                 // slot's.
                 let superseded = record.outcome == CallOutcome::Dropped
                     && model.forced.contains(&ended)
-                    && !(record.grant == Grant::Password && model.forced.contains(&record.started));
+                    && next.is_some_and(|r| r.grant == Grant::Password && r.started == ended);
                 match &record.outcome {
                     CallOutcome::Pending => unreachable!(),
                     _ if superseded => stats::count("request superseded"),
