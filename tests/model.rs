@@ -265,7 +265,7 @@ mod stats {
 
     pub(super) fn case_done() {
         let cases = CASES.fetch_add(1, Ordering::Relaxed) + 1;
-        if std::env::var_os("MODEL_STATS").is_some() && cases % 500 == 0 {
+        if std::env::var_os("MODEL_STATS").is_some() && cases.is_multiple_of(500) {
             let mut counts = COUNTS.lock().unwrap_or_else(|e| e.into_inner()).clone();
             counts.sort();
             eprintln!("after {cases} cases: {counts:?}");
@@ -544,10 +544,10 @@ impl Sut {
                 log(&asked, self.t0)
             );
         }
-        if let Got::Token(access) = &answers[0] {
-            if let Some((current, _)) = &self.models[account].current {
-                assert_eq!(access, current, "served a token the model does not expect");
-            }
+        if let Got::Token(access) = &answers[0]
+            && let Some((current, _)) = &self.models[account].current
+        {
+            assert_eq!(access, current, "served a token the model does not expect");
         }
     }
 
@@ -747,11 +747,10 @@ impl Sut {
             self.bace.set_login_lifetime(name, S(86_400));
         }
         self.apply(&Step::Advance(REJECTED_BACKOFF * 8 + S(1)));
-        for account in 0..ACCOUNTS.len() {
+        for (account, name) in ACCOUNTS.into_iter().enumerate() {
             self.get(account, 2, Duration::ZERO);
             let served = self.models[account].served.last().cloned();
             let broker = self.broker.clone();
-            let name = ACCOUNTS[account];
             let got = self
                 .rt
                 .block_on(async move { broker.get_token(name, Duration::ZERO).await })
