@@ -602,6 +602,47 @@ async fn new_credentials_log_in_again_rather_than_adopt_the_old_token() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_invalidation_replacing_a_hanging_refresh_does_not_wait_for_its_lease() {
+    let mut c = Cluster::new(&["acme"]).await;
+    // A lease far longer than the hang guard: were the abandoned refresh's lease kept until
+    // it expired, the forced login would wait for it, and the test would hang.
+    let keys = c.dir.path().join("keys");
+    c.config = c
+        .config
+        .clone()
+        .upstream_timeout(Duration::from_secs(100))
+        .store(
+            RedisStore::new(c.redis.url(), keys)
+                .timeout(Duration::from_millis(500))
+                .lease(Duration::from_secs(300)),
+        );
+    c.start(1).await;
+    let old = c.converged("acme").await;
+    c.fake.script(
+        &user("acme"),
+        Grant::Refresh,
+        [testkit::fake_bace::Step::Hang],
+    );
+    // A caller that needs more than the login token has left starts a refresh: it hangs.
+    let mut client = c.replicas[0].client().await;
+    let caller = tokio::spawn(async move {
+        testkit::get_min(&mut client, "acme", Some(Duration::from_secs(86_500))).await
+    });
+    guard(c.fake.wait_for_calls(&user("acme"), Grant::Refresh, 1)).await;
+    let answer = tokio::time::timeout(
+        testkit::HANG_GUARD,
+        invalidate(&c.replicas[0], "acme", &old),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("Invalidate hangs\n{}", c.logs()));
+    assert_eq!(answer.outcome, proto::InvalidateOutcome::Invalidated as i32);
+    let new = answer.token.unwrap().access_token;
+    assert_ne!(new, old);
+    assert_eq!(guard(caller).await.unwrap().unwrap().access_token, new);
+    assert_eq!(c.logins("acme"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_secret_is_readable_in_redis() {
     let mut c = Cluster::new(&["acme", "globex"]).await;
     c.start(2).await;

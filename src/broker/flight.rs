@@ -20,9 +20,15 @@ use tokio::{
     sync::watch,
     time::{Instant, timeout_at},
 };
+use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
-use super::{BrokerError, Inner, schedule, shared::SharedFetch, slot::Slot, slot::SlotState};
+use super::{
+    BrokerError, Inner, schedule,
+    shared::{FlightPlan, SharedFetch},
+    slot::Slot,
+    slot::SlotState,
+};
 use crate::{
     config::AccountConfig,
     token::{Fingerprint, Token},
@@ -67,9 +73,17 @@ impl Trigger {
 #[derive(Clone)]
 pub(super) struct Flight {
     result: watch::Receiver<Option<Landed>>,
-    /// Callers that joined after the first one.
-    joined: Arc<AtomicU64>,
+    /// Callers that joined after the first one, and the fetch's cancellation (one allocation:
+    /// a flight lives in every slot's state).
+    shared: Arc<Shared>,
     trigger: Trigger,
+}
+
+struct Shared {
+    joined: AtomicU64,
+    /// Cancelled when an invalidation replaces this fetch: its request is abandoned, so an
+    /// account never has two requests out at once.
+    superseded: CancellationToken,
 }
 
 impl Flight {
@@ -79,7 +93,7 @@ impl Flight {
     }
 
     pub(super) fn join(&self) -> Self {
-        self.joined.fetch_add(1, Ordering::Relaxed);
+        self.shared.joined.fetch_add(1, Ordering::Relaxed);
         self.clone()
     }
 
@@ -194,11 +208,17 @@ impl Inner {
         let generation = state.generation;
         let flight = Flight {
             result: rx,
-            joined: Arc::new(AtomicU64::new(0)),
+            shared: Arc::new(Shared {
+                joined: AtomicU64::new(0),
+                superseded: CancellationToken::new(),
+            }),
             trigger,
         };
-        state.flight = Some(flight.clone());
-        let joined = flight.joined.clone();
+        // Only an invalidation starts a fetch while another runs: that one is abandoned.
+        if let Some(replaced) = state.flight.replace(flight.clone()) {
+            replaced.shared.superseded.cancel();
+        }
+        let shared = flight.shared.clone();
         let inner = Arc::clone(self);
         let slot = Arc::clone(slot);
         let span = info_span!("fetch", account = %slot.account.name);
@@ -216,9 +236,14 @@ impl Inner {
                 let fetch = async {
                     match &inner.store {
                         Some(store) => {
-                            inner
-                                .fetch_shared(store, &slot, generation, kind, trigger, deadline)
-                                .await
+                            let plan = FlightPlan {
+                                generation,
+                                kind,
+                                trigger,
+                                deadline,
+                                superseded: &shared.superseded,
+                            };
+                            inner.fetch_shared(store, &slot, plan).await
                         }
                         None => SharedFetch {
                             fetched: inner
@@ -233,6 +258,13 @@ impl Inner {
                 let outcome = tokio::select! {
                     biased;
                     _ = inner.stop.cancelled() => None,
+                    // With a store, the shared fetch ends itself (and releases the lease it
+                    // may hold: dropped, the lease would hold the new flight back).
+                    _ = shared.superseded.cancelled(), if inner.store.is_none() => {
+                        guard.armed = false;
+                        let _ = tx.send(Some(Landed::Superseded));
+                        return;
+                    }
                     outcome = fetch => Some(outcome),
                 };
                 guard.armed = false;
@@ -240,7 +272,7 @@ impl Inner {
                     let _ = tx.send(Some(Landed::Done(Err(BrokerError::ShuttingDown))));
                     return;
                 };
-                let joined = joined.load(Ordering::Relaxed);
+                let joined = shared.joined.load(Ordering::Relaxed);
                 let landed =
                     slot.complete(generation, outcome.fetched, outcome.version, &inner, joined);
                 let _ = tx.send(Some(landed.clone()));

@@ -329,20 +329,29 @@ impl Broker {
         }
         // A fetch an invalidation supersedes is abandoned for the one that replaced it; an
         // invalidation storm cannot keep a caller here longer than a few fetches.
+        let mut looked_again = false;
         for _ in 0..4 {
-            let token = match self.inner.acquire(slot, needed)? {
+            let (flight, joined) = match self.inner.acquire(slot, needed)? {
                 Acquired::Ready(token) => return Ok(token),
-                Acquired::Wait(flight) => match flight.wait().await {
-                    Landed::Done(result) => result?,
-                    Landed::Verified(token) => token,
-                    Landed::Superseded => continue,
-                },
+                Acquired::Joined(flight) => (flight, true),
+                Acquired::Started(flight) => (flight, false),
             };
-            return if token.valid_for(Instant::now(), needed) {
-                Ok(token)
-            } else {
-                Err(slot.out_of_range())
+            let token = match flight.wait().await {
+                Landed::Done(result) => result?,
+                Landed::Verified(token) => token,
+                Landed::Superseded => continue,
             };
+            if token.valid_for(Instant::now(), needed) {
+                return Ok(token);
+            }
+            // A fetch this caller started landed what BACE gives now: out of range (asking
+            // again may refresh the fresh token). One started for someone else's need (a
+            // login, a lower bar) says nothing about this caller's: it looks once more, and
+            // `acquire` starts the refresh or refuses when none can help.
+            if !joined || looked_again {
+                return Err(slot.out_of_range());
+            }
+            looked_again = true;
         }
         Err(BrokerError::Unavailable {
             account: slot.account.name.clone(),
@@ -492,8 +501,10 @@ impl Broker {
 enum Acquired {
     /// The cached token is good enough.
     Ready(Arc<Token>),
-    /// Wait for this fetch.
-    Wait(Flight),
+    /// Wait for this fetch, started by someone else.
+    Joined(Flight),
+    /// Wait for this fetch, started for this caller.
+    Started(Flight),
 }
 
 // === impl Inner ===
@@ -528,7 +539,7 @@ impl Inner {
             return Ok(Acquired::Ready(token.clone()));
         }
         if let Some(flight) = &state.flight {
-            return Ok(Acquired::Wait(self.join(slot, flight)));
+            return Ok(Acquired::Joined(self.join(slot, flight)));
         }
         if let Some(error) = state.backing_off(now) {
             return Err(error);
@@ -544,7 +555,7 @@ impl Inner {
                 return Err(slot.out_of_range());
             }
         }
-        Ok(Acquired::Wait(self.start_flight(
+        Ok(Acquired::Started(self.start_flight(
             slot,
             &mut state,
             kind,

@@ -28,6 +28,7 @@ use tokio::{
     sync::broadcast,
     time::{Duration, Instant, sleep, timeout_at},
 };
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{
@@ -53,6 +54,18 @@ pub(super) const RECONCILE_RETRY: Duration = Duration::from_secs(2);
 /// How often a replica waiting for another's fetch reads the record (announcements usually
 /// wake it first).
 pub(super) const HOLDER_POLL: Duration = Duration::from_millis(500);
+
+/// What a flight asks of [`Inner::fetch_shared`].
+pub(super) struct FlightPlan<'a> {
+    /// The flight's generation (see `SlotState::generation`).
+    pub(super) generation: u32,
+    pub(super) kind: FetchKind,
+    pub(super) trigger: Trigger,
+    /// The budget of its upstream requests.
+    pub(super) deadline: Instant,
+    /// Cancelled when an invalidation replaces the flight.
+    pub(super) superseded: &'a CancellationToken,
+}
 
 /// What a shared fetch hands back to its flight besides the fetch itself.
 pub(super) struct SharedFetch {
@@ -96,11 +109,15 @@ impl Inner {
         &self,
         store: &Store,
         slot: &Arc<Slot>,
-        generation: u32,
-        mut kind: FetchKind,
-        trigger: Trigger,
-        deadline: Instant,
+        flight: FlightPlan<'_>,
     ) -> SharedFetch {
+        let FlightPlan {
+            generation,
+            mut kind,
+            trigger,
+            deadline,
+            superseded,
+        } = flight;
         let name = &slot.account.name;
         // However long other holders take (a fetch, and a login after it), a waiting caller
         // hears back within this.
@@ -132,10 +149,12 @@ impl Inner {
                 Ok(Acquired::Held { expires_in }) => {
                     waited = true;
                     let ends = Instant::now() + expires_in.unwrap_or(HOLDER_POLL);
-                    if let Some((token, version)) = self
-                        .await_holder(store, slot, known, ends.min(give_up), &mut adopted)
-                        .await
-                    {
+                    let waited_for = tokio::select! {
+                        found = self.await_holder(store, slot, known, ends.min(give_up), &mut adopted) => found,
+                        // The loop's first check ends the flight.
+                        () = superseded.cancelled() => continue,
+                    };
+                    if let Some((token, version)) = waited_for {
                         return SharedFetch::local(Fetched::Adopted(token), Some(version));
                     }
                     if Instant::now() >= give_up {
@@ -246,7 +265,11 @@ impl Inner {
             let deadline = fresh_deadline(waited, deadline, self.policy.upstream_timeout);
             let (fetched, version) = store
                 .hold(&mut lease, async {
-                    let fetched = self.fetch(slot, generation, kind, trigger, deadline).await;
+                    let fetched = tokio::select! {
+                        fetched = self.fetch(slot, generation, kind, trigger, deadline) => fetched,
+                        // Abandoned for the invalidation's fetch (checked below).
+                        () = superseded.cancelled() => Fetched::failed(UpstreamError::Timeout),
+                    };
                     if slot.lock().generation != generation || slot.is_retired() {
                         // An invalidation superseded this fetch: its token is not written
                         // (it may be the reported one, extended by a refresh). Or a reload

@@ -27,7 +27,7 @@ pub use self::{
     harness::*,
     redis_server::{RedisServer, RedisTls},
     replica::{REPLICA_READY_WITHIN, Replica, free_port},
-    upstream::{Answer, InstantUpstream, ScriptedUpstream},
+    upstream::{Answer, CallOutcome, CallRecord, InstantUpstream, ScriptedUpstream},
 };
 
 /// The OAuth2 client id of the harness's accounts.
