@@ -42,7 +42,7 @@ pub(crate) const POLICY: Policy = Policy {
 pub(crate) struct SoakAccount {
     pub(crate) name: String,
     /// Token lifetime at the fake, for a login and for a refresh alike (so the fake's expiry of
-    /// a token only ever moves later, which lets the checker cache it as a lower bound).
+    /// a token moves later, but for rounding to the second, which lets the checker cache it).
     pub(crate) lifetime_secs: u64,
     /// `bace` (the same token extended) or `oauth2-rotate` (a new token per refresh).
     pub(crate) refresh_style: &'static str,

@@ -38,8 +38,9 @@ pub(crate) struct Tally {
     /// Tokens that, by the fake's expiry, did not stay valid for the caller's `min_validity`
     /// from when the call was sent.
     pub(crate) short_truth: Vec<String>,
-    /// Largest amount by which the broker's `expires_at` was later than the fake's expiry.
-    pub(crate) max_overstatement: Duration,
+    /// Largest amount by which the broker's `expires_at` was later than the fake's expiry (at
+    /// the lookup, which can follow a refresh that moved the expiry up to 1 s earlier).
+    pub(crate) max_overstatement: Option<(Duration, String)>,
     /// Smallest time a served token had left by the fake's clock when it arrived.
     pub(crate) min_left: Option<(Duration, String)>,
     /// Lookups at the fake (the rest were answered from the expiry cache).
@@ -55,8 +56,11 @@ pub(crate) struct Load {
     /// The accounts configured now (the reloader changes it).
     pub(crate) active: Arc<RwLock<Vec<SoakAccount>>>,
     pub(crate) tally: Arc<Mutex<Tally>>,
-    /// Last known fake expiry of each token: a lower bound, since the soak's accounts have one
-    /// lifetime for logins and refreshes, so a token's expiry at the fake only moves later.
+    /// Last known fake expiry of each token. Nearly a lower bound: the soak's accounts have one
+    /// lifetime for logins and refreshes, so a token's expiry at the fake moves later, except
+    /// that a BACE-style refresh within a second of the login can move it up to 1 s earlier
+    /// (the fake rounds `expires` down to the second). The cache answers only for tokens with
+    /// more than the expiry margin (3 s) left, so that second cannot hide an expired token.
     expiries: Arc<Mutex<HashMap<String, SystemTime>>>,
     /// The last token served per account (what Invalidate reports).
     last: Arc<Mutex<HashMap<String, String>>>,
@@ -311,8 +315,10 @@ impl Load {
                 .push(what("by the fake's expiry, shorter than min_validity"));
         }
         // Only against a fresh lookup: a cached expiry may predate a refresh the broker knows.
-        if let (true, Ok(over)) = (fresh, claimed.duration_since(truth)) {
-            tally.max_overstatement = tally.max_overstatement.max(over);
+        if let (true, Ok(over)) = (fresh, claimed.duration_since(truth))
+            && tally.max_overstatement.as_ref().is_none_or(|m| over > m.0)
+        {
+            tally.max_overstatement = Some((over, what("largest overstatement")));
         }
     }
 }

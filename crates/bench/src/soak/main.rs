@@ -21,7 +21,7 @@
 //! What it asserts (exit status 1 and the failed checks listed when one fails):
 //!
 //! - **No expired token served**: each token a caller receives (GetToken, Invalidate,
-//!   WatchToken) is looked up at the fake (`/_fake/tokens/{t}`, cached as a lower bound): it
+//!   WatchToken) is looked up at the fake (`/_fake/tokens/{t}`, cached while far from expiry): it
 //!   must be one the fake issued and not yet expired when it arrived. Also, by the fake's
 //!   expiry and by the broker's own `expires_at`, it must stay valid for the caller's
 //!   `min_validity` from when the call was sent (the broker adds its expiry margin on top).
@@ -171,6 +171,15 @@ async fn run(opts: &Opts) -> anyhow::Result<bool> {
             rss_kb,
             fds,
         });
+        // A line a minute, so a long run shows it is alive.
+        if samples.len().is_multiple_of(30) {
+            let checked = load.tally.lock().map_or(0, |t| t.checked);
+            println!(
+                "soak: {:.0} min: {:.1} MiB resident, {fds} descriptors, {checked} tokens checked",
+                chaos_start.elapsed().as_secs_f64() / 60.0,
+                rss_kb as f64 / 1024.0
+            );
+        }
         if next_reload < fleet.additions.len()
             && chaos_start.elapsed() >= Opts::reload_at(next_reload)
         {

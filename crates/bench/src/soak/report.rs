@@ -212,9 +212,14 @@ impl Report<'_> {
         row(
             "Tokens short of min_validity (by the fake's expiry)",
             format!(
-                "{}; broker's expires_at later than the fake's by at most {} ms",
+                "{}; broker's expires_at later than the fake's by at most {}",
                 t.short_truth.len(),
-                t.max_overstatement.as_millis()
+                t.max_overstatement
+                    .as_ref()
+                    .map_or("0 ms".into(), |(d, what)| format!(
+                        "{} ms ({what})",
+                        d.as_millis()
+                    ))
             ),
             "0".into(),
             t.short_truth.is_empty(),
