@@ -39,6 +39,15 @@
 //! - `GET /_fake/calls`: `200 {"total": N, "password": {USERNAME: N, ...}, "refresh_token":
 //!   {USERNAME: N, ...}}`, the counts of [`FakeBace::total_calls`] and [`FakeBace::calls`] (keyed
 //!   by `grant_type`; a refresh counts under the owner of its Bearer token, `""` when unknown).
+//! - `GET /_fake/chaos`: `200 {"enabled": BOOL, "config": CHAOS or null, "faults": {NAME: N}}`;
+//!   `POST /_fake/chaos` with a [`Chaos`] as JSON turns chaos mode on (`204`, or `400` for a bad
+//!   config); `DELETE /_fake/chaos` turns it off (`204`). The tokens answer also carries
+//!   `expires_at_ms` (milliseconds since the epoch).
+//!
+//! **Chaos mode** ([`Chaos`], [`FakeBace::set_chaos`]): each token request may draw one random
+//! fault from a seeded RNG (5xx, 429 with `Retry-After`, a latency spike, a hang, a connection
+//! dropped mid-answer, a malformed answer), and outages (every request 503) come on a schedule.
+//! Off by default; applied after scripted steps.
 //!
 //! Processing order of one token request: it is counted and recorded on arrival, then waits at the
 //! gate (if held), then the outage step (if any) or else the next scripted step for its
@@ -58,7 +67,7 @@
 //!
 //! ```text
 //! fake-bace [--listen ADDR] [--account USERNAME:PASSWORD:CLIENT_ID:CLIENT_SECRET]...
-//!           [--accounts FILE] [--expires-timezone TZ] [--ignore-stdin]
+//!           [--accounts FILE] [--expires-timezone TZ] [--chaos JSON] [--ignore-stdin]
 //! ```
 //!
 //! - `--listen`: address to bind, default `127.0.0.1:0` (a free loopback port).
@@ -72,6 +81,7 @@
 //!   are an error. Accounts from both options are added; a later username replaces an earlier one.
 //! - `--expires-timezone`: time zone of `expires` in BACE-style refresh answers (default
 //!   `Europe/Amsterdam`).
+//! - `--chaos JSON`: chaos mode from the start, with the settings of [`Chaos::from_json`].
 //!
 //! Once listening it prints one JSON line on stdout, `{"base_url": "http://127.0.0.1:PORT",
 //! "token_url": "http://127.0.0.1:PORT/oauth2/token", "api_url":
@@ -82,6 +92,8 @@
 //! use) go to stderr with exit status 2 (usage) or 1. Scripting ([`Step`]), outages and the gate
 //! are not reachable from the command line; the introspection endpoints above are.
 #![forbid(unsafe_code)]
+
+mod chaos;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
@@ -101,6 +113,9 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 pub use bace_wire::Grant;
+pub use chaos::Chaos;
+
+use chaos::{ChaosState, Fault, FaultCounts};
 
 /// Size of the body sent for [`Step::Oversized`]: 8 MiB.
 const OVERSIZED_LEN: usize = 8 * 1024 * 1024;
@@ -244,6 +259,9 @@ struct Inner {
     held: watch::Sender<bool>,
     /// Becomes `true` once on [`FakeBace::shutdown`].
     shutdown: watch::Sender<bool>,
+    /// Chaos mode, when on, and the faults it injected so far. Its own lock, never held with
+    /// `state`'s (and, like it, never across an `.await`).
+    chaos: Mutex<(Option<ChaosState>, FaultCounts)>,
 }
 
 #[derive(Default)]
@@ -369,6 +387,7 @@ impl FakeBace {
             calls: watch::Sender::new(CallCounts::default()),
             held: watch::Sender::new(false),
             shutdown: watch::Sender::new(false),
+            chaos: Mutex::new((None, FaultCounts::new())),
         });
 
         let app = Router::new()
@@ -381,6 +400,12 @@ impl FakeBace {
             .route("/_fake/tokens/{access_token}", get(fake_token_info))
             .route("/_fake/revoke/{access_token}", post(fake_revoke))
             .route("/_fake/calls", get(fake_calls))
+            .route(
+                "/_fake/chaos",
+                get(fake_chaos_get)
+                    .post(fake_chaos_post)
+                    .delete(fake_chaos_delete),
+            )
             .fallback(not_found)
             .with_state(inner.clone());
 
@@ -452,6 +477,23 @@ impl FakeBace {
     /// of scripts and normal processing. Requests are still counted and recorded.
     pub fn set_outage(&self, step: Option<Step>) {
         self.inner.lock().outage = step;
+    }
+
+    /// Turns chaos mode on with `chaos` (a fresh RNG from its seed; its outage schedule starts
+    /// now), or off with `None`. See [`Chaos`].
+    pub fn set_chaos(&self, chaos: Option<Chaos>) {
+        self.inner.lock_chaos().0 = chaos.map(ChaosState::new);
+    }
+
+    /// The faults chaos mode injected so far, by name (`server_error`, `too_many_requests`,
+    /// `latency`, `hang`, `reset`, `malformed`, `outage`).
+    pub fn chaos_faults(&self) -> BTreeMap<String, u64> {
+        self.inner
+            .lock_chaos()
+            .1
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), *v))
+            .collect()
     }
 
     /// Closes the gate: from now on each token request is counted, then waits until
@@ -563,6 +605,49 @@ impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves plain data behind; keep serving.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lock_chaos(&self) -> MutexGuard<'_, (Option<ChaosState>, FaultCounts)> {
+        self.chaos.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The chaos fault for this request, if chaos is on and draws one (counted).
+    fn chaos_fault(&self) -> Option<Fault> {
+        let mut chaos = self.lock_chaos();
+        let fault = chaos.0.as_mut()?.draw()?;
+        *chaos.1.entry(fault.name()).or_default() += 1;
+        Some(fault)
+    }
+
+    /// Applies a chaos fault; `None` means "go on with normal processing".
+    async fn apply_fault(&self, fault: Fault) -> Option<Response> {
+        match fault {
+            Fault::ServerError(status) => {
+                Some(yii_error(status_code(status), "chaos: server error"))
+            }
+            Fault::TooManyRequests(secs) => {
+                let mut response = yii_error(StatusCode::TOO_MANY_REQUESTS, "Rate limit exceeded.");
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+                Some(response)
+            }
+            Fault::Latency(delay) => self.apply_step(Step::Delay(delay)).await,
+            Fault::Hang => self.apply_step(Step::Hang).await,
+            Fault::Reset => Some(broken_answer()),
+            Fault::Malformed(i) => {
+                let (status, content_type, body) = Fault::malformed(i);
+                Some(
+                    (
+                        status_code(status),
+                        [(header::CONTENT_TYPE, content_type)],
+                        body,
+                    )
+                        .into_response(),
+                )
+            }
+            Fault::Outage => Some(yii_error(StatusCode::SERVICE_UNAVAILABLE, "chaos: outage")),
+        }
     }
 
     fn token_is_valid(&self, access_token: &str) -> bool {
@@ -836,6 +921,11 @@ async fn token_endpoint(
     {
         return response;
     }
+    if let Some(fault) = inner.chaos_fault()
+        && let Some(response) = inner.apply_fault(fault).await
+    {
+        return response;
+    }
 
     if !is_form {
         return oauth2_error(
@@ -927,6 +1017,7 @@ async fn fake_token_info(
             "valid": t.is_valid_at(now),
             "revoked": t.revoked,
             "expires_at": t.expires_at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            "expires_at_ms": t.expires_at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
         })
     });
     match info {
@@ -954,6 +1045,39 @@ async fn fake_calls(AxumState(inner): AxumState<Arc<Inner>>) -> Response {
         Value::Object(body)
     };
     json_response(StatusCode::OK, &body)
+}
+
+/// `GET /_fake/chaos`: `{"enabled": bool, "config": CHAOS or null, "faults": {NAME: N}}`.
+async fn fake_chaos_get(AxumState(inner): AxumState<Arc<Inner>>) -> Response {
+    let body = {
+        let chaos = inner.lock_chaos();
+        json!({
+            "enabled": chaos.0.is_some(),
+            "config": chaos.0.as_ref().map(|c| c.config().to_json()),
+            "faults": chaos.1,
+        })
+    };
+    json_response(StatusCode::OK, &body)
+}
+
+/// `POST /_fake/chaos` with a [`Chaos`] as JSON: chaos on (`204`), or `400` for a bad config.
+async fn fake_chaos_post(AxumState(inner): AxumState<Arc<Inner>>, body: Bytes) -> Response {
+    let parsed = serde_json::from_slice::<Value>(&body)
+        .map_err(|e| format!("chaos: {e}"))
+        .and_then(|v| Chaos::from_json(&v));
+    match parsed {
+        Ok(chaos) => {
+            inner.lock_chaos().0 = Some(ChaosState::new(chaos));
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(message) => oauth2_error(StatusCode::BAD_REQUEST, "invalid_request", &message),
+    }
+}
+
+/// `DELETE /_fake/chaos`: chaos off (`204`); the fault counts stay.
+async fn fake_chaos_delete(AxumState(inner): AxumState<Arc<Inner>>) -> Response {
+    inner.lock_chaos().0 = None;
+    StatusCode::NO_CONTENT.into_response()
 }
 
 /// The introspection endpoints' answer for a token the fake did not issue.
@@ -1042,6 +1166,31 @@ fn oversized_body() -> String {
     body.push_str(prefix);
     body.push_str(&"a".repeat(OVERSIZED_LEN - prefix.len()));
     body
+}
+
+/// A 200 whose body fails at once: hyper closes the connection without a complete answer (the
+/// client sees an incomplete message or a body error).
+fn broken_answer() -> Response {
+    struct Broken;
+    impl http_body::Body for Broken {
+        type Data = Bytes;
+        type Error = std::io::Error;
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+            std::task::Poll::Ready(Some(Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "chaos: connection dropped",
+            ))))
+        }
+    }
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        axum::body::Body::new(Broken),
+    )
+        .into_response()
 }
 
 fn status_code(status: u16) -> StatusCode {
@@ -1505,6 +1654,108 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn chaos_mode_injects_faults_over_http_and_turns_off() {
+        let fake = start_with(account()).await;
+        let chaos_url = format!("{}/_fake/chaos", fake.base_url());
+        // Every request a 429: the answer carries Retry-After.
+        let (status, _) = send(
+            client()
+                .post(&chaos_url)
+                .body(json!({"seed": 3, "too_many_requests": 1.0}).to_string()),
+        )
+        .await;
+        assert_eq!(status, 204);
+        let req = client().post(fake.token_url()).form(&[
+            ("client_id", CID),
+            ("client_secret", CSECRET),
+            ("grant_type", "password"),
+            ("username", USER),
+            ("password", PASS),
+        ]);
+        let resp = req.send().await.expect("sent");
+        assert_eq!(resp.status().as_u16(), 429);
+        let retry_after: u64 = resp.headers()[header::RETRY_AFTER]
+            .to_str()
+            .expect("ascii")
+            .parse()
+            .expect("seconds");
+        assert!((1..=5).contains(&retry_after));
+
+        // Every connection dropped mid-answer: the client gets no complete answer.
+        fake.set_chaos(Some(Chaos {
+            reset: 1.0,
+            ..Chaos::default()
+        }));
+        let answer = client()
+            .post(fake.token_url())
+            .form(&[("grant_type", "password")])
+            .send()
+            .await;
+        let failed = match answer {
+            Err(_) => true,
+            Ok(resp) => resp.bytes().await.is_err(),
+        };
+        assert!(failed, "a dropped connection must fail the request");
+
+        // Malformed answers are not token answers.
+        fake.set_chaos(Some(Chaos {
+            malformed: 1.0,
+            ..Chaos::default()
+        }));
+        for _ in 0..5 {
+            let (_, body) = login_as_raw(&fake).await;
+            assert!(
+                serde_json::from_str::<Value>(&body)
+                    .ok()
+                    .and_then(|v| v["access_token"].as_str().map(str::to_owned))
+                    .is_none(),
+                "{body}"
+            );
+        }
+
+        // An outage from the start answers 503 to everyone; the API is never faulted.
+        fake.set_chaos(Some(Chaos {
+            outage_for: Duration::from_secs(60),
+            ..Chaos::default()
+        }));
+        assert_eq!(login_as(&fake, USER, PASS).await.0, 503);
+        let (status, _) = send(client().get(fake.api_url())).await;
+        assert_eq!(status, 401, "the API answers as usual");
+
+        let (status, body) = send(client().get(&chaos_url)).await;
+        let body = parse(&body);
+        assert_eq!(status, 200);
+        assert_eq!(body["enabled"], json!(true));
+        assert_eq!(body["faults"]["too_many_requests"], json!(1));
+        assert_eq!(body["faults"]["reset"], json!(1));
+        assert_eq!(body["faults"]["malformed"], json!(5));
+        assert_eq!(body["faults"]["outage"], json!(1));
+        assert_eq!(fake.chaos_faults()["outage"], 1);
+
+        let (status, _) = send(client().delete(&chaos_url)).await;
+        assert_eq!(status, 204);
+        assert_eq!(login_as(&fake, USER, PASS).await.0, 200);
+        let (status, body) = send(client().get(&chaos_url)).await;
+        assert_eq!(
+            (status, parse(&body)["enabled"].clone()),
+            (200, json!(false))
+        );
+        let (status, _) = send(client().post(&chaos_url).body("{\"hang\": 2}")).await;
+        assert_eq!(status, 400);
+    }
+
+    async fn login_as_raw(fake: &FakeBace) -> (u16, String) {
+        let req = client().post(fake.token_url()).form(&[
+            ("client_id", CID),
+            ("client_secret", CSECRET),
+            ("grant_type", "password"),
+            ("username", USER),
+            ("password", PASS),
+        ]);
+        send(req).await
+    }
+
+    #[tokio::test]
     async fn outage_answers_every_request_and_still_counts() {
         let fake = start_with(account()).await;
         let (access, refresh_token) = login(&fake).await;
@@ -1658,6 +1909,11 @@ mod tests {
             .expect("after epoch")
             .as_secs();
         assert_eq!(body["expires_at"], exp_secs);
+        let exp_ms = exp
+            .duration_since(UNIX_EPOCH)
+            .expect("after epoch")
+            .as_millis() as u64;
+        assert_eq!(body["expires_at_ms"], exp_ms);
 
         // A rotated-out token is still known (and says so); a new one belongs to the same account.
         let (_, answer) = refresh(&fake, &access, &refresh_token).await;

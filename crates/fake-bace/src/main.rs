@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use chrono_tz::Tz;
 use clap::Parser;
-use fake_bace::{ErrorShape, FakeAccount, FakeBace, FakeOptions, RefreshStyle};
+use fake_bace::{Chaos, ErrorShape, FakeAccount, FakeBace, FakeOptions, RefreshStyle};
 use serde::Deserialize;
 use tokio::sync::oneshot;
 
@@ -37,6 +37,10 @@ struct Args {
     /// Time zone of `expires` in BACE-style refresh answers (default: Europe/Amsterdam).
     #[arg(long, value_name = "TZ", value_parser = parse_tz)]
     expires_timezone: Option<Tz>,
+    /// Chaos mode from the start: a JSON object of chaos settings (see `fake_bace::Chaos`,
+    /// e.g. `{"seed": 1, "server_error": 0.05, "hang": 0.01}`); `/_fake/chaos` changes it later.
+    #[arg(long, value_name = "JSON", value_parser = parse_chaos)]
+    chaos: Option<Chaos>,
     /// Stop on SIGTERM/SIGINT only, not at the end of stdin (for a stdin of /dev/null).
     #[arg(long)]
     ignore_stdin: bool,
@@ -131,6 +135,11 @@ fn parse_account(value: &str) -> Result<FakeAccount, String> {
     }
 }
 
+fn parse_chaos(value: &str) -> Result<Chaos, String> {
+    let json = serde_json::from_str(value).map_err(|e| format!("chaos: {e}"))?;
+    Chaos::from_json(&json)
+}
+
 fn parse_tz(value: &str) -> Result<Tz, String> {
     value
         .parse()
@@ -212,6 +221,9 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     for account in accounts {
         fake.add_account(account);
+    }
+    if args.chaos.is_some() {
+        fake.set_chaos(args.chaos);
     }
 
     let line = serde_json::json!({
