@@ -94,8 +94,8 @@ pub use crate::{
     },
     token::{AccountName, AccountNameError, Fingerprint, MAX_ACCOUNT_NAME_LEN, Token},
     upstream::{
-        BoxFuture, Call, Grant, HttpUpstream, Issued, MAX_BODY_BYTES, Upstream, UpstreamError,
-        parse_answer,
+        BoxFuture, Call, Grant, HttpUpstream, Issued, MAX_BODY_BYTES, MAX_RETRY_AFTER, Upstream,
+        UpstreamError, parse_answer,
     },
 };
 

@@ -498,3 +498,63 @@ async fn a_relative_lifetime_counts_from_when_the_request_was_sent() {
     assert_eq!(token.expires_at(), sent + HOUR, "not {:?} later", slow);
     broker.shutdown().await;
 }
+
+/// A 429 with `Retry-After` holds the next attempt back for as long as BACE asked, even beyond
+/// the backoff's own step; one without it backs off as any transient failure.
+#[tokio::test(start_paused = true)]
+async fn a_rate_limited_login_waits_as_long_as_bace_asked() {
+    let config = config(&["fleet-a"])
+        .backoff_initial(Duration::from_secs(1))
+        .backoff_max(Duration::from_secs(60));
+    let upstream = Arc::new(ScriptedUpstream::default());
+    let asked = Duration::from_secs(300);
+    upstream.script(
+        "fleet-a",
+        Grant::Password,
+        [
+            Answer::Fail(UpstreamError::RateLimited {
+                retry_after: Some(asked),
+            }),
+            Answer::Fail(UpstreamError::RateLimited { retry_after: None }),
+        ],
+    );
+    let (broker, bace) = start_with(config, upstream).await;
+    let first = bace.calls("fleet-a", Grant::Password)[0];
+    let e = broker
+        .get_token("fleet-a", Duration::ZERO)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            BrokerError::Unavailable {
+                reason: "rate limited",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // Callers keep asking; the refresher retries when the backoff ends.
+    for _ in 0..400 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let _ = broker.get_token("fleet-a", Duration::ZERO).await;
+        if bace.calls("fleet-a", Grant::Password).len() >= 3 {
+            break;
+        }
+    }
+    let calls = bace.calls("fleet-a", Grant::Password);
+    assert_eq!(calls.len(), 3, "{calls:?}");
+    assert!(
+        calls[1] - first >= asked,
+        "retried after {:?}",
+        calls[1] - first
+    );
+    // No Retry-After: the second failure's step (1-2 s), not 300 s again.
+    assert!(
+        calls[2] - calls[1] <= Duration::from_secs(2),
+        "{:?}",
+        calls[2] - calls[1]
+    );
+    assert!(broker.get_token("fleet-a", Duration::ZERO).await.is_ok());
+    broker.shutdown().await;
+}

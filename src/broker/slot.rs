@@ -26,7 +26,7 @@ use super::{
 use crate::{
     config::AccountConfig,
     token::{Fingerprint, Token},
-    upstream::Grant,
+    upstream::{Grant, UpstreamError},
 };
 
 /// Where an account's current token lives, and the one place it changes.
@@ -342,12 +342,19 @@ impl Slot {
                     (e, wait)
                 } else {
                     failing.failures += 1;
-                    let wait = schedule::backoff(
+                    let mut wait = schedule::backoff(
                         failing.failures,
                         r.backoff_initial,
                         r.backoff_max,
                         rand::random(),
                     );
+                    // BACE said how long to slow down: not before that.
+                    if let UpstreamError::RateLimited {
+                        retry_after: Some(asked),
+                    } = &error
+                    {
+                        wait = wait.max(*asked);
+                    }
                     let e = BrokerError::Unavailable {
                         account: self.account.name.clone(),
                         reason: error.class(),

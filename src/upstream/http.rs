@@ -4,9 +4,14 @@
 
 use chrono_tz::Tz;
 use reqwest::{Url, header};
+use std::time::SystemTime;
+
 use tokio::time::Duration;
 
-use super::{BoxFuture, Grant, Issued, MAX_BODY_BYTES, Upstream, UpstreamError, parse_answer};
+use super::{
+    BoxFuture, Grant, Issued, MAX_BODY_BYTES, MAX_RETRY_AFTER, Upstream, UpstreamError,
+    parse_answer,
+};
 use crate::{
     config::{AccountConfig, UpstreamConfig},
     token::Token,
@@ -52,6 +57,10 @@ impl HttpUpstream {
         }
         let mut response = request.send().await.map_err(transport_error)?;
         let status = response.status().as_u16();
+        if status == 429 {
+            let retry_after = retry_after(response.headers(), SystemTime::now());
+            return Err(UpstreamError::RateLimited { retry_after });
+        }
         let mut body = Vec::new();
         while let Some(chunk) = response.chunk().await.map_err(transport_error)? {
             if body.len() + chunk.len() > MAX_BODY_BYTES {
@@ -61,6 +70,20 @@ impl HttpUpstream {
         }
         parse_answer(status, &body, self.expires_timezone)
     }
+}
+
+/// The delay a `Retry-After` header asks for: delay-seconds or an HTTP date (RFC 9110
+/// 10.2.3), at most [`MAX_RETRY_AFTER`]; `None` when absent or unreadable.
+pub(crate) fn retry_after(headers: &header::HeaderMap, now: SystemTime) -> Option<Duration> {
+    let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
+    let delay = match value.parse::<u64>() {
+        Ok(seconds) => Duration::from_secs(seconds),
+        Err(_) => httpdate::parse_http_date(value)
+            .ok()?
+            .duration_since(now)
+            .unwrap_or(Duration::ZERO),
+    };
+    Some(delay.min(MAX_RETRY_AFTER))
 }
 
 fn transport_error(e: reqwest::Error) -> UpstreamError {
@@ -139,5 +162,43 @@ impl Upstream for HttpUpstream {
                 status => Err(UpstreamError::Status { status }),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(value: &str) -> header::HeaderMap {
+        let mut h = header::HeaderMap::new();
+        h.insert(header::RETRY_AFTER, value.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn retry_after_in_seconds_or_as_a_date_capped() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(
+            retry_after(&headers("120"), now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(
+            retry_after(&headers(" 7 "), now),
+            Some(Duration::from_secs(7))
+        );
+        let date = httpdate::fmt_http_date(now + Duration::from_secs(90));
+        assert_eq!(
+            retry_after(&headers(&date), now),
+            Some(Duration::from_secs(90))
+        );
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(90));
+        assert_eq!(retry_after(&headers(&past), now), Some(Duration::ZERO));
+        assert_eq!(
+            retry_after(&headers("86400000"), now),
+            Some(MAX_RETRY_AFTER)
+        );
+        assert_eq!(retry_after(&headers("soon"), now), None);
+        assert_eq!(retry_after(&headers("-5"), now), None);
+        assert_eq!(retry_after(&header::HeaderMap::new(), now), None);
     }
 }

@@ -69,6 +69,11 @@ pub enum Issued {
     },
 }
 
+/// The longest `Retry-After` the broker honours (a longer one is taken as this): a wrong header
+/// must not stop an account for days. While a token is still good, its refresh is retried in
+/// time whatever the header says.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
 /// Why an upstream exchange failed. `Display` is short and never holds a secret; the error
 /// text BACE sent, if any, is kept apart in [`UpstreamError::Rejected`] for logs.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -81,11 +86,18 @@ pub enum UpstreamError {
         /// The error code and description from the body, shortened; for logs.
         error: Option<String>,
     },
-    /// A 5xx, 408 or 429 answer.
+    /// A 5xx or 408 answer.
     #[error("BACE answered HTTP {status}")]
     Status {
         /// HTTP status.
         status: u16,
+    },
+    /// A 429 answer: BACE asks to slow down, for `retry_after` if it said how long
+    /// (`Retry-After`, capped at [`MAX_RETRY_AFTER`]). The next attempt waits at least that.
+    #[error("BACE answered HTTP 429 (rate limited)")]
+    RateLimited {
+        /// How long BACE asked to wait, if it said.
+        retry_after: Option<Duration>,
     },
     /// No answer within the upstream timeout.
     #[error("upstream timeout")]
@@ -112,7 +124,9 @@ impl UpstreamError {
     pub fn class(&self) -> &'static str {
         match self {
             UpstreamError::Rejected { .. } => "rejected",
-            UpstreamError::Status { status: 429 } => "rate limited",
+            UpstreamError::Status { status: 429 } | UpstreamError::RateLimited { .. } => {
+                "rate limited"
+            }
             UpstreamError::Status { .. } => "upstream error status",
             UpstreamError::Timeout => "upstream timeout",
             UpstreamError::Transport(_) => "connection failed",

@@ -36,7 +36,8 @@ pub fn parse_answer(status: u16, body: &[u8], tz: Tz) -> Result<Issued, Upstream
     let answer: Option<Answer> = serde_json::from_slice(body).ok();
     match status {
         200..=299 => {}
-        408 | 429 | 500..=599 => return Err(UpstreamError::Status { status }),
+        429 => return Err(UpstreamError::RateLimited { retry_after: None }),
+        408 | 500..=599 => return Err(UpstreamError::Status { status }),
         300..=399 => return Err(UpstreamError::InvalidAnswer("unexpected redirect")),
         _ => {
             return Err(UpstreamError::Rejected {
@@ -296,11 +297,14 @@ mod tests {
 
     #[test]
     fn transient_statuses() {
-        for s in [408, 429, 500, 502, 503, 504] {
+        for s in [408, 500, 502, 503, 504] {
             let e = parse(s, "{}").err().unwrap();
             assert_eq!(e, UpstreamError::Status { status: s });
             assert!(e.is_transient());
         }
+        let e = parse(429, "{}").err().unwrap();
+        assert_eq!(e, UpstreamError::RateLimited { retry_after: None });
+        assert!(e.is_transient());
         assert_eq!(parse(429, "").err().unwrap().class(), "rate limited");
         assert!(matches!(
             parse(302, ""),
