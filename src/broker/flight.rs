@@ -335,7 +335,6 @@ impl Inner {
             } else {
                 deadline
             };
-            let sent = (Instant::now(), SystemTime::now());
             let answer = self
                 .call(
                     slot,
@@ -344,7 +343,7 @@ impl Inner {
                     self.upstream.refresh(account, &token),
                 )
                 .await
-                .and_then(|issued| self.accept(account, issued, Some(&token), sent));
+                .and_then(|issued| self.accept(account, issued, Some(&token)));
             match answer {
                 Ok(token) => return Fetched::granted(Grant::Refresh, Ok(token)),
                 Err(error) if error.is_transient() && !trigger.is_pressing() => {
@@ -363,7 +362,6 @@ impl Inner {
                 }
             }
         }
-        let sent = (Instant::now(), SystemTime::now());
         let result = self
             .call(
                 slot,
@@ -372,7 +370,7 @@ impl Inner {
                 self.upstream.login(account),
             )
             .await
-            .and_then(|issued| self.accept(account, issued, None, sent));
+            .and_then(|issued| self.accept(account, issued, None));
         Fetched::Granted {
             grant: Grant::Password,
             result,
@@ -407,15 +405,12 @@ impl Inner {
     }
 
     /// Turns an upstream answer into the token to store. `prior` is the token a refresh was
-    /// made with; `sent` is when the request went out. A relative lifetime (`expires_in`)
-    /// counts from `sent`: BACE issued the token somewhere between then and now, so counting
-    /// from the answer would stretch the token by the request's duration.
+    /// made with.
     fn accept(
         &self,
         account: &AccountConfig,
         issued: Issued,
         prior: Option<&Arc<Token>>,
-        sent: (Instant, SystemTime),
     ) -> Result<Arc<Token>, UpstreamError> {
         let (now, now_wall) = (Instant::now(), SystemTime::now());
         let policy = &self.policy.refresh;
@@ -440,8 +435,8 @@ impl Inner {
                     access,
                     refresh,
                     lifetime,
-                    sent.0,
-                    sent.1,
+                    now,
+                    now_wall,
                 );
                 if prior.is_some() {
                     token.from_refresh()
