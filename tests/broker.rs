@@ -483,6 +483,22 @@ async fn a_slot_replaced_by_a_reload_never_refreshes_on_its_old_plan() {
     broker.shutdown().await;
 }
 
+/// BACE issues a token somewhere during the request, so `expires_in` counts from when the request
+/// was sent, not from the answer: a slow answer must not stretch the token (the chaos soak found
+/// tokens taken to live up to 0.7 s longer than BACE said, the request's duration).
+#[tokio::test(start_paused = true)]
+async fn a_relative_lifetime_counts_from_when_the_request_was_sent() {
+    let bace = Arc::new(ScriptedUpstream::default());
+    bace.set_login_lifetime("fleet-a", HOUR);
+    let slow = Duration::from_secs(5);
+    bace.script("fleet-a", Grant::Password, [Answer::Delay(slow)]);
+    let (broker, bace) = start_with(config(&["fleet-a"]), bace).await;
+    let token = broker.get_token("fleet-a", Duration::ZERO).await.unwrap();
+    let sent = bace.calls("fleet-a", Grant::Password)[0];
+    assert_eq!(token.expires_at(), sent + HOUR, "not {:?} later", slow);
+    broker.shutdown().await;
+}
+
 /// A 429 with `Retry-After` holds the next attempt back for as long as BACE asked, even beyond
 /// the backoff's own step; one without it backs off as any transient failure.
 #[tokio::test(start_paused = true)]
@@ -540,5 +556,40 @@ async fn a_rate_limited_login_waits_as_long_as_bace_asked() {
         calls[2] - calls[1]
     );
     assert!(broker.get_token("fleet-a", Duration::ZERO).await.is_ok());
+    broker.shutdown().await;
+}
+
+/// What counts is the time left when the answer arrives: a login answered so slowly that its
+/// token has no more than the expiry margin left is refused, even by the paths that hand out a
+/// fresh token (an Invalidate's login), and the next login after the backoff serves again.
+#[tokio::test(start_paused = true)]
+async fn a_token_arriving_within_the_margin_is_not_handed_out() {
+    let bace = Arc::new(ScriptedUpstream::default());
+    bace.set_login_lifetime("fleet-a", Duration::from_secs(30));
+    let config = config(&["fleet-a"]).upstream_timeout(Duration::from_secs(60));
+    let (broker, bace) = start_with(config, bace).await;
+    let old = broker.get_token("fleet-a", Duration::ZERO).await.unwrap();
+    // 30 s of life, 21 s of it spent on the way (within the 60 s timeout): 9 s left, within
+    // the 10 s margin.
+    let slow = Duration::from_secs(21);
+    bace.script("fleet-a", Grant::Password, [Answer::Delay(slow)]);
+    let refused = broker.invalidate("fleet-a", old.expose_access()).await;
+    assert!(
+        matches!(
+            refused,
+            Err(BrokerError::Unavailable {
+                reason: "invalid upstream answer",
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    let logins = bace.calls("fleet-a", Grant::Password);
+    assert_eq!(logins.len(), 2);
+    // Served again once the backoff allows a login (a normal answer now).
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    let token = broker.get_token("fleet-a", Duration::ZERO).await.unwrap();
+    assert!(token.valid_for(Instant::now(), MARGIN));
+    assert!(!token.is(old.expose_access()));
     broker.shutdown().await;
 }

@@ -335,6 +335,7 @@ impl Inner {
             } else {
                 deadline
             };
+            let sent = (Instant::now(), SystemTime::now());
             let answer = self
                 .call(
                     slot,
@@ -343,7 +344,7 @@ impl Inner {
                     self.upstream.refresh(account, &token),
                 )
                 .await
-                .and_then(|issued| self.accept(account, issued, Some(&token)));
+                .and_then(|issued| self.accept(account, issued, Some(&token), sent));
             match answer {
                 Ok(token) => return Fetched::granted(Grant::Refresh, Ok(token)),
                 Err(error) if error.is_transient() && !trigger.is_pressing() => {
@@ -362,6 +363,7 @@ impl Inner {
                 }
             }
         }
+        let sent = (Instant::now(), SystemTime::now());
         let result = self
             .call(
                 slot,
@@ -370,7 +372,7 @@ impl Inner {
                 self.upstream.login(account),
             )
             .await
-            .and_then(|issued| self.accept(account, issued, None));
+            .and_then(|issued| self.accept(account, issued, None, sent));
         Fetched::Granted {
             grant: Grant::Password,
             result,
@@ -405,12 +407,16 @@ impl Inner {
     }
 
     /// Turns an upstream answer into the token to store. `prior` is the token a refresh was
-    /// made with.
+    /// made with; `sent` is when the request went out. A relative lifetime (`expires_in`)
+    /// counts from `sent`: BACE issued the token somewhere between then and now, so counting
+    /// from the answer would stretch the token by the request's duration. A token that arrives
+    /// with no more than the expiry margin left is refused (an invalid answer: backoff).
     fn accept(
         &self,
         account: &AccountConfig,
         issued: Issued,
         prior: Option<&Arc<Token>>,
+        sent: (Instant, SystemTime),
     ) -> Result<Arc<Token>, UpstreamError> {
         let (now, now_wall) = (Instant::now(), SystemTime::now());
         let policy = &self.policy.refresh;
@@ -435,8 +441,8 @@ impl Inner {
                     access,
                     refresh,
                     lifetime,
-                    now,
-                    now_wall,
+                    sent.0,
+                    sent.1,
                 );
                 if prior.is_some() {
                     token.from_refresh()
@@ -461,9 +467,11 @@ impl Inner {
                 ));
             }
         };
-        if token.lifetime() <= policy.expiry_margin {
+        // What is left when the answer arrives, not the lifetime BACE granted: a slow answer
+        // may bring a token that can no longer be served, and no path may hand it out.
+        if !token.valid_for(now, policy.expiry_margin) {
             return Err(UpstreamError::InvalidAnswer(
-                "token expires within the expiry margin",
+                "token arrived with no more than the expiry margin left",
             ));
         }
         Ok(Arc::new(token))

@@ -103,7 +103,9 @@ pub struct CallRecord {
     pub ended: Option<Instant>,
     /// What it answered.
     pub outcome: CallOutcome,
-    /// When the token it issued or extended stops being accepted (as of its answer).
+    /// When the token it issued or extended stops being accepted (as of its answer). A login's
+    /// `expires_in` counts from when the request arrived (BACE issued the token at once, however
+    /// slow the answer); a refresh's absolute `expires` is set when it answers.
     pub expires: Option<Instant>,
 }
 
@@ -242,6 +244,7 @@ impl ScriptedUpstream {
         refreshed: Option<&str>,
     ) -> Result<Issued, UpstreamError> {
         let name = account.name.as_str();
+        let sent = Instant::now();
         let mut guard = self.start(name, account.credentials.expose_password(), grant);
         let answer = self.answer(name, grant).await;
         let now = Instant::now();
@@ -253,10 +256,12 @@ impl ScriptedUpstream {
                 }),
                 _,
             ) => {
+                // The worst case for the broker: BACE issued the token (and started its
+                // `expires_in`) the moment the request arrived, and the answer was slow.
                 let access = access.expose_secret().to_owned();
-                let lifetime = lifetime.unwrap_or(DAY);
-                lock(&self.expiries).insert(access.clone(), now + lifetime);
-                guard.expires = Some(now + lifetime);
+                let expires = sent + lifetime.unwrap_or(DAY);
+                lock(&self.expiries).insert(access.clone(), expires);
+                guard.expires = Some(expires);
                 CallOutcome::Issued(access)
             }
             (Ok(Issued::Extended { .. }), Some(access)) => {
