@@ -103,7 +103,7 @@ async fn run(opts: &Opts) -> anyhow::Result<bool> {
     for bin in [&opts.broker_bin, &opts.fake_bin] {
         ensure!(
             bin.exists(),
-            "{} not found: build the release binaries first (scripts/soak does)",
+            "{} not found: build the binaries first (scripts/soak does)",
             bin.display()
         );
     }
