@@ -179,6 +179,7 @@ pub async fn serve_with(
         acceptor.clone(),
         authorizer,
         reloads,
+        api.calls(),
     )
     .map(|reloader| tokio::spawn(reloader.run(reloads_stop.clone())));
     let mut refresher = tokio::spawn(refresher.run());

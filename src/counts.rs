@@ -34,6 +34,11 @@ impl<K: Hash + Eq + Clone> Counts<K> {
         *self.lock().entry(key).or_default() += n;
     }
 
+    /// Drops the counts whose key `keep` refuses (the series of accounts a reload removed).
+    pub(crate) fn retain(&self, mut keep: impl FnMut(&K) -> bool) {
+        self.lock().retain(|k, _| keep(k));
+    }
+
     /// Every key seen, with its count.
     pub(crate) fn snapshot(&self) -> Vec<(K, u64)> {
         self.lock().iter().map(|(k, n)| (k.clone(), *n)).collect()

@@ -18,7 +18,10 @@ use tokio::{sync::mpsc, time::Duration};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::{auth::Authorizer, broker::Broker, config::Config, counts::Counts, tls::TlsAcceptor};
+use crate::{
+    auth::Authorizer, broker::Broker, config::Config, counts::Counts, grpc::CallCounts,
+    tls::TlsAcceptor,
+};
 
 /// Events closer together than this are one change.
 pub const DEBOUNCE: Duration = Duration::from_millis(200);
@@ -43,6 +46,8 @@ impl ReloadCounts {
 pub struct Reloader {
     broker: Broker,
     counts: Arc<ReloadCounts>,
+    /// The gRPC service's call counts: the series of removed accounts are dropped.
+    calls: Arc<CallCounts>,
     /// The TLS acceptor to hand rotated certificates to, when TLS is on.
     tls: Option<TlsAcceptor>,
     /// The authorizer to hand a new allow list and keys to, when auth is on.
@@ -56,19 +61,21 @@ pub struct Reloader {
 
 impl Reloader {
     /// A reloader for `config` (which must come from [`Config::load`]; `None` otherwise),
-    /// counting its outcomes in `counts`.
+    /// counting its outcomes in `counts` (and dropping removed accounts' series from `calls`).
     pub fn new(
         config: Config,
         broker: Broker,
         tls: Option<TlsAcceptor>,
         auth: Option<Authorizer>,
         counts: Arc<ReloadCounts>,
+        calls: Arc<CallCounts>,
     ) -> Option<Self> {
         let path = config.path.clone()?;
         let files = watched_files(&config);
         Some(Self {
             broker,
             counts,
+            calls,
             tls,
             auth,
             startup: config,
@@ -174,6 +181,7 @@ impl Reloader {
             warn!(keys = ?restart, "these settings changed but apply only after a restart");
         }
         let report = self.broker.apply(&config);
+        self.calls.forget(&report.removed);
         let names =
             |v: &[crate::token::AccountName]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
         if report.any_change() {

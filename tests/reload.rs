@@ -6,7 +6,7 @@ use std::{path::Path, time::Duration};
 
 use bace_token_broker::{Config, READINESS_SERVICE};
 use fake_bace::Grant;
-use testkit::{Account, BrokerConfig, BrokerServer, fake, fake_account, guard, user};
+use testkit::{Account, BrokerConfig, BrokerServer, fake, fake_account, get_min, guard, user};
 use tonic::Code;
 
 /// A config directory with a Kubernetes-style secret volume per account.
@@ -250,4 +250,58 @@ async fn a_reload_does_not_trigger_the_next_one() {
     tokio::time::sleep(bace_token_broker::DEBOUNCE * 5).await;
     let key = "bace_broker_config_reloads_total{outcome=\"unchanged\"}";
     assert_eq!(broker.scrape().await[key], 1.0, "reloaded again by itself");
+}
+
+/// A removed account's series leave `/metrics` (its failed upstream requests, GetToken failures
+/// and Invalidate outcomes), so account names that come and go do not pile up in memory; the
+/// other accounts' series stay.
+#[tokio::test]
+async fn a_removed_accounts_series_leave_the_metrics() {
+    let fake = fake(&["fleet-a", "fleet-b"]).await;
+    let mut files = Files::new(fake.token_url());
+    for a in ["fleet-a", "fleet-b"] {
+        files.write_secret(a, &format!("pw-{a}-Zq9"));
+    }
+    files.write_config(&files.config(&["fleet-a", "fleet-b"]));
+    let broker = BrokerServer::start_config(Config::load(&files.config_path()).unwrap()).await;
+    let mut client = broker.new_client().await;
+    for account in ["fleet-a", "fleet-b"] {
+        let token = guard(broker.get(account)).await.unwrap();
+        // A GetToken failure (no token lives a year) and an Invalidate whose login BACE
+        // rejects: a failed upstream request.
+        let too_long = get_min(
+            &mut client,
+            account,
+            Some(Duration::from_secs(365 * 86_400)),
+        );
+        assert_eq!(too_long.await.unwrap_err().code(), Code::OutOfRange);
+        fake.set_password(&user(account), "changed-at-bace");
+        let _ = broker.invalidate(account, &token.access_token).await;
+    }
+    let series_of = |m: &std::collections::HashMap<String, f64>, account: &str| {
+        let label = format!("account=\"{account}\"");
+        let mut names: Vec<String> = m
+            .keys()
+            .filter(|k| k.contains(&label))
+            .map(|k| k.split('{').next().unwrap().to_owned())
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    };
+    let before = series_of(&broker.scrape().await, "fleet-b");
+    for family in [
+        "bace_broker_get_token_total",
+        "bace_broker_invalidate_total",
+        "bace_broker_upstream_requests_total",
+    ] {
+        assert!(before.iter().any(|n| n == family), "{family} in {before:?}");
+    }
+
+    files.write_config(&files.config(&["fleet-a"]));
+    reloads(&broker, "ok", 1.0).await;
+    let m = broker.scrape().await;
+    assert_eq!(series_of(&m, "fleet-b"), Vec::<String>::new());
+    assert_eq!(series_of(&m, "fleet-a"), before, "fleet-a's series stay");
+    broker.stop().await.unwrap();
 }

@@ -4,7 +4,9 @@
 
 use std::{path::Path, sync::Arc};
 
-use bace_token_broker::{Authorizer, Broker, Config, ReloadCounts, Reloader, TlsAcceptor};
+use bace_token_broker::{
+    Authorizer, Broker, CallCounts, Config, ReloadCounts, Reloader, TlsAcceptor,
+};
 use testkit::{
     Account, BrokerConfig, InstantUpstream, Jwks, Kubernetes,
     pki::{Ca, Leaf},
@@ -96,6 +98,7 @@ async fn a_reload_refused_for_its_auth_section_changes_no_tls() {
         Some(acceptor.clone()),
         Some(authorizer.clone()),
         counts.clone(),
+        Arc::new(CallCounts::default()),
     )
     .expect("a config from a file reloads");
     let leaves = [&first, &second];

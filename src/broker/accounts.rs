@@ -144,6 +144,9 @@ impl Broker {
             }
             self.obtain_in_background(name.clone());
         }
+        inner
+            .metrics
+            .forget(&report.removed.iter().cloned().collect());
         report
     }
 }

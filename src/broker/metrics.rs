@@ -6,7 +6,10 @@
 //! megabytes, and a map lookup would sit on the GetToken hot path. The rest (failed upstream
 //! requests, token checks) are rare and go to a map keyed by account, call and outcome.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::{
+    collections::HashSet,
+    sync::atomic::{AtomicU64, Ordering},
+};
 
 use crate::{
     counts::{Counts, DurationHistogram, HistogramSnapshot, LatencyHistogram},
@@ -128,6 +131,17 @@ impl BrokerMetrics {
                 count,
             })
             .collect()
+    }
+
+    /// Drops the series of accounts no longer configured (a reload removed them), so names
+    /// that come and go do not pile up.
+    pub(crate) fn forget(&self, removed: &HashSet<AccountName>) {
+        if removed.is_empty() {
+            return;
+        }
+        self.upstream
+            .retain(|(account, _, _)| !removed.contains(account));
+        self.joined.retain(|account| !removed.contains(account));
     }
 
     /// Counts a caller of `account` that joined a fetch in flight.

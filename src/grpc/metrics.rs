@@ -58,6 +58,20 @@ impl CallCounts {
         self.invalidate.inc((account, outcome));
     }
 
+    /// Drops the series of accounts a reload removed (calls for them from now on count as
+    /// `(unknown)`), so names that come and go do not pile up.
+    pub fn forget(&self, removed: &[AccountName]) {
+        if removed.is_empty() {
+            return;
+        }
+        let removed: std::collections::HashSet<&AccountName> = removed.iter().collect();
+        let keep = |(account, _): &(Option<AccountName>, &'static str)| {
+            account.as_ref().is_none_or(|a| !removed.contains(a))
+        };
+        self.get_token.retain(keep);
+        self.invalidate.retain(keep);
+    }
+
     /// Failed GetToken calls by account and code.
     pub fn get_token_failures(&self) -> Vec<CallCount> {
         series(&self.get_token)
