@@ -1665,14 +1665,7 @@ mod tests {
         )
         .await;
         assert_eq!(status, 204);
-        let req = client().post(fake.token_url()).form(&[
-            ("client_id", CID),
-            ("client_secret", CSECRET),
-            ("grant_type", "password"),
-            ("username", USER),
-            ("password", PASS),
-        ]);
-        let resp = req.send().await.expect("sent");
+        let resp = login_request(&fake).send().await.expect("sent");
         assert_eq!(resp.status().as_u16(), 429);
         let retry_after: u64 = resp.headers()[header::RETRY_AFTER]
             .to_str()
@@ -1744,15 +1737,19 @@ mod tests {
         assert_eq!(status, 400);
     }
 
-    async fn login_as_raw(fake: &FakeBace) -> (u16, String) {
-        let req = client().post(fake.token_url()).form(&[
+    /// The test account's password grant request.
+    fn login_request(fake: &FakeBace) -> reqwest::RequestBuilder {
+        client().post(fake.token_url()).form(&[
             ("client_id", CID),
             ("client_secret", CSECRET),
             ("grant_type", "password"),
             ("username", USER),
             ("password", PASS),
-        ]);
-        send(req).await
+        ])
+    }
+
+    async fn login_as_raw(fake: &FakeBace) -> (u16, String) {
+        send(login_request(fake)).await
     }
 
     #[tokio::test]

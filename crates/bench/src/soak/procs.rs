@@ -134,10 +134,7 @@ impl FakeProc {
 
 impl Drop for FakeProc {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        kill_if_running(&mut self.child);
     }
 }
 
@@ -257,10 +254,7 @@ impl BrokerProc {
 
 impl Drop for BrokerProc {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        kill_if_running(&mut self.child);
     }
 }
 
@@ -285,6 +279,14 @@ fn signal(pid: u32, sig: &str) -> anyhow::Result<()> {
         .status()?;
     ensure!(status.success(), "kill {sig} {pid} failed");
     Ok(())
+}
+
+/// Kills `child` if it still runs (a run that ends early leaves no process behind).
+fn kill_if_running(child: &mut Child) {
+    if let Ok(None) = child.try_wait() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 }
 
 fn stop_child(child: &mut Child, what: &str) -> anyhow::Result<()> {

@@ -344,39 +344,36 @@ impl Report<'_> {
             window.last().map_or(0.0, |s| s.at.as_secs_f64()),
             window.len()
         );
-        match rss {
-            Some(f) => row(
+        // (row name, name without samples, reading, unit, decimals of the levels)
+        let flat_rows = [
+            (
                 "Resident memory after the first minute",
-                format!(
-                    "{:.1} -> {:.1} MiB (peak {:.1}); slope {:+.2} MiB/min, fitted growth {:+.1} MiB ({from})",
-                    f.first, f.last, f.peak, f.slope_per_min, f.growth
-                ),
-                format!("growth <= {:.1} MiB", f.allowance),
-                f.growth <= f.allowance,
-            ),
-            None => row(
                 "Resident memory",
-                "too few samples".into(),
-                "-".into(),
-                false,
+                rss,
+                " MiB",
+                1,
             ),
-        }
-        match fds {
-            Some(f) => row(
+            (
                 "Open file descriptors after the first minute",
-                format!(
-                    "{:.0} -> {:.0} (peak {:.0}); slope {:+.2}/min, fitted growth {:+.1} ({from})",
-                    f.first, f.last, f.peak, f.slope_per_min, f.growth
-                ),
-                format!("growth <= {:.0}", f.allowance),
-                f.growth <= f.allowance,
-            ),
-            None => row(
                 "File descriptors",
-                "too few samples".into(),
-                "-".into(),
-                false,
+                fds,
+                "",
+                0,
             ),
+        ];
+        for (name, without, reading, unit, p) in flat_rows {
+            match reading {
+                Some(f) => row(
+                    name,
+                    format!(
+                        "{:.p$} -> {:.p$}{unit} (peak {:.p$}); slope {:+.2}{unit}/min, fitted growth {:+.1}{unit} ({from})",
+                        f.first, f.last, f.peak, f.slope_per_min, f.growth
+                    ),
+                    format!("growth <= {:.p$}{unit}", f.allowance),
+                    f.growth <= f.allowance,
+                ),
+                None => row(without, "too few samples".into(), "-".into(), false),
+            }
         }
 
         // Recovery.
